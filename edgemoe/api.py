@@ -1,0 +1,356 @@
+"""The Python API: edgemoe.load(...) -> Model with logits / generate / stream / chat / stats."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import memory
+from .config import DEFAULT_N_CTX, ModelArgs
+from .engine import Engine, KVCache
+from .errors import EdgeMoEError
+from .gguf_file import GGUFFile
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+BASELINE_RSS = memory.rss()  # RSS right after `import edgemoe`; resident_bytes is counted from here
+
+QUALITIES = ("max",)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Cumulative counters of a loaded model. The TUI, server and benchmarks all read this."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_tokens_per_s: float
+    decode_tokens_per_s: float
+    resident_bytes: int  # process RSS now minus RSS right after `import edgemoe`
+    peak_resident_bytes: int  # peak RSS (VmHWM where the OS has it) minus the same baseline
+    budget_bytes: int | None
+    model_bytes: int  # the GGUF file
+    kv_bytes: int  # the KV cache as allocated (pages are touched only as the context fills)
+    n_ctx: int
+
+
+@dataclass(frozen=True)
+class Response:
+    """One streamed token."""
+
+    text: str  # the text this token adds (may be empty while a UTF-8 sequence or stop string is pending)
+    token: int
+    tokens_per_s: float
+    stats: Stats
+    finish_reason: str | None = None  # "stop" | "length" on the last response
+
+
+def bundled_model_path() -> Path:
+    """The small model that ships with edgemoe (models/ in a checkout, edgemoe.bundled installed)."""
+    from importlib import resources
+
+    try:
+        root = Path(str(resources.files("edgemoe.bundled")))
+    except ModuleNotFoundError:  # running from a source checkout
+        root = Path(__file__).resolve().parent.parent / "models"
+    found = sorted(root.glob("*.gguf"))
+    if not found:
+        raise EdgeMoEError(f"the bundled model is missing from {root}; pass a model path with -m")
+    return found[0]
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    memory_budget: int | str | None = None,
+    quality: str | None = None,
+    n_ctx: int | None = None,
+    **options: Any,
+) -> Model:
+    """Load a GGUF MoE model. path None = the bundled model.
+
+    options: kv_type ("f16" default, as llama.cpp; "f32" for exact comparisons).
+    """
+    return Model(path, memory_budget=memory_budget, quality=quality, n_ctx=n_ctx, **options)
+
+
+class Model:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        memory_budget: int | str | None = None,
+        quality: str | None = None,
+        n_ctx: int | None = None,
+        kv_type: str = "f16",
+    ):
+        self.path = Path(path) if path is not None else bundled_model_path()
+        if quality is not None and quality not in QUALITIES:
+            raise EdgeMoEError(f"quality {quality!r} is not one of {', '.join(QUALITIES)}")
+        self.quality = quality or "max"
+        self._file = GGUFFile(self.path)
+        try:
+            self.config = ModelArgs.from_gguf(self._file)
+            if n_ctx is None:
+                n_ctx = min(DEFAULT_N_CTX, self.config.n_ctx_train)
+            if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+                raise EdgeMoEError(f"n_ctx must be a positive int, got {n_ctx!r}")
+            self.n_ctx = n_ctx
+            self._engine = Engine(self._file, self.config)
+            self._cache = KVCache(self.config, n_ctx, kv_type)
+            self.budget_bytes = None if memory_budget is None else memory.parse_size(memory_budget)
+            self._check_memory()
+            self._tok = Tokenizer(self.path)
+        except BaseException:
+            self._file.close()
+            raise
+        if self._tok.n_vocab != self.config.n_vocab:
+            self.close()
+            raise EdgeMoEError(
+                f"{self.path}: vocabulary has {self._tok.n_vocab} tokens but token_embd has {self.config.n_vocab} rows"
+            )
+        self._lock = threading.RLock()
+        self._ctx_tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
+        self._prompt_tokens = 0
+        self._generated_tokens = 0
+        self._prompt_time = 0.0
+        self._decode_time = 0.0
+        self._closed = False
+
+    # ---- memory -------------------------------------------------------------------------------
+
+    def _needed_bytes(self) -> int:
+        return self._file.file_size + self._cache.nbytes
+
+    def _check_memory(self) -> None:
+        need = self._needed_bytes()
+        if self.budget_bytes is not None and need > self.budget_bytes:
+            raise EdgeMoEError(
+                f"memory budget {memory.format_size(self.budget_bytes)} is below what {self.path.name} needs "
+                f"held whole ({memory.format_size(need)}: weights {memory.format_size(self._file.file_size)} + "
+                f"KV cache {memory.format_size(self._cache.nbytes)} at n_ctx={self.n_ctx}); lower n_ctx or raise "
+                f"the budget (streaming experts from an expert store is not built yet)"
+            )
+        avail = memory.available()
+        if self.budget_bytes is None and need > avail:
+            warnings.warn(
+                f"{self.path.name} needs {memory.format_size(need)} but only {memory.format_size(avail)} is "
+                f"free: pages will be re-read from storage (slow)",
+                stacklevel=3,
+            )
+
+    # ---- tokens -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        self._check_open()
+        return self._tok.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: list[int] | np.ndarray) -> str:
+        self._check_open()
+        return self._tok.detokenize([int(t) for t in ids])
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def logits(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Logits [len(token_ids), vocab] float32, computed from a fresh context."""
+        self._check_open()
+        ids = _as_ids(token_ids, self.config.n_vocab)
+        with self._lock:
+            self._cache.reset()
+            self._ctx_tokens = []
+            out = self._engine.forward(ids, self._cache, all_logits=True)
+            self._ctx_tokens = list(ids)
+            return out
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Evaluate the prompt, reusing the KV cache for a shared prefix; returns last logits [V]."""
+        keep = 0
+        for a, b in zip(self._ctx_tokens, ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # always evaluate at least one token to get logits
+        self._cache.n_past = keep
+        self._ctx_tokens = self._ctx_tokens[:keep]
+        t0 = time.perf_counter()
+        logits = self._engine.forward(np.asarray(ids[keep:]), self._cache, all_logits=False)[-1]
+        self._prompt_time += time.perf_counter() - t0
+        self._prompt_tokens += len(ids) - keep
+        self._ctx_tokens = list(ids)
+        return logits
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        add_bos: bool = True,
+        ignore_eos: bool = False,
+    ) -> Iterator[Response]:
+        """Generate from a prompt (text, or token ids), one Response per token."""
+        self._check_open()
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise EdgeMoEError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise EdgeMoEError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if isinstance(prompt, str):
+            ids = self._tok.tokenize(prompt, add_bos=add_bos, special=True)
+        else:
+            ids = list(_as_ids(prompt, self.config.n_vocab))
+        if not ids:
+            raise EdgeMoEError("the prompt is empty and the model has no BOS token to start from")
+        if len(ids) >= self.n_ctx:
+            raise EdgeMoEError(f"the prompt has {len(ids)} tokens; the context holds n_ctx={self.n_ctx}")
+        return self._stream(ids, params, max_tokens, stops, ignore_eos)
+
+    def _stream(
+        self, ids: list[int], params: SamplingParams, max_tokens: int, stops: list[str], ignore_eos: bool
+    ) -> Iterator[Response]:
+        with self._lock:
+            sampler = Sampler(params)
+            logits = self._prefill(ids)
+            history = list(ids)
+            dec = StreamDecoder()
+            pending = ""  # text held back because it may be the start of a stop string
+            t_start = time.perf_counter()
+            for n in range(1, max_tokens + 1):
+                tok = sampler(logits, history)
+                history.append(tok)
+                self._generated_tokens += 1
+                finish = None
+                if self._tok.is_eog(tok) and not ignore_eos:
+                    text, finish = pending + dec.flush(), "stop"
+                else:
+                    pending += dec.feed(self._tok.piece(tok))
+                    text, hit = _split_stop(pending, stops)
+                    if hit:
+                        finish = "stop"
+                        pending = ""
+                    else:
+                        safe = _safe_prefix_len(pending, stops)
+                        text, pending = pending[:safe], pending[safe:]
+                if finish is None and (n == max_tokens or len(history) >= self.n_ctx):
+                    finish = "length"
+                    text += pending + dec.flush()
+                if finish is None:
+                    t0 = time.perf_counter()
+                    logits = self._engine.forward(np.asarray([tok]), self._cache, all_logits=False)[-1]
+                    self._decode_time += time.perf_counter() - t0
+                    self._ctx_tokens.append(tok)
+                rate = n / max(time.perf_counter() - t_start, 1e-9)
+                yield Response(text, tok, rate, self.stats(), finish)
+                if finish is not None:
+                    return
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> str:
+        return "".join(r.text for r in self.stream(prompt, **kwargs))
+
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False, **kwargs: Any) -> str | Iterator[Response]:
+        """Reply to a conversation with the model's chat template (base models: a plain transcript)."""
+        self._check_open()
+        prompt, extra_stops = self._tok.apply_chat_template(messages)
+        stop = kwargs.pop("stop", None)
+        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + extra_stops
+        it = self.stream(prompt, stop=stops or None, add_bos=not self._tok.chat_template, **kwargs)
+        if stream:
+            return it
+        return "".join(r.text for r in it).strip() if extra_stops else "".join(r.text for r in it)
+
+    # ---- stats and lifetime -------------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        now = memory.rss()
+        peak = _peak_rss()
+        decode_steps = max(self._generated_tokens - 1, 0)
+        return Stats(
+            prompt_tokens=self._prompt_tokens,
+            generated_tokens=self._generated_tokens,
+            prompt_tokens_per_s=self._prompt_tokens / self._prompt_time if self._prompt_time else 0.0,
+            decode_tokens_per_s=decode_steps / self._decode_time if self._decode_time else 0.0,
+            resident_bytes=max(now - BASELINE_RSS, 0),
+            peak_resident_bytes=max(peak - BASELINE_RSS, 0),
+            budget_bytes=self.budget_bytes,
+            model_bytes=self._file.file_size,
+            kv_bytes=self._cache.nbytes,
+            n_ctx=self.n_ctx,
+        )
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", True):
+            raise EdgeMoEError("this model is closed")
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._tok.close()
+        self._engine = None  # type: ignore[assignment]
+        self._cache = None  # type: ignore[assignment]
+        self._file.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"<edgemoe.Model {self.path.name} {c.arch} {c.n_layer} layers {c.n_expert}x{c.n_expert_used} experts>"
+
+
+def _as_ids(token_ids: Any, n_vocab: int) -> np.ndarray:
+    try:
+        ids = np.asarray(token_ids)
+    except (TypeError, ValueError):
+        raise EdgeMoEError(f"token ids must be a list of ints, got {type(token_ids).__name__}") from None
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise EdgeMoEError("token ids must be a non-empty 1-D list of ints")
+    if ids.min() < 0 or ids.max() >= n_vocab:
+        raise EdgeMoEError(f"token id out of range 0..{n_vocab - 1}: got {int(ids.min())}..{int(ids.max())}")
+    return ids.astype(np.int64)
+
+
+def _split_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _safe_prefix_len(text: str, stops: list[str]) -> int:
+    """How much of text can be emitted without possibly cutting into a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold
+
+
+def _peak_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return memory.rss()

@@ -1,0 +1,181 @@
+"""The `edgemoe` command: a thin dispatcher over the API. Bad input: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import EdgeMoEError
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF model file (default: the bundled model)")
+    p.add_argument("--budget", help="memory budget for everything the model holds, e.g. 1.5GiB or 800MB")
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: min(4096, training context))")
+    p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16, as llama.cpp)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="default 40; 0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.05, help="default 0.05; 0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from .api import load
+
+    return load(args.model, memory_budget=args.budget, n_ctx=args.ctx, kv_type=args.kv_type)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    with _load(args) as model:
+        last = None
+        for r in model.stream(
+            args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+            stop=args.stop,
+        ):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            last = r
+        sys.stdout.write("\n")
+        if args.stats and last is not None:
+            _print_stats(last.stats)
+    return 0
+
+
+def _print_stats(s) -> None:
+    from .memory import format_size
+
+    rows = [
+        ("prompt tokens", f"{s.prompt_tokens}"),
+        ("prompt tokens/s", f"{s.prompt_tokens_per_s:.1f}"),
+        ("generated tokens", f"{s.generated_tokens}"),
+        ("decode tokens/s", f"{s.decode_tokens_per_s:.2f}"),
+        ("resident now", format_size(s.resident_bytes)),
+        ("resident peak", format_size(s.peak_resident_bytes)),
+        ("budget", format_size(s.budget_bytes)),
+        ("model file", format_size(s.model_bytes)),
+    ]
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), file=sys.stderr)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .config import ModelArgs
+    from .gguf_file import GGUFFile
+    from .memory import format_size
+
+    f = GGUFFile(args.model)
+    c = ModelArgs.from_gguf(f)
+    types = Counter(t.qtype.name for t in f.tensors.values())
+    expert_bytes = sum(t.nbytes for n, t in f.tensors.items() if n.endswith("_exps.weight"))
+    total = sum(t.nbytes for t in f.tensors.values())
+    per_expert = expert_bytes // (c.n_layer * c.n_expert)
+    shexp = "yes" if c.has_shared_expert else "no"
+    rows = [
+        ("file", str(f.path)),
+        ("architecture", c.arch),
+        ("name", str(f.get("general.name", "-"))),
+        ("layers", str(c.n_layer)),
+        ("hidden size", str(c.n_embd)),
+        ("heads / kv heads", f"{c.n_head} / {c.n_head_kv} (head size {c.head_dim})"),
+        ("experts", str(c.n_expert)),
+        ("experts per token (top-k)", str(c.n_expert_used)),
+        ("expert FFN width", str(c.n_ff_exp)),
+        ("shared experts", shexp),
+        ("vocab", str(c.n_vocab)),
+        ("training context", str(c.n_ctx_train)),
+        ("tensor types", ", ".join(f"{k} x{v}" for k, v in types.most_common())),
+        ("size: total tensors", format_size(total)),
+        ("size: dense (resident)", format_size(total - expert_bytes)),
+        ("size: experts", format_size(expert_bytes)),
+        ("size: per expert (one layer)", format_size(per_expert)),
+    ]
+    w = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
+    f.close()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    path = Path(args.text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeMoEError(f"{path}: cannot read text file ({exc})") from None
+    with _load(args) as model:
+        if args.window > model.n_ctx:
+            raise EdgeMoEError(f"--window {args.window} is larger than the context n_ctx={model.n_ctx}")
+        tokens = model.tokenize(text, add_bos=False)
+        wins = evaluate.windows_of(tokens, args.window, args.max_windows)
+        results = [evaluate.perplexity("edgemoe", model.logits, wins)]
+        model_path = model.path
+    if not args.no_reference:
+        fn, close = evaluate.llama_cpp_logits_fn(str(model_path), args.window)
+        try:
+            results.append(evaluate.perplexity("llama.cpp", fn, wins))
+        finally:
+            close()
+    print(f"text {path}: {len(tokens)} tokens, {len(wins)} windows of {args.window}, "
+          f"{results[0].tokens_scored} tokens scored")
+    print(f"{'engine':<10} {'perplexity':>11} {'nll/token':>10} {'tokens/s':>9}")
+    for r in results:
+        print(f"{r.engine:<10} {r.perplexity:>11.4f} {r.nll:>10.5f} {r.tokens_per_s:>9.1f}")
+    if len(results) == 2:
+        print(f"ratio edgemoe/llama.cpp perplexity {results[0].perplexity / results[1].perplexity:.5f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgemoe",
+        description="Run Mixture-of-Experts GGUF models on devices whose memory is smaller than the model.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser("run", help="generate text from a prompt, streamed to stdout")
+    _add_load_options(r)
+    _add_sampling_options(r)
+    r.add_argument("prompt", help="the prompt text")
+    r.add_argument("--stats", action="store_true", help="print a summary table (speed, memory) to stderr at the end")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("info", help="architecture, experts, tensor types and sizes of a GGUF model")
+    i.add_argument("model", help="GGUF model file")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="perplexity over a text file, with llama.cpp's as the reference line")
+    _add_load_options(e)
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    e.add_argument("--no-reference", action="store_true", help="skip the llama.cpp reference line")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeMoEError as exc:
+        print(f"edgemoe: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

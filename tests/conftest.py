@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny models built by the tests themselves (edgemoe.synth), llama.cpp as reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgemoe import synth
+
+_BUILT: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def build_model(models_dir):
+    """build_model(arch, ftype="F32", **spec) -> path of a tiny GGUF, built once per session.
+
+    ftype F32/F16/Q8_0/Q4_0/...: written by gguf-py; K-quants and MXFP4_MOE: an F16 file with
+    256-wide rows quantized by llama.cpp."""
+
+    def build(arch: str, ftype: str = "F32", **kw) -> Path:
+        key = (arch, ftype, tuple(sorted(kw.items())))
+        if key in _BUILT:
+            return _BUILT[key]
+        name = f"{arch}-{ftype}-{abs(hash(key)) % 10**8}.gguf"
+        if ftype in synth.WRITE_DTYPES:
+            spec = synth.SynthSpec.tiny(arch, dtype=ftype, **kw)
+            path = synth.write_model(spec, models_dir / name)
+        else:
+            src = synth.write_model(synth.SynthSpec.for_quant(arch, **kw), models_dir / f"src-{name}")
+            path = models_dir / name
+            synth.quantize_model(src, path, ftype)
+        _BUILT[key] = path
+        return path
+
+    return build
+
+
+def llama_cpp_logits(path: Path | str, ids: list[int], n_ctx: int = 256) -> np.ndarray:
+    """llama.cpp's logits for every position, KV cache in F32 (exact comparisons)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
+        n_threads=2, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+    )
+    try:
+        llm.eval([int(t) for t in ids])
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def llama_cpp_greedy(path: Path | str, ids: list[int], n: int, n_ctx: int = 256) -> list[int]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, verbose=False, n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+    )
+    try:
+        out = []
+        for tok in llm.generate([int(t) for t in ids], temp=0.0, top_k=1, repeat_penalty=1.0):
+            out.append(int(tok))
+            if len(out) == n:
+                break
+        return out
+    finally:
+        llm.close()
+
+
+def random_ids(n: int, n_vocab: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, n_vocab - 3, size=n).tolist()
+
+
+os.environ.setdefault("EDGEMOE_THREADS", "2")
