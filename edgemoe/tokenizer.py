@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import ctypes
 import os
 from typing import Any
 
@@ -43,7 +44,14 @@ class Tokenizer:
         return list(self._m.tokenize(data, add_bos, special))
 
     def piece(self, token: int, special: bool = False) -> bytes:
-        return self._m.token_to_piece(token, special)
+        """The bytes of one token, as llama.cpp renders it (may be part of a UTF-8 sequence)."""
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
 
     def detokenize(self, ids: list[int], special: bool = False) -> str:
         for t in ids:

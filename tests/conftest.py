@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -76,8 +77,22 @@ def llama_cpp_greedy(path: Path | str, ids: list[int], n: int, n_ctx: int = 256)
         llm.close()
 
 
+def kl_per_position(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """KL(ref || ours) of the next-token distributions at each position."""
+
+    def logp(z):
+        z = z.astype(np.float64)
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    lp, lq = logp(ref), logp(ours)
+    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+
+
 def random_ids(n: int, n_vocab: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, n_vocab - 3, size=n).tolist()
 
 
 os.environ.setdefault("EDGEMOE_THREADS", "2")
+# llama.cpp's quantizer logs through llama-cpp-python's logger, which prints everything by default
+logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)

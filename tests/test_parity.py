@@ -7,7 +7,7 @@ import pytest
 
 import edgemoe
 from edgemoe import engine, synth
-from conftest import llama_cpp_greedy, llama_cpp_logits, random_ids
+from conftest import kl_per_position, llama_cpp_greedy, llama_cpp_logits, random_ids
 
 pytest.importorskip("llama_cpp")
 
@@ -44,16 +44,6 @@ def test_f32_greedy_continuation_matches(build_model, arch):
         prompt = random_ids(8, m.config.n_vocab, seed=1)
         ours = [r.token for r in m.stream(prompt, max_tokens=32, temperature=0, ignore_eos=True)]
     assert ours == llama_cpp_greedy(path, prompt, 32)
-
-
-def kl_per_position(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    def logp(z):
-        z = z.astype(np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-    lp, lq = logp(ref), logp(ours)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
 
 
 def check_quantized(path, expect_type: str) -> None:

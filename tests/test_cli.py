@@ -1,0 +1,75 @@
+"""The CLI as a user runs it: run, info, eval; and the plain numpy kernel path, forced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import kl_per_position, llama_cpp_logits, random_ids
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgemoe", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_run_streams_text(build_model):
+    path = build_model("olmoe")
+    p = cli("run", "-m", str(path), "The quick brown fox", "--max-tokens", "8", "--temperature", "0",
+            "--stats")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip()
+    assert "decode tokens/s" in p.stderr and "resident peak" in p.stderr
+    again = cli("run", "-m", str(path), "The quick brown fox", "--max-tokens", "8", "--temperature", "0")
+    assert again.stdout == p.stdout
+
+
+def test_info_describes_the_model(build_model):
+    p = cli("info", str(build_model("qwen2moe", "Q8_0")))
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    for needle in ("qwen2moe", "experts", "top-k", "shared experts  ", "Q8_0", "per expert"):
+        assert needle in out, out
+    assert "yes" in out.split("shared experts")[1].splitlines()[0]
+
+
+def test_eval_reports_perplexity_next_to_llama_cpp(build_model, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    p = cli("eval", "-m", str(build_model("qwen3moe")), "--text", str(text), "--window", "32", "--kv-type", "f32")
+    assert p.returncode == 0, p.stderr
+    rows = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines() if ln.startswith(("edgemoe", "llama.cpp"))}
+    ours, ref = float(rows["edgemoe"][1]), float(rows["llama.cpp"][1])
+    assert abs(ours / ref - 1) < 1e-3
+
+
+WORKER = """
+import json, sys, numpy as np, edgemoe
+from edgemoe import kernels
+with edgemoe.load(sys.argv[1], kv_type="f32", n_ctx=128) as m:
+    out = m.logits(json.loads(sys.argv[2]))
+np.save(sys.argv[3], out)
+print(kernels.BACKEND)
+"""
+
+
+def test_forced_numpy_kernels_match_llama_cpp(build_model, tmp_path):
+    for ftype in ("F32", "Q4_K_M"):
+        path = build_model("qwen3moe", ftype)
+        ids = random_ids(24, 256, seed=5)
+        out = tmp_path / f"{ftype}.npy"
+        p = subprocess.run([sys.executable, "-c", WORKER, str(path), json.dumps(ids), str(out)],
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "EDGEMOE_KERNELS": "numpy"})
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == "numpy"
+        ours, ref = np.load(out), llama_cpp_logits(path, ids)
+        if ftype == "F32":
+            assert np.abs(ours - ref).max() / ref.std() <= 1e-3
+        else:  # llama.cpp quantizes activations; the numpy path does not
+            assert np.median(kl_per_position(ours, ref)) <= 0.01
+            assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
