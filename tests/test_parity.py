@@ -131,3 +131,18 @@ def test_tokenization_matches_llama_cpp(build_model, text):
         assert m.tokenize(text) == ref
         assert m.tokenize(text, add_bos=False) == ref_nobos
         assert m.detokenize(ref_nobos) == text
+
+
+@pytest.mark.parametrize(
+    "arch,scaling",
+    [("llama", "linear"), ("qwen3moe", "yarn"), ("granitemoe", "linear"), ("olmoe", "yarn")],
+)
+def test_rope_scaling_matches_llama_cpp(build_model, arch, scaling):
+    kv = ((f"{arch}.rope.scaling.type", scaling), (f"{arch}.rope.scaling.factor", 4.0),
+          (f"{arch}.rope.scaling.original_context_length", 128))
+    path = build_model(arch, extra_kv=kv)
+    with edgemoe.load(path, kv_type="f32", n_ctx=256) as m:
+        assert m.config.rope_scaling == scaling
+        ids = random_ids(N_TOKENS, m.config.n_vocab, seed=3)
+        ours = m.logits(ids)
+    assert rel_err(ours, llama_cpp_logits(path, ids)) <= 1e-3

@@ -60,13 +60,19 @@ else:
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
     toks = []
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits()))
     toks.append(tok)
     t2 = time.perf_counter()
     for _ in range(n_decode):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         toks.append(tok)
     t3 = time.perf_counter()
     out = dict(load_s=load_s, prompt_tps=n_prompt / (t1 - t0), decode_tps=n_decode / (t3 - t2), tokens=toks)
