@@ -1,0 +1,252 @@
+"""Matrix-vector and small matrix-matrix products computed directly on GGUF-quantized weights.
+
+Shapes: W is [n_out, n_in] (one GGUF 2-D tensor, or one expert's slice of a 3-D one), x is
+[T, n_in] float32, the result [T, n_out] float32 = x @ W.T. Weights are never expanded to a
+float32 copy of the matrix.
+
+Two backends, picked at import:
+- "ggml": llama.cpp's own CPU dot kernels (libggml-cpu from llama-cpp-python), called from a numba
+  prange loop over output rows. Activations are quantized once per call to the weight type's
+  vec_dot_type (Q8_0 / Q8_1 / Q8_K, or F16 / BF16), exactly as llama.cpp does on the CPU, so
+  quantized logits track llama.cpp's.
+- "numpy": dequantize a tile of rows (at most _TILE_BYTES of float32) with gguf-py and multiply
+  with BLAS. Exact with respect to float32 activations; slow. Used when numba or the ggml library
+  is missing, or forced.
+EDGEMOE_KERNELS=numpy|ggml forces one; EDGEMOE_THREADS sets the thread count (default: all cores).
+F32 weights always go through BLAS (as fast as vec_dot_f32 at T=1, 2x faster at T=32).
+
+For T > 1 the ggml loop takes one weight row at a time and dots it with all T quantized
+activations, so the row is read from memory once per call, not once per token.
+matmul may be called from several threads at once (the kernels keep no shared state; numba's omp
+layer is thread-safe, and launches are serialized if numba fell back to its workqueue layer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import warnings
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from .errors import EdgeMoEError
+
+# float32 scratch bound for the numpy path: one tile of rows x n_in
+_TILE_BYTES = 256 * 1024
+
+_FLOAT_TYPES = (QT.F32, QT.F16)
+_NUMPY_QUANT_TYPES = frozenset(
+    QT[name] for name in (
+        "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+        "TQ1_0", "TQ2_0", "MXFP4", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S",
+        "IQ1_M", "IQ4_NL", "IQ4_XS",
+    ) if name in QT.__members__
+)
+
+
+def _thread_count() -> int:
+    try:
+        n = int(os.environ.get("EDGEMOE_THREADS", "") or (os.cpu_count() or 1))
+    except ValueError:
+        raise EdgeMoEError(
+            f"EDGEMOE_THREADS={os.environ['EDGEMOE_THREADS']!r} is not an integer") from None
+    return max(1, n)
+
+
+def _load_ggml():
+    """Import the ggml binding; returns the library object or raises (OSError, ImportError)."""
+    if importlib.util.find_spec("numba") is None:
+        raise ImportError("numba is not installed")
+    from . import _ggml
+
+    return _ggml, _ggml.GGMLLib()
+
+
+def _select_backend() -> tuple[str, object, object]:
+    forced = os.environ.get("EDGEMOE_KERNELS", "").strip().lower()
+    if forced not in ("", "ggml", "numpy"):
+        raise EdgeMoEError(f"EDGEMOE_KERNELS={forced!r}: expected 'ggml' or 'numpy'")
+    if forced == "numpy":
+        return "numpy", None, None
+    try:
+        mod, lib = _load_ggml()
+    except (OSError, ImportError, AttributeError) as exc:
+        if forced == "ggml":
+            raise EdgeMoEError(
+                f"EDGEMOE_KERNELS=ggml but the ggml kernels cannot load: {exc}") from exc
+        warnings.warn(f"edgemoe: ggml kernels unavailable ({exc}); using the slow numpy path",
+                      RuntimeWarning, stacklevel=2)
+        return "numpy", None, None
+    return "ggml", mod, lib
+
+
+BACKEND, _ggml_mod, _lib = _select_backend()
+THREADS = _thread_count()
+_tls = threading.local()
+# numba's "workqueue" threading layer aborts on concurrent parallel launches; omp and tbb are
+# thread-safe. Until the first launch tells us which layer we got, launches are serialized.
+_launch_lock = threading.Lock()
+_launch_safe: bool | None = None
+
+
+def supported(qtype) -> bool:
+    """Whether weights of this GGUF type can be multiplied (and row-dequantized)."""
+    try:
+        qtype = QT(qtype)
+    except ValueError:
+        return False
+    if qtype in _FLOAT_TYPES or qtype in _NUMPY_QUANT_TYPES:
+        return True
+    return BACKEND == "ggml" and _lib.dot_funcs(int(qtype)) is not None
+
+
+class QWeight:
+    """A 2-D weight matrix [n_out, n_in] stored in a GGUF type, as a zero-copy view.
+
+    data is what gguf.GGUFReader gives for a 2-D tensor (or one expert's slice of a 3-D tensor):
+    F32 -> float32 [n_out, n_in]; F16 -> float16 [n_out, n_in]; everything else (BF16 and all
+    quants) -> uint8 [n_out, row_bytes]. Rows must be contiguous; the row stride may be anything.
+    """
+
+    __slots__ = ("data", "qtype", "shape", "nbytes", "name", "row_bytes", "_dot")
+
+    def __init__(self, data: np.ndarray, qtype, n_in: int, name: str = ""):
+        self.name = name
+        try:
+            qtype = QT(qtype)
+        except ValueError:
+            raise EdgeMoEError(f"tensor {name}: unknown GGML type id {qtype!r}") from None
+        self.qtype = qtype
+        if not supported(qtype):
+            raise EdgeMoEError(
+                f"tensor {name}: weight type {qtype.name} is not supported by the {BACKEND} "
+                f"kernels (supported: {', '.join(t.name for t in QT if supported(t))})")
+        block, tsize = gguf.GGML_QUANT_SIZES[qtype]
+        n_in = int(n_in)
+        if n_in <= 0 or n_in % block:
+            raise EdgeMoEError(f"tensor {name}: row length {n_in} is not a multiple of the "
+                               f"{qtype.name} block size {block}")
+        self.row_bytes = n_in // block * tsize
+        data = np.asarray(data)
+        want = {QT.F32: np.float32, QT.F16: np.float16}.get(qtype, np.uint8)
+        if data.dtype != want and data.dtype == np.uint8 and data.ndim == 2:
+            data = data.view(want)  # raw bytes of a float tensor: reinterpret, no copy
+        width = n_in if want is not np.uint8 else self.row_bytes
+        if data.ndim != 2 or data.dtype != want or data.shape[1] != width:
+            raise EdgeMoEError(
+                f"tensor {name}: expected {np.dtype(want).name} data of shape [n_out, {width}] "
+                f"for {qtype.name} with n_in={n_in}, got {data.dtype.name} {list(data.shape)}")
+        if data.strides[1] != data.itemsize:
+            raise EdgeMoEError(f"tensor {name}: weight rows are not contiguous in memory")
+        self.data = data
+        self.shape = (int(data.shape[0]), n_in)
+        self.nbytes = int(data.shape[0]) * self.row_bytes
+        self._dot = None
+        # ggml dot kernel where it has one; F32 stays on BLAS (faster than vec_dot_f32 here)
+        funcs = _lib.dot_funcs(int(qtype)) if BACKEND == "ggml" and qtype != QT.F32 else None
+        if funcs is not None:
+            vec_dot, from_float, vdt, to_float = funcs
+            self._dot = (vec_dot, from_float, _lib.row_size(vdt, n_in), to_float)
+
+    def __repr__(self) -> str:
+        return f"QWeight({self.name!r}, {self.qtype.name}, shape={self.shape})"
+
+
+def _as_input(w: QWeight, x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise EdgeMoEError(f"tensor {w.name}: input of shape {list(x.shape)} does not match "
+                           f"weight shape [n_out={w.shape[0]}, n_in={w.shape[1]}]")
+    return x
+
+
+def matmul(w: QWeight, x: np.ndarray) -> np.ndarray:
+    """x float32 [T, n_in] (or [n_in]) -> float32 [T, n_out] (or [n_out]) = x @ W.T"""
+    squeeze = np.ndim(x) == 1
+    x2 = _as_input(w, x[None, :] if squeeze else x)
+    if w._dot is None:  # numpy backend, F32 weights, or a type ggml has no dot kernel for
+        out = _matmul_numpy(w, x2)
+    else:
+        out = _matmul_ggml(w, x2)
+    return out[0] if squeeze else out
+
+
+def _matmul_ggml(w: QWeight, x: np.ndarray) -> np.ndarray:
+    # x: [T, n_in] float32 C-contiguous; out: [T, n_out]
+    global _launch_safe
+    T = x.shape[0]
+    n_out, n_in = w.shape
+    vec_dot, from_float, q_row, _ = w._dot
+    if getattr(_tls, "threads", None) != THREADS:  # numba's thread count is per calling thread
+        import numba
+
+        numba.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
+        _tls.threads = THREADS
+    q = np.empty(T * q_row, dtype=np.uint8)  # activations in vec_dot_type
+    out = np.empty((T, n_out), dtype=np.float32)
+    addr = _ggml_mod.addr
+    args = (vec_dot, from_float, addr(w.data), w.data.strides[0], n_out, n_in,
+            addr(x), T, addr(q), q_row, addr(out))
+    if _launch_safe:
+        _ggml_mod.matmul_kernel(*args)
+    else:
+        with _launch_lock:
+            _ggml_mod.matmul_kernel(*args)
+            if _launch_safe is None:
+                import numba
+
+                _launch_safe = numba.threading_layer() in ("omp", "tbb")
+    return out
+
+
+def _dequant_tile(w: QWeight, r0: int, r1: int) -> np.ndarray:
+    """float32 [r1-r0, n_in] for rows r0:r1 (the only float32 copy of weights we ever make)."""
+    d = w.data[r0:r1]
+    if w.qtype == QT.F32:
+        return np.asarray(d)
+    if w.qtype == QT.F16:
+        return d.astype(np.float32)
+    if w.qtype == QT.BF16:
+        return (np.ascontiguousarray(d).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return gguf.quants.dequantize(np.ascontiguousarray(d), w.qtype).reshape(r1 - r0, w.shape[1])
+
+
+def _matmul_numpy(w: QWeight, x: np.ndarray) -> np.ndarray:
+    n_out, n_in = w.shape
+    if w.qtype == QT.F32:
+        return x @ np.asarray(w.data).T
+    tile = max(1, _TILE_BYTES // (4 * n_in))
+    out_t = np.empty((n_out, x.shape[0]), dtype=np.float32)  # [n_out, T]: tiles write whole rows
+    xt = x.T
+    for r0 in range(0, n_out, tile):
+        r1 = min(n_out, r0 + tile)
+        np.matmul(_dequant_tile(w, r0, r1), xt, out=out_t[r0:r1])
+    return np.ascontiguousarray(out_t.T)
+
+
+def dequantize_rows(w: QWeight, rows: np.ndarray) -> np.ndarray:
+    """float32 [len(rows), n_in]: the given rows of W (embedding lookup)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    n_out, n_in = w.shape
+    if rows.size and (rows.min() < 0 or rows.max() >= n_out):
+        bad = rows[(rows < 0) | (rows >= n_out)][0]
+        raise EdgeMoEError(f"tensor {w.name}: row {bad} out of range [0, {n_out})")
+    if w._dot is None or w.qtype in (QT.F16, QT.BF16) or not w._dot[3]:
+        if w.qtype in (QT.F32, QT.F16, QT.BF16):
+            return np.ascontiguousarray(_dequant_tile_rows(w, rows))
+        return gguf.quants.dequantize(np.ascontiguousarray(w.data[rows]), w.qtype).reshape(
+            rows.size, n_in)
+    out = np.empty((rows.size, n_in), dtype=np.float32)
+    _ggml_mod.rows_kernel(w._dot[3], _ggml_mod.addr(w.data), w.data.strides[0], rows, n_in,
+                          _ggml_mod.addr(out))
+    return out
+
+
+def _dequant_tile_rows(w: QWeight, rows: np.ndarray) -> np.ndarray:
+    d = w.data[rows]
+    if w.qtype == QT.BF16:
+        return (d.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return d.astype(np.float32)

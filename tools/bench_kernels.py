@@ -1,0 +1,198 @@
+"""Microbenchmark of the matmul kernels on GGUF-quantized weights.
+
+For each shape (OLMoE expert up/gate 2048x1024 and down 1024x2048), T (1 = decode, 32 = prefill
+batch) and weight type, time every backend and print microseconds (median and min of many
+samples), effective GB/s of weight bytes read, and the speed-up over plain numpy float32 (x @ W.T
+on a matrix dequantized beforehand, i.e. what expanding the weights to float32 would give).
+On a shared machine pin everything to one thread for clean numbers:
+    OPENBLAS_NUM_THREADS=1 python tools/bench_kernels.py --threads 1 --cold
+
+    python tools/bench_kernels.py [--types Q4_K,Q8_0] [--threads 1,2] [--cold] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from edgemoe import kernels  # noqa: E402
+
+SHAPES = [(2048, 1024), (1024, 2048)]  # [n_out, n_in]
+TS = [1, 32]
+TYPES = ["F32", "F16", "Q8_0", "Q4_0", "Q4_K", "Q6_K"]
+
+
+def make(qtype: QT, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32) * 0.05
+    if qtype == QT.F32:
+        return w
+    if qtype == QT.F16:
+        return w.astype(np.float16)
+    try:
+        return gguf.quants.quantize(w, qtype)
+    except NotImplementedError:  # K-quants: random blocks with sane fp16 scales
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from test_kernels import random_blocks
+
+        return random_blocks(qtype, n_out, n_in, rng)
+
+
+def timeit(fn, budget: float) -> tuple[float, float]:
+    """(median, min) seconds per call. Each sample is a short batch of calls (>= ~50 us), so a
+    preemption by another process spoils one sample, not the median, on a shared machine."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(50e-6 / one))
+    samples = []
+    end = time.perf_counter() + budget
+    while len(samples) < 5 or (time.perf_counter() < end and len(samples) < 2000):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - t0) / n)
+    return statistics.median(samples), min(samples)
+
+
+def _numba_q8_0():
+    """An own numba kernel for Q8_0 (float activations, int8 codes), to compare with ggml."""
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def q8_0_matmul(codes, scales, x, out):  # codes int8 [n_out, n_in], scales f32 [n_out, nb]
+        n_out, n_in = codes.shape
+        T = x.shape[0]
+        for r in prange(n_out):
+            for t in range(T):
+                acc = 0.0
+                for b in range(n_in // 32):
+                    s = 0.0
+                    for j in range(32):
+                        s += codes[r, b * 32 + j] * x[t, b * 32 + j]
+                    acc += s * scales[r, b]
+                out[t, r] = acc
+
+    return q8_0_matmul
+
+
+def backends_for(qtype: QT, data: np.ndarray, n_in: int, own: bool = True):
+    """(name, callable(x) -> y) for every backend that can run this weight."""
+    w = kernels.QWeight(data, qtype, n_in, name="bench")
+    out = [("numpy-tile", lambda x: kernels._matmul_numpy(w, x))]
+    lib = kernels._lib
+    if lib is not None:
+        funcs = lib.dot_funcs(int(qtype))
+        if funcs is not None:
+            wg = kernels.QWeight(data, qtype, n_in, name="bench")
+            vec_dot, from_float, vdt, to_float = funcs
+            wg._dot = (vec_dot, from_float, lib.row_size(vdt, n_in), to_float)
+            out.append(("ggml-vec_dot", lambda x: kernels._matmul_ggml(wg, x)))
+    if own and qtype == QT.Q8_0 and kernels.BACKEND == "ggml":
+        kern = _numba_q8_0()
+        blocks = data.reshape(data.shape[0], -1, 34)
+        scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16)[..., 0].astype(np.float32)
+        codes = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(data.shape[0], n_in)
+
+        def own_kernel(x):
+            y = np.empty((x.shape[0], data.shape[0]), np.float32)
+            kern(codes, scales, x, y)
+            return y
+
+        out.append(("numba-own", own_kernel))
+    return w, out
+
+
+def _cycle(fns):
+    """One callable that runs the next copy each time (cold-cache mode)."""
+    state = [0]
+
+    def run(x):
+        state[0] = (state[0] + 1) % len(fns)
+        return fns[state[0]](x)
+
+    return run
+
+
+def set_threads(n: int) -> None:
+    kernels.THREADS = n
+    kernels._tls.threads = None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--budget", type=float, default=0.3, help="seconds of timing per cell")
+    ap.add_argument("--threads", default=str(kernels.THREADS),
+                    help="comma-separated thread counts for the kernels (default: %(default)s)")
+    ap.add_argument("--cold", action="store_true",
+                    help="cycle through enough weight copies (>= 256 MB) to defeat the caches")
+    ap.add_argument("--json", metavar="OUT")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    threads = [int(t) for t in args.threads.split(",")]
+    rows = []
+    print(f"active backend: {kernels.BACKEND}; threads tried: {threads}; "
+          f"{'cold' if args.cold else 'warm'} cache; times are median and min per call;\n"
+          "'vs f32' = time of numpy float32 x @ W.T on a pre-dequantized matrix / this time, "
+          "by median and by min")
+    hdr = (f"{'type':5} {'shape':>9} {'T':>2} {'thr':>3} {'backend':13} {'median us':>10} "
+           f"{'min us':>9} {'GB/s':>7} {'vs f32':>8} {'(min)':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    for name in args.types.split(","):
+        qtype = QT[name]
+        for n_out, n_in in SHAPES:
+            data = make(qtype, n_out, n_in, rng)
+            w, impls = backends_for(qtype, data, n_in, own=not args.cold)
+            wf = gguf.quants.dequantize(data, qtype).reshape(n_out, n_in).astype(np.float32) \
+                if qtype not in (QT.F32, QT.F16) else data.astype(np.float32)
+            if args.cold:
+                nq = max(2, -(-(256 << 20) // data.nbytes))
+                nf = max(2, -(-(256 << 20) // wf.nbytes))
+                wfs = [wf.copy() for _ in range(nf)]
+                per_copy = [backends_for(qtype, data.copy(), n_in, own=False)[1]
+                            for _ in range(nq)]
+                impls = [(b, _cycle([pc[i][1] for pc in per_copy]))
+                         for i, (b, _) in enumerate(impls)]
+                ref_fn = _cycle([lambda x, m=m: x @ m.T for m in wfs])
+            else:
+                ref_fn = lambda x: x @ wf.T  # noqa: E731
+            for T in TS:
+                x = rng.standard_normal((T, n_in)).astype(np.float32)
+                ref_med, ref_min = timeit(lambda: ref_fn(x), args.budget)
+                res = [("numpy-f32-ref", 0, ref_med, ref_min)]
+                for bname, fn in impls:
+                    for nt in threads if bname != "numpy-tile" else [threads[-1]]:
+                        set_threads(nt)
+                        res.append((bname, nt, *timeit(lambda fn=fn: fn(x), args.budget)))
+                for bname, nt, med, mn in res:
+                    nbytes = wf.nbytes if bname == "numpy-f32-ref" else w.nbytes
+                    row = dict(type=name, n_out=n_out, n_in=n_in, T=T, backend=bname,
+                               threads=nt, us=med * 1e6, us_min=mn * 1e6,
+                               gbps=nbytes / med / 1e9, speedup=ref_med / med,
+                               speedup_min=ref_min / mn, weight_bytes=nbytes,
+                               cold=args.cold)
+                    rows.append(row)
+                    print(f"{name:5} {f'{n_out}x{n_in}':>9} {T:2d} {nt or '-':>3} {bname:13} "
+                          f"{med * 1e6:10.1f} {mn * 1e6:9.1f} {row['gbps']:7.2f} "
+                          f"{row['speedup']:7.2f}x {row['speedup_min']:7.2f}x", flush=True)
+            set_threads(threads[-1])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(backend=kernels.BACKEND, threads=threads, cold=args.cold, rows=rows),
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
