@@ -1,0 +1,157 @@
+"""Synthetic MoE GGUF files load in llama.cpp and give finite, spread-out logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gguf
+
+from edgemoe.synth import ARCHES, SynthSpec, build_vocab, quantize_model, tensor_types, write_model
+
+_TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _bench_module():
+    path = _TOOLS / "make_bench_model.py"
+    spec = importlib.util.spec_from_file_location("make_bench_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_bench_model", mod)  # dataclasses need the module registered
+    spec.loader.exec_module(mod)
+    return mod
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Café naïve résumé jalapeño Zürich",
+    "tabs\tand   spaces\n\n  newlines   ",
+]
+
+
+def _logits(path, tokens, n_ctx=64):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2,
+                          n_threads_batch=2, verbose=False)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float64), llm
+    finally:
+        llm.close() if hasattr(llm, "close") else None
+
+
+def _check(scores):
+    assert np.isfinite(scores).all()
+    std = scores.std(axis=1)
+    assert (std >= 2.0).all(), std
+
+
+# ---- no llama.cpp needed ------------------------------------------------------------------------
+
+
+def test_vocab_shapes_and_merges():
+    tokens, merges, types = build_vocab(288)
+    assert len(tokens) == 288 + 3 == len(types)
+    assert len(set(tokens)) == len(tokens)
+    assert merges and all(len(m.split(" ")) == 2 for m in merges)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_written_file_metadata(tmp_path, arch):
+    spec = SynthSpec.tiny(arch)
+    p = write_model(spec, tmp_path / f"{arch}.gguf")
+    r = gguf.GGUFReader(str(p))
+    names = {t.name: t for t in r.tensors}
+    assert names["token_embd.weight"].shape.tolist() == [spec.n_embd, spec.n_vocab]
+    assert names["blk.0.ffn_gate_exps.weight"].shape.tolist() == [spec.n_embd, spec.n_ff_exp,
+                                                                   spec.n_expert]
+    assert names["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    assert p.stat().st_size < 5e6
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_invalid_specs():
+    with pytest.raises(ValueError):
+        SynthSpec(arch="olmoe", n_head=4, n_head_kv=2).validate()
+    with pytest.raises(ValueError):
+        SynthSpec(arch="qwen2moe", tied_output=True).validate()
+    with pytest.raises(ValueError):
+        SynthSpec(arch="mixtral").validate()
+
+
+# ---- llama.cpp ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("dtype", ["F32", "F16", "Q8_0", "Q4_0"])
+def test_llama_cpp_loads_and_logits_spread(tmp_path, arch, dtype):
+    llama_cpp = pytest.importorskip("llama_cpp")  # noqa: F841
+    spec = SynthSpec.tiny(arch, dtype=dtype)
+    p = write_model(spec, tmp_path / f"{arch}.gguf")
+    rng = np.random.default_rng(1)
+    tokens = [spec.bos_id] + rng.integers(0, spec.vocab, 15).tolist()
+    scores, _ = _logits(p, tokens)
+    _check(scores)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "phimoe"])
+def test_llama_cpp_tokenizes_text(tmp_path, arch):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    p = write_model(SynthSpec.tiny(arch), tmp_path / "m.gguf")
+    llm = llama_cpp.Llama(str(p), n_ctx=64, verbose=False, vocab_only=True)
+    for text in TEXTS:
+        toks = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert llm.detokenize(toks).decode() == text
+    assert len(llm.tokenize(b"the the the", add_bos=False)) < len(b"the the the")
+
+
+@pytest.mark.parametrize("arch,ftype", [("qwen2moe", "Q4_K_M"), ("olmoe", "MXFP4_MOE"),
+                                        ("phimoe", "Q2_K"), ("granitemoe", "Q6_K")])
+def test_quantize_reports_real_types(tmp_path, arch, ftype):
+    pytest.importorskip("llama_cpp")
+    spec = SynthSpec.for_quant(arch)
+    src = write_model(spec, tmp_path / "src.gguf")
+    types = quantize_model(src, tmp_path / f"{ftype}.gguf", ftype)
+    assert types == tensor_types(tmp_path / f"{ftype}.gguf")
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    exp = types["blk.0.ffn_down_exps.weight"]
+    assert exp == {"Q4_K_M": "Q4_K", "MXFP4_MOE": "MXFP4", "Q2_K": "Q2_K", "Q6_K": "Q6_K"}[ftype] \
+        or exp in ("Q3_K", "Q4_K", "Q5_K", "Q6_K"), exp  # K-quant mixes bump some layers
+    rng = np.random.default_rng(2)
+    tokens = [spec.bos_id] + rng.integers(0, spec.vocab, 11).tolist()
+    scores, _ = _logits(tmp_path / f"{ftype}.gguf", tokens)
+    _check(scores)
+
+
+# ---- benchmark-model generator ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qname", ["Q4_0", "Q8_0"])
+def test_bench_quant_blocks_have_requested_stats(qname):
+    mb = _bench_module()
+    qt = gguf.GGMLQuantizationType[qname]
+    rng = np.random.default_rng(0)
+    data = mb.quant_blocks(rng, (64, 1024), 0.05, qt)
+    x = gguf.quants.dequantize(data, qt)
+    assert x.shape == (64, 1024)
+    assert abs(x.std() / 0.05 - 1) < 0.05
+    assert abs(x.mean()) < 0.002
+
+
+def test_bench_writer_small_shape_runs_in_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp")
+    mb = _bench_module()
+    shape = mb.BenchShape(n_layer=2, n_embd=256, n_head=4, n_expert=8, n_expert_used=2,
+                          n_ff_exp=256, vocab=400)
+    p = mb.write_bench_model(shape, tmp_path / "b.gguf", router_skew=1.0, locality=0.5,
+                             log=lambda *_: None)
+    types = tensor_types(p)
+    assert types["blk.0.ffn_up_exps.weight"] == "Q4_0"
+    assert types["output.weight"] == "Q8_0"
+    stats = mb.routing_stats(p, n_tokens=64)
+    assert stats["top8_share"] <= 1.0
+    scores, _ = _logits(p, [400] + list(range(20, 40)))
+    _check(scores)
