@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,17 +13,23 @@ from typing import Any
 
 import numpy as np
 
-from . import memory
+from . import memory, store, streaming
+from .cache import ExpertCache
 from .config import DEFAULT_N_CTX, ModelArgs
 from .engine import Engine, KVCache
 from .errors import EdgeMoEError
 from .gguf_file import GGUFFile
 from .sampling import Sampler, SamplingParams
+from .store import StoreReader
+from .streaming import CacheStats, StoreExperts
 from .tokenizer import StreamDecoder, Tokenizer
 
-BASELINE_RSS = memory.rss()  # RSS right after `import edgemoe`; resident_bytes is counted from here
+from . import BASELINE_RSS  # resident_bytes is counted from the RSS right after `import edgemoe`
 
 QUALITIES = ("max",)
+# What the runtime (numba kernels, llama.cpp's vocabulary, interpreter) is expected to add at load,
+# before it is measured; only used to size a default budget.
+RUNTIME_ESTIMATE = 160 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,24 @@ class Stats:
     model_bytes: int  # the GGUF file
     kv_bytes: int  # the KV cache as allocated (pages are touched only as the context fills)
     n_ctx: int
+    cache: CacheStats | None = None  # expert cache figures when experts stream from a store
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a budget is split (bytes). The runtime figure is measured after a warm-up token."""
+
+    budget: int
+    dense: int  # resident weights: embeddings, attention, norms, routers, shared experts
+    kv: int  # KV cache at n_ctx
+    scratch: int  # activations of one batch, and a safety margin
+    runtime: int  # compiled kernels, tokenizer, interpreter growth measured at load
+    cache_capacity: int  # what is left for experts
+    min_cache: int  # one layer's chosen experts at the lowest width
+
+    @property
+    def minimum_budget(self) -> int:
+        return self.budget - self.cache_capacity + self.min_cache
 
 
 @dataclass(frozen=True)
@@ -77,7 +101,11 @@ def load(
 ) -> Model:
     """Load a GGUF MoE model. path None = the bundled model.
 
-    options: kv_type ("f16" default, as llama.cpp; "f32" for exact comparisons).
+    path: a GGUF file or an expert store directory (edgemoe convert). A GGUF given a budget (or too
+    large for free memory) is converted into a store under ~/.cache/edgemoe/stores on first use.
+    options: kv_type ("f16" default, as llama.cpp; "f32" for exact comparisons); bits (read experts
+    at this nested width instead of all planes); cache_policy ("lru", "lfu", "score");
+    progress (show the conversion progress bar).
     """
     return Model(path, memory_budget=memory_budget, quality=quality, n_ctx=n_ctx, **options)
 
@@ -91,60 +119,146 @@ class Model:
         quality: str | None = None,
         n_ctx: int | None = None,
         kv_type: str = "f16",
+        bits: int | None = None,
+        cache_policy: str = "lru",
+        progress: bool = True,
     ):
         self.path = Path(path) if path is not None else bundled_model_path()
         if quality is not None and quality not in QUALITIES:
             raise EdgeMoEError(f"quality {quality!r} is not one of {', '.join(QUALITIES)}")
         self.quality = quality or "max"
-        self._file = GGUFFile(self.path)
+        self.budget_bytes = None if memory_budget is None else memory.parse_size(memory_budget)
+        self._budget_given = memory_budget is not None
+        if isinstance(n_ctx, bool) or not (n_ctx is None or (isinstance(n_ctx, int) and n_ctx > 0)):
+            raise EdgeMoEError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        self.store_path: Path | None = None
+        self.memory_plan: MemoryPlan | None = None  # set for models that stream experts
+        self._experts: StoreExperts | None = None
+        self._reader: StoreReader | None = None
+        if store.is_store(self.path):
+            self.store_path = self.path
+        elif self.path.is_file() and self._needs_store(n_ctx, kv_type, bits):
+            self.store_path = self._converted_store(progress)
+        dense_path = self.store_path / store.DENSE if self.store_path else self.path
+        self._file = GGUFFile(dense_path)
         try:
-            self.config = ModelArgs.from_gguf(self._file)
-            if n_ctx is None:
-                n_ctx = min(DEFAULT_N_CTX, self.config.n_ctx_train)
-            if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-                raise EdgeMoEError(f"n_ctx must be a positive int, got {n_ctx!r}")
-            self.n_ctx = n_ctx
-            self._engine = Engine(self._file, self.config)
-            self._cache = KVCache(self.config, n_ctx, kv_type)
-            self.budget_bytes = None if memory_budget is None else memory.parse_size(memory_budget)
-            self._check_memory()
-            self._tok = Tokenizer(self.path)
+            if self.store_path:
+                self._reader = StoreReader(self.store_path)
+                self.config = ModelArgs.from_gguf(self._file, n_ff_exp=self._reader.n_ff_exp)
+            else:
+                self.config = ModelArgs.from_gguf(self._file)
+                if bits is not None:
+                    raise EdgeMoEError("bits= applies to expert stores; convert the model or give a memory budget")
+            self.n_ctx = n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train)
+            self._cache = KVCache(self.config, self.n_ctx, kv_type)
+            if self.store_path:
+                self._open_store(bits, cache_policy)
+            else:
+                self._check_memory()
+            self._engine = Engine(self._file, self.config, self._experts)
+            self._tok = Tokenizer(dense_path)
+            if self._tok.n_vocab != self.config.n_vocab:
+                raise EdgeMoEError(
+                    f"{self.path}: vocabulary has {self._tok.n_vocab} tokens but token_embd has "
+                    f"{self.config.n_vocab} rows"
+                )
+            self._lock = threading.RLock()
+            self._ctx_tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
+            self._prompt_tokens = 0
+            self._generated_tokens = 0
+            self._prompt_time = 0.0
+            self._decode_time = 0.0
+            self._closed = False
+            if self._experts is not None:
+                self._fit_cache_after_warmup()
         except BaseException:
-            self._file.close()
-            raise
-        if self._tok.n_vocab != self.config.n_vocab:
+            self._closed = False
             self.close()
-            raise EdgeMoEError(
-                f"{self.path}: vocabulary has {self._tok.n_vocab} tokens but token_embd has {self.config.n_vocab} rows"
-            )
-        self._lock = threading.RLock()
-        self._ctx_tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
-        self._prompt_tokens = 0
-        self._generated_tokens = 0
-        self._prompt_time = 0.0
-        self._decode_time = 0.0
-        self._closed = False
+            raise
 
     # ---- memory -------------------------------------------------------------------------------
 
-    def _needed_bytes(self) -> int:
-        return self._file.file_size + self._cache.nbytes
+    def _needs_store(self, n_ctx: int | None, kv_type: str, bits: int | None) -> bool:
+        """A GGUF runs in place unless a budget or bits are asked for, or it does not fit in free memory."""
+        if self.budget_bytes is not None or bits is not None:
+            return True
+        need = self.path.stat().st_size
+        avail = memory.available()
+        if need > 0.9 * avail:
+            print(
+                f"edgemoe: {self.path.name} ({memory.format_size(need)}) does not fit in free memory "
+                f"({memory.format_size(avail)}): streaming its experts within a budget of "
+                f"{memory.format_size(int(0.8 * avail))}",
+                file=sys.stderr,
+            )
+            self.budget_bytes = int(0.8 * avail)
+            return True
+        return False
+
+    def _converted_store(self, progress: bool) -> Path:
+        from .convert import convert
+
+        dst = streaming.cache_dir() / (streaming.store_key(self.path) + ".edgemoe")
+        if store.is_store(dst):
+            return dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if progress:
+            print(f"edgemoe: converting {self.path.name} into an expert store at {dst} (first use only)",
+                  file=sys.stderr)
+        return convert(self.path, dst, progress=progress)
+
+    def _open_store(self, bits: int | None, policy: str) -> None:
+        r = self._reader
+        c = self.config
+        experts_all = r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
+        fixed = (self._file.file_size + self._cache.nbytes
+                 + streaming.scratch_bytes(c.n_embd, c.n_ff_exp, c.n_head, self.n_ctx, c.n_vocab)
+                 + streaming.SAFETY_BYTES)
+        if self.budget_bytes is None:  # no budget: hold every expert if free memory allows
+            self._budget_given = False
+            self.budget_bytes = int(min(fixed + experts_all + RUNTIME_ESTIMATE, 0.8 * memory.available()))
+        cache = ExpertCache(r, max(self.budget_bytes - fixed, 0), policy)
+        self._experts = StoreExperts(r, cache, bits)
+        min_cache = self._experts.min_layer_bytes(c.n_expert_used)
+        if cache.capacity < min_cache:
+            raise streaming.refuse(self.budget_bytes, fixed, min_cache,
+                                   f"dense weights, KV cache (n_ctx={self.n_ctx}) and scratch")
+        self._fixed_bytes = fixed
+
+    def _fit_cache_after_warmup(self) -> None:
+        """Run one token, then measure what the runtime itself holds since `import edgemoe`
+        (numpy, numba and its compiled kernels, llama.cpp's vocabulary, the interpreter) and
+        shrink the expert cache by it, so that the budget covers everything."""
+        self.logits([self._tok.bos if self._tok.bos >= 0 else 0])
+        cache = self._experts.cache
+        dense = streaming.dense_resident_bytes(self._file.path)
+        overhead = max(memory.rss() - BASELINE_RSS - dense - cache.nbytes, 0)
+        if not self._budget_given:
+            r = self._reader
+            experts_all = r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
+            self.budget_bytes = int(min(self._fixed_bytes + overhead + experts_all, 0.8 * memory.available()))
+        capacity = self.budget_bytes - self._fixed_bytes - overhead
+        min_cache = self._experts.min_layer_bytes(self.config.n_expert_used)
+        if capacity < min_cache:
+            raise streaming.refuse(self.budget_bytes, self._fixed_bytes + overhead, min_cache,
+                                   f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime")
+        cache.capacity = min(cache.capacity, capacity)
+        cache.clear()
+        c = self.config
+        self.memory_plan = MemoryPlan(
+            budget=self.budget_bytes, dense=self._file.file_size, kv=self._cache.nbytes,
+            scratch=self._fixed_bytes - self._file.file_size - self._cache.nbytes, runtime=overhead,
+            cache_capacity=cache.capacity, min_cache=min_cache,
+        )
 
     def _check_memory(self) -> None:
-        need = self._needed_bytes()
+        need = self._file.file_size + self._cache.nbytes
         if self.budget_bytes is not None and need > self.budget_bytes:
             raise EdgeMoEError(
                 f"memory budget {memory.format_size(self.budget_bytes)} is below what {self.path.name} needs "
                 f"held whole ({memory.format_size(need)}: weights {memory.format_size(self._file.file_size)} + "
                 f"KV cache {memory.format_size(self._cache.nbytes)} at n_ctx={self.n_ctx}); lower n_ctx or raise "
-                f"the budget (streaming experts from an expert store is not built yet)"
-            )
-        avail = memory.available()
-        if self.budget_bytes is None and need > avail:
-            warnings.warn(
-                f"{self.path.name} needs {memory.format_size(need)} but only {memory.format_size(avail)} is "
-                f"free: pages will be re-read from storage (slow)",
-                stacklevel=3,
+                f"the budget"
             )
 
     # ---- tokens -------------------------------------------------------------------------------
@@ -274,6 +388,25 @@ class Model:
             return it
         return "".join(r.text for r in it).strip() if extra_stops else "".join(r.text for r in it)
 
+    def routing_trace(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
+        """The experts every layer chooses for each token, [tokens, layers, top_k], evaluating the
+        tokens one at a time as decoding does (for cache studies: tools/replay_trace.py)."""
+        self._check_open()
+        ids = _as_ids(token_ids, self.config.n_vocab)
+        with self._lock:
+            self._cache.reset()
+            self._ctx_tokens = []
+            self._engine.trace = []
+            try:
+                for t in ids:
+                    self._engine.forward(np.asarray([t]), self._cache, all_logits=False)
+                trace = np.stack([np.concatenate(self._engine.trace[i :: self.config.n_layer])
+                                  for i in range(self.config.n_layer)], axis=1)
+            finally:
+                self._engine.trace = None
+                self._cache.reset()
+        return trace  # [T, L, K]
+
     # ---- stats and lifetime -------------------------------------------------------------------
 
     def stats(self) -> Stats:
@@ -288,23 +421,32 @@ class Model:
             resident_bytes=max(now - BASELINE_RSS, 0),
             peak_resident_bytes=max(peak - BASELINE_RSS, 0),
             budget_bytes=self.budget_bytes,
-            model_bytes=self._file.file_size,
+            model_bytes=self._file.file_size if self._reader is None else self._store_bytes(),
             kv_bytes=self._cache.nbytes,
             n_ctx=self.n_ctx,
+            cache=self._experts.snapshot() if self._experts is not None else None,
         )
+
+    def _store_bytes(self) -> int:
+        r = self._reader
+        return self._file.file_size + r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
 
     def _check_open(self) -> None:
         if getattr(self, "_closed", True):
             raise EdgeMoEError("this model is closed")
 
     def close(self) -> None:
+        """Free the model's memory: caches, mappings, file descriptors. Safe to call twice."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        self._tok.close()
-        self._engine = None  # type: ignore[assignment]
-        self._cache = None  # type: ignore[assignment]
-        self._file.close()
+        for part in ("_tok", "_reader", "_file"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.close()
+        if self._experts is not None:
+            self._experts.cache.clear()
+        self._engine = self._cache = self._experts = None  # type: ignore[assignment]
 
     def __enter__(self) -> Model:
         return self

@@ -13,10 +13,13 @@ EXIT_BAD_INPUT = 2
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF model file (default: the bundled model)")
-    p.add_argument("--budget", help="memory budget for everything the model holds, e.g. 1.5GiB or 800MB")
+    p.add_argument("-m", "--model", help="GGUF model file or expert store directory (default: the bundled model)")
+    p.add_argument("--budget", help="memory budget for everything the model holds, e.g. 1.5GiB or 800MB; "
+                   "a GGUF is converted into an expert store on first use")
     p.add_argument("--ctx", type=int, default=None, help="context length (default: min(4096, training context))")
     p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16, as llama.cpp)")
+    p.add_argument("--bits", type=int, default=None, help="read experts at this nested width (default: all planes)")
+    p.add_argument("--policy", choices=["lru", "lfu", "score"], default="lru", help="expert cache eviction policy")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -33,7 +36,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from .api import load
 
-    return load(args.model, memory_budget=args.budget, n_ctx=args.ctx, kv_type=args.kv_type)
+    return load(args.model, memory_budget=args.budget, n_ctx=args.ctx, kv_type=args.kv_type, bits=args.bits,
+                cache_policy=args.policy)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -66,8 +70,35 @@ def _print_stats(s) -> None:
         ("budget", format_size(s.budget_bytes)),
         ("model file", format_size(s.model_bytes)),
     ]
+    c = s.cache
+    if c is not None:
+        tokens = max(s.generated_tokens + s.prompt_tokens, 1)
+        rows += [
+            ("expert cache", f"{format_size(c.cache_bytes)} of {format_size(c.cache_capacity)}"),
+            ("hits / partial / misses", f"{c.hits} / {c.partial_hits} / {c.misses} (hit rate {c.hit_rate:.1%})"),
+            ("bytes read", f"{format_size(c.bytes_read)} ({format_size(c.bytes_read / tokens)} per token)"),
+            ("evictions / upgrades / downgrades", f"{c.evictions} / {c.upgrades} / {c.downgrades}"),
+            ("I/O stall", f"{c.io_stall_s:.2f} s"),
+            ("resident by bits", ", ".join(f"{b}-bit {format_size(n)}" for b, n in sorted(c.resident_bytes_by_bits.items())) or "-"),
+        ]
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), file=sys.stderr)
+    if c is not None:
+        print(f"{'layer':>5} {'hits':>7} {'partial':>7} {'misses':>7} {'hit rate':>8} {'read':>11} {'evict':>6} {'stall s':>7}",
+              file=sys.stderr)
+        for i, l in enumerate(c.layers):
+            print(f"{i:>5} {l.hits:>7} {l.partial_hits:>7} {l.misses:>7} {l.hit_rate:>8.1%} {format_size(l.bytes_read):>11} "
+                  f"{l.evictions:>6} {l.io_stall_s:>7.2f}", file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert, parse_bits
+
+    bits = parse_bits(args.bits) if args.bits else None
+    out = convert(args.model, args.output, bits=bits, scheme=args.scheme, calibration=args.calibration,
+                  force=args.force)
+    print(out)
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -156,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="architecture, experts, tensor types and sizes of a GGUF model")
     i.add_argument("model", help="GGUF model file")
     i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="write an expert store (nested-bit experts) from a GGUF model")
+    c.add_argument("model", help="GGUF model file")
+    c.add_argument("-o", "--output", help="store directory (default: MODEL with the suffix .edgemoe)")
+    c.add_argument("--bits", help="nested widths, e.g. 2,3,4 or 2,4,8 (default: 2,3,4 for sources of <= 5 bits, else 2,4,8)")
+    c.add_argument("--scheme", default="d2moe", help="nested quantization scheme: d2moe (default) or matquant")
+    c.add_argument("--calibration", help="text file: fit scales activation-aware on it")
+    c.add_argument("--force", action="store_true", help="replace an existing store")
+    c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("eval", help="perplexity over a text file, with llama.cpp's as the reference line")
     _add_load_options(e)

@@ -10,7 +10,12 @@ from .gguf_file import GGUFFile
 
 # Architectures the engine runs, with what differs between them (see docs/architectures.md).
 # rope: "norm" = adjacent pairs (llama, granite: the converter permuted q/k), "neox" = split halves.
-# norm_topk: whether the top-k gate weights are renormalised to sum to 1 (llama.cpp's choice).
+# norm_topk: whether the top-k gate weights are renormalised to sum to 1 (llama.cpp's choice;
+# None: read from `expert_weights_norm`). attention: "standard" or "mla" (deepseek2's absorbed
+# multi-head latent attention). gating: "softmax" (softmax over all experts, then top-k),
+# "deepseek" (softmax or sigmoid per `expert_gating_func`, selection bias, expert groups),
+# "softmax_weight" (gpt-oss: top-k of the biased logits, softmax over the k).
+# act: the expert activation, see engine.expert_act.
 ARCHS: dict[str, dict] = {
     "llama": dict(rope="norm", norm_topk=True),
     "granitemoe": dict(rope="norm", norm_topk=True),
@@ -18,7 +23,12 @@ ARCHS: dict[str, dict] = {
     "qwen2moe": dict(rope="neox", norm_topk=False),
     "qwen3moe": dict(rope="neox", norm_topk=True),
     "phimoe": dict(rope="neox", norm_topk=True),
+    "deepseek2": dict(rope="norm", norm_topk=None, attention="mla", gating="deepseek"),
+    "gpt-oss": dict(rope="neox", norm_topk=False, gating="softmax_weight", act="swiglu_oai"),
 }
+
+# llama.cpp's expert_gating_func values (include/llama.h llama_expert_gating_func_type)
+_GATING_FUNC = {0: "softmax", 1: "softmax", 2: "sigmoid"}
 
 DEFAULT_N_CTX = 4096
 
@@ -53,13 +63,44 @@ class ModelArgs:
     residual_scale: float
     logit_scale: float
     has_shared_expert: bool
+    # ---- deepseek2 / gpt-oss (defaults: what the six other arches do) ----
+    attention: str = "standard"  # "standard" | "mla"
+    gating: str = "softmax"  # "softmax" | "deepseek" | "softmax_weight"
+    gating_func: str = "softmax"  # deepseek2: "softmax" | "sigmoid" (expert_gating_func)
+    expert_weights_scale: float = 0.0  # 0 or 1: no scaling (llama.cpp's build_moe_ffn)
+    n_expert_groups: int = 0  # > 1: group-limited expert selection
+    n_group_used: int = 0
+    expert_act: str = "silu"  # "silu" (SwiGLU) | "swiglu_oai" (gpt-oss)
+    n_leading_dense: int = 0  # deepseek2: the first layers have a dense SwiGLU FFN
+    n_ff: int = 0  # width of those dense FFNs
+    kv_lora_rank: int = 0  # MLA: compressed KV width (cached together with the n_rot rope dims)
+    q_lora_rank: int = 0  # MLA: 0 = no q compression (V2-Lite form: attn_q)
+    rope_yarn_log_mul: float = 0.0  # deepseek2: mscale_all_dim (file value / 0.1)
+    n_swa: int = 0  # gpt-oss: sliding window (keys with pos_q - pos_k >= n_swa are masked)
+    swa_layers: tuple[bool, ...] = ()  # per layer: uses the sliding window
+    rope_theta_swa: float = 0.0  # rope base on SWA layers (0: rope_theta)
 
     @property
     def n_gqa(self) -> int:
         return self.n_head // self.n_head_kv
 
+    @property
+    def cache_dims(self) -> tuple[int, int, int]:
+        """(kv heads, K width, V width) per cached position. MLA caches the normed compressed kv
+        and the roped k_pe as one K row (head_count_kv 1); V is the first kv_lora_rank of K."""
+        if self.attention == "mla":
+            return 1, self.kv_lora_rank + self.n_rot, 0
+        return self.n_head_kv, self.head_dim, self.head_dim_v
+
+    def is_swa(self, i: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[i]
+
+    def is_dense(self, i: int) -> bool:
+        return i < self.n_leading_dense
+
     @classmethod
-    def from_gguf(cls, f: GGUFFile) -> ModelArgs:
+    def from_gguf(cls, f: GGUFFile, n_ff_exp: int | None = None) -> ModelArgs:
+        """n_ff_exp: given by an expert store, whose dense file has no expert tensors."""
         arch = f.architecture
         if arch not in ARCHS:
             raise EdgeMoEError(
@@ -81,6 +122,17 @@ class ModelArgs:
             raise EdgeMoEError(f"{f.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
         head_dim = int(key("attention.key_length", n_embd // n_head))
         head_dim_v = int(key("attention.value_length", head_dim))
+        attention = spec.get("attention", "standard")
+        extra: dict = {}
+        if attention == "mla":
+            k_mla = int(key("attention.key_length_mla", 0))
+            v_mla = int(key("attention.value_length_mla", 0))
+            if not (k_mla and v_mla) or f.maybe("blk.0.attn_kv_b.weight") is not None:
+                raise EdgeMoEError(f"{f.path}: deepseek2 file without the absorbed MLA tensors (attn_k_b, "
+                                   "attn_v_b, key_length_mla); reconvert it with a recent llama.cpp")
+            extra.update(kv_lora_rank=int(key("attention.kv_lora_rank", required=True)),
+                         q_lora_rank=int(key("attention.q_lora_rank", 0) or 0))
+            head_dim, head_dim_v = k_mla, v_mla  # the true q/k and v head sizes
         n_expert = int(key("expert_count", 0))
         n_expert_used = int(key("expert_used_count", 0))
         if n_expert < 1 or not 1 <= n_expert_used <= n_expert:
@@ -91,8 +143,14 @@ class ModelArgs:
         norm_eps = float(key("attention.layer_norm_rms_epsilon", 1e-5))
         tok = f.tensor("token_embd.weight")
         n_vocab = int(tok.shape[1])
-        gate = f.tensor("blk.0.ffn_gate_exps.weight")
-        n_ff_exp = int(gate.shape[1])
+        n_leading_dense = int(key("leading_dense_block_count", 0) or 0) if arch == "deepseek2" else 0
+        first_moe = f"blk.{n_leading_dense}."
+        if n_ff_exp is None:
+            n_ff_exp = int(key("expert_feed_forward_length", 0) or 0) if arch in ("deepseek2", "gpt-oss") else 0
+            n_ff_exp = n_ff_exp or int(f.tensor(first_moe + "ffn_gate_exps.weight").shape[1])
+        if n_leading_dense:
+            extra.update(n_leading_dense=n_leading_dense,
+                         n_ff=int(f.tensor("blk.0.ffn_gate.weight").shape[1]))
 
         n_rot = int(key("rope.dimension_count", head_dim))
         scaling = str(key("rope.scaling.type", "none") or "none")
@@ -102,6 +160,48 @@ class ModelArgs:
         freq_scale = 1.0 / factor if scaling != "none" and factor > 0 else 1.0
         n_ctx_train = int(key("context_length", 4096))
         attn_scale = float(key("attention.scale", 0.0) or 0.0) or 1.0 / math.sqrt(head_dim)
+        rope_attn_factor = float(key("rope.scaling.attn_factor", 1.0))
+        norm_topk = spec["norm_topk"]
+        gating = spec.get("gating", "softmax")
+        if gating == "deepseek":
+            norm_topk = bool(key("expert_weights_norm", False))
+            func = int(key("expert_gating_func", 0) or 0)
+            if func not in _GATING_FUNC:
+                raise EdgeMoEError(f"{f.path}: expert_gating_func {func} is not supported (1 softmax, 2 sigmoid)")
+            extra.update(gating_func=_GATING_FUNC[func],
+                         expert_weights_scale=float(key("expert_weights_scale", 0.0) or 0.0))
+            # llama.cpp (src/models/deepseek2.cpp, src/llama-context.cpp): the file stores
+            # 0.1 * mscale_all_dim; with yarn the rope's attn_factor is divided by
+            # (1 + 0.1 ln factor) when it is set, and kq_scale = mscale^2 / sqrt(head size) with
+            # mscale = attn_factor_org * (1 + 0.1 * log_mul * ln factor).
+            log_mul = float(key("rope.scaling.yarn_log_multiplier", 0.0) or 0.0) / 0.1
+            extra.update(rope_yarn_log_mul=log_mul)
+            if scaling == "yarn" and log_mul != 0.0 and freq_scale < 1.0:
+                rope_attn_factor /= 1.0 + 0.1 * math.log(1.0 / freq_scale)
+            mscale = rope_attn_factor * (1.0 + 0.1 * math.log(1.0 / freq_scale))
+            mscale *= 1.0 + 0.1 * log_mul * math.log(1.0 / freq_scale)
+            attn_scale = mscale * mscale / math.sqrt(head_dim)
+        n_groups = int(key("expert_group_count", 0) or 0)
+        if n_groups > 1:
+            n_group_used = int(key("expert_group_used_count", 0) or 0)
+            if n_expert % n_groups or not 0 < n_group_used < n_groups or n_expert // n_groups < 2:
+                raise EdgeMoEError(f"{f.path}: bad expert groups: {n_expert} experts, {n_groups} groups, "
+                                   f"{n_group_used} used")
+            extra.update(n_expert_groups=n_groups, n_group_used=n_group_used)
+        if arch == "gpt-oss":
+            attn_scale = 1.0 / math.sqrt(n_rot)
+            n_swa = int(key("attention.sliding_window", required=True))
+            pattern = key("attention.sliding_window_pattern", 2)
+            if isinstance(pattern, (list, tuple)) or getattr(pattern, "ndim", 0):
+                swa = tuple(bool(v) for v in pattern)
+            else:  # llama_hparams::set_swa_pattern(n, dense_first=false): il % n < n - 1
+                n = int(pattern)
+                swa = tuple(n == 0 or i % n < n - 1 for i in range(n_layer))
+            extra.update(n_swa=n_swa, swa_layers=swa,
+                         rope_theta_swa=float(key("rope.freq_base_swa", 0.0) or 0.0))
+        if norm_topk is None:
+            norm_topk = False
+        first_shexp = f.maybe(first_moe + "ffn_gate_shexp.weight")
         return cls(
             arch=arch,
             n_layer=n_layer,
@@ -122,15 +222,19 @@ class ModelArgs:
             rope_freq_scale=freq_scale,
             rope_scaling=scaling,
             rope_n_ctx_orig=int(key("rope.scaling.original_context_length", n_ctx_train)),
-            rope_attn_factor=float(key("rope.scaling.attn_factor", 1.0)),
+            rope_attn_factor=rope_attn_factor,
             yarn_beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
             yarn_beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)),
-            norm_topk=spec["norm_topk"],
+            norm_topk=norm_topk,
             attn_scale=attn_scale,
             embedding_scale=float(key("embedding_scale", 1.0)),
             residual_scale=float(key("residual_scale", 1.0)),
             logit_scale=float(key("logit_scale", 1.0)),
-            has_shared_expert=f.maybe("blk.0.ffn_gate_shexp.weight") is not None,
+            has_shared_expert=first_shexp is not None,
+            attention=attention,
+            gating=gating,
+            expert_act=spec.get("act", "silu"),
+            **extra,
         )
 
 

@@ -61,15 +61,34 @@ class Layer:
     k_norm: np.ndarray | None
     ffn_norm: np.ndarray
     ffn_norm_b: np.ndarray | None
-    router: np.ndarray  # [E, D] float32
-    gate_exps: list[kernels.QWeight]
-    up_exps: list[kernels.QWeight]
-    down_exps: list[kernels.QWeight]
+    router: np.ndarray | None  # [E, D] float32 (None: dense FFN layer)
     gate_shexp: kernels.QWeight | None
     up_shexp: kernels.QWeight | None
     down_shexp: kernels.QWeight | None
     gate_inp_shexp: np.ndarray | None  # [D]
     rope_freqs: np.ndarray | None
+    # deepseek2 MLA (absorbed form): q = wq x, or wq_b RMSNorm(wq_a x)
+    wq_a: kernels.QWeight | None = None
+    q_a_norm: np.ndarray | None = None
+    wq_b: kernels.QWeight | None = None
+    wkv_a: kernels.QWeight | None = None  # attn_kv_a_mqa: x -> [kv_lora | k_pe]
+    kv_a_norm: np.ndarray | None = None
+    wk_b: list[kernels.QWeight] | None = None  # per head [kv_lora, nope]: q_nope -> latent
+    wv_b: list[kernels.QWeight] | None = None  # per head [v_head, kv_lora]: latent -> v
+    # gpt-oss
+    sinks: np.ndarray | None = None  # [H] attention sink logits
+    router_b: np.ndarray | None = None  # [E] ffn_gate_inp.bias
+    swa: bool = False  # sliding-window attention layer
+    # deepseek-v3 style routing: bias added to the scores for selection only
+    exp_probs_b: np.ndarray | None = None  # [E]
+    # deepseek2 leading dense layers (router is None there)
+    ffn_gate: kernels.QWeight | None = None
+    ffn_up: kernels.QWeight | None = None
+    ffn_down: kernels.QWeight | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.ffn_gate is not None
 
 
 class KVCache:
@@ -81,8 +100,9 @@ class KVCache:
             raise EdgeMoEError(f"kv cache type {dtype!r} is not one of f16, f32")
         npdt = np.float16 if dtype == "f16" else np.float32
         self.n_ctx = n_ctx
-        self.k = np.zeros((args.n_layer, n_ctx, args.n_head_kv, args.head_dim), dtype=npdt)
-        self.v = np.zeros((args.n_layer, n_ctx, args.n_head_kv, args.head_dim_v), dtype=npdt)
+        n_kv, dk, dv = args.cache_dims  # MLA: one latent row per position, V = its first kv_lora
+        self.k = np.zeros((args.n_layer, n_ctx, n_kv, dk), dtype=npdt)
+        self.v = np.zeros((args.n_layer, n_ctx, n_kv, dv), dtype=npdt)
         self.n_past = 0
 
     @property
@@ -93,8 +113,83 @@ class KVCache:
         self.n_past = 0
 
 
-class Engine:
+def expert_act(args: ModelArgs, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The expert FFN's gated activation on gate/up projections g, u [T, F] (biases already added),
+    as llama.cpp's build_moe_ffn: SwiGLU silu(g) * u, or gpt-oss's ggml_swiglu_oai with alpha
+    1.702 and limit 7 (hard-coded in llama.cpp): x = min(g, 7), y = clip(u, -7, 7),
+    x * sigmoid(1.702 x) * (y + 1)."""
+    if args.expert_act == "swiglu_oai":
+        x = np.minimum(g, np.float32(_OAI_LIMIT))
+        y = np.clip(u, np.float32(-_OAI_LIMIT), np.float32(_OAI_LIMIT))
+        return (x / (np.float32(1.0) + np.exp(np.float32(-_OAI_ALPHA) * x)) * (y + np.float32(1.0))).astype(
+            np.float32, copy=False)
+    return (g / (np.float32(1.0) + np.exp(-g)) * u).astype(np.float32, copy=False)
+
+
+_OAI_ALPHA = 1.702
+_OAI_LIMIT = 7.0
+
+
+@dataclass(frozen=True)
+class ExpertBias:
+    """One expert's FFN biases (gpt-oss): gate [F], up [F], down [D]."""
+
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+
+
+def expert_biases(gf: GGUFFile, i: int) -> list[ExpertBias] | None:
+    """Layer i's per-expert biases from `ffn_{gate,up,down}_exps.bias` (GGUF [F|D, E]), or None."""
+    ts = [gf.maybe(f"blk.{i}.ffn_{w}_exps.bias") for w in ("gate", "up", "down")]
+    if all(t is None for t in ts):
+        return None
+    if any(t is None for t in ts):
+        raise EdgeMoEError(f"{gf.path}: layer {i} has only some of the ffn_*_exps.bias tensors")
+    g, u, d = (_rows(t) for t in ts)  # [E, F], [E, F], [E, D]
+    return [ExpertBias(g[e], u[e], d[e]) for e in range(g.shape[0])]
+
+
+def expert_ffn(args: ModelArgs, gate: kernels.QWeight, up: kernels.QWeight, down: kernels.QWeight,
+               x: np.ndarray, bias: ExpertBias | None = None) -> np.ndarray:
+    """One expert on x [T, D] -> [T, D]: down(act(gate x + bg, up x + bu)) + bd."""
+    g = kernels.matmul(gate, x)  # [T, F]
+    u = kernels.matmul(up, x)  # [T, F]
+    if bias is not None:
+        g += bias.gate
+        u += bias.up
+    y = kernels.matmul(down, np.ascontiguousarray(expert_act(args, g, u), dtype=np.float32))
+    if bias is not None:
+        y += bias.down
+    return y
+
+
+class GGUFExperts:
+    """Experts read in place from the GGUF file's stacked tensors (memory-mapped)."""
+
     def __init__(self, gf: GGUFFile, args: ModelArgs):
+        self.args = args
+
+        def stacked(i: int, what: str) -> list[kernels.QWeight] | None:
+            if args.is_dense(i):
+                return None
+            return _experts(gf.tensor(f"blk.{i}.ffn_{what}_exps.weight"))
+
+        self.gate = [stacked(i, "gate") for i in range(args.n_layer)]
+        self.up = [stacked(i, "up") for i in range(args.n_layer)]
+        self.down = [stacked(i, "down") for i in range(args.n_layer)]
+        self.bias = [None if args.is_dense(i) else expert_biases(gf, i) for i in range(args.n_layer)]
+
+    def ffn(self, i: int, e: int, x: np.ndarray, importance: float) -> np.ndarray:
+        b = self.bias[i]
+        return expert_ffn(self.args, self.gate[i][e], self.up[i][e], self.down[i][e], x,
+                          b[e] if b is not None else None)
+
+
+class Engine:
+    def __init__(self, gf: GGUFFile, args: ModelArgs, experts=None):
+        """experts: where expert FFNs come from (ffn(layer, expert, x, importance) -> y);
+        default: the GGUF file itself."""
         self.args = args
         self.file = gf
         for name, t in gf.tensors.items():
@@ -113,18 +208,27 @@ class Engine:
         self._rope_short = _vec(gf.maybe("rope_factors_short.weight"))
         self.n_ctx_orig = n_ctx_orig
         self.layers = [self._load_layer(i) for i in range(args.n_layer)]
+        self.expert_src = experts if experts is not None else GGUFExperts(gf, args)
+        self.trace: list[np.ndarray] | None = None  # when a list: routing [T, K] of each layer call
+        # the arch-specific pieces of the layer step
+        self._attend = {"standard": self.attention, "mla": self.attention_mla}[args.attention]
+        self._route = {"softmax": self.route_softmax, "deepseek": self.route_deepseek,
+                       "softmax_weight": self.route_topk_softmax}[args.gating]
 
     def _load_layer(self, i: int) -> Layer:
         gf = self.file
+        a = self.args
         p = f"blk.{i}."
         t = gf.tensor
         m = gf.maybe
+        mla = a.attention == "mla"
+        dense = a.is_dense(i)
         return Layer(
             attn_norm=_vec(t(p + "attn_norm.weight")),
             attn_norm_b=_vec(m(p + "attn_norm.bias")),
-            wq=_mat(t(p + "attn_q.weight")),
-            wk=_mat(t(p + "attn_k.weight")),
-            wv=_mat(t(p + "attn_v.weight")),
+            wq=_mat(m(p + "attn_q.weight") if mla else t(p + "attn_q.weight")),
+            wk=None if mla else _mat(t(p + "attn_k.weight")),
+            wv=None if mla else _mat(t(p + "attn_v.weight")),
             wo=_mat(t(p + "attn_output.weight")),
             bq=_vec(m(p + "attn_q.bias")),
             bk=_vec(m(p + "attn_k.bias")),
@@ -132,17 +236,29 @@ class Engine:
             bo=_vec(m(p + "attn_output.bias")),
             q_norm=_vec(m(p + "attn_q_norm.weight")),
             k_norm=_vec(m(p + "attn_k_norm.weight")),
-            ffn_norm=_vec(t(p + "ffn_norm.weight")),
+            # gpt-oss names its pre-FFN norm post_attention_norm
+            ffn_norm=_vec(m(p + "ffn_norm.weight") or t(p + "post_attention_norm.weight")),
             ffn_norm_b=_vec(m(p + "ffn_norm.bias")),
-            router=_router(t(p + "ffn_gate_inp.weight")),
-            gate_exps=_experts(t(p + "ffn_gate_exps.weight")),
-            up_exps=_experts(t(p + "ffn_up_exps.weight")),
-            down_exps=_experts(t(p + "ffn_down_exps.weight")),
+            router=None if dense else _router(t(p + "ffn_gate_inp.weight")),
             gate_shexp=_mat(m(p + "ffn_gate_shexp.weight")),
             up_shexp=_mat(m(p + "ffn_up_shexp.weight")),
             down_shexp=_mat(m(p + "ffn_down_shexp.weight")),
             gate_inp_shexp=_vec(m(p + "ffn_gate_inp_shexp.weight")),
             rope_freqs=_vec(m(p + "rope_freqs.weight")),
+            wq_a=_mat(m(p + "attn_q_a.weight")),
+            q_a_norm=_vec(m(p + "attn_q_a_norm.weight")),
+            wq_b=_mat(m(p + "attn_q_b.weight")),
+            wkv_a=_mat(t(p + "attn_kv_a_mqa.weight")) if mla else None,
+            kv_a_norm=_vec(t(p + "attn_kv_a_norm.weight")) if mla else None,
+            wk_b=_experts(t(p + "attn_k_b.weight")) if mla else None,
+            wv_b=_experts(t(p + "attn_v_b.weight")) if mla else None,
+            sinks=_vec(m(p + "attn_sinks.weight")),
+            router_b=_vec(m(p + "ffn_gate_inp.bias")),
+            swa=a.is_swa(i),
+            exp_probs_b=_vec(m(p + "exp_probs_b.bias")),
+            ffn_gate=_mat(t(p + "ffn_gate.weight")) if dense else None,
+            ffn_up=_mat(t(p + "ffn_up.weight")) if dense else None,
+            ffn_down=_mat(t(p + "ffn_down.weight")) if dense else None,
         )
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -152,12 +268,14 @@ class Engine:
         y = _rms(x, w, self.args.norm_eps)
         return y + b if b is not None else y
 
-    def _rope_cache(self, pos: np.ndarray, freq_factors: np.ndarray | None, n_ctx: int):
+    def _rope_cache(self, pos: np.ndarray, freq_factors: np.ndarray | None, n_ctx: int,
+                    theta_base: float | None = None):
         """cos/sin [T, n_rot/2] for these positions, as ggml's rope (with yarn and freq factors)."""
         a = self.args
         n_dims = a.n_rot
+        base = theta_base or a.rope_theta
         half = np.arange(0, n_dims, 2, dtype=np.float64)  # i0
-        inv = a.rope_theta ** (-half / n_dims)
+        inv = base ** (-half / n_dims)
         if freq_factors is not None:
             inv = inv / freq_factors[: n_dims // 2]
         theta_extrap = pos[:, None].astype(np.float64) * inv[None, :]
@@ -166,7 +284,7 @@ class Engine:
         theta = theta_extrap * fs
         if a.rope_scaling == "yarn":
             def corr_dim(n_rot: float) -> float:
-                return n_dims * np.log(a.rope_n_ctx_orig / (n_rot * 2 * np.pi)) / (2 * np.log(a.rope_theta))
+                return n_dims * np.log(a.rope_n_ctx_orig / (n_rot * 2 * np.pi)) / (2 * np.log(base))
 
             low = max(0.0, np.floor(corr_dim(a.yarn_beta_fast)))
             high = min(n_dims - 1.0, np.ceil(corr_dim(a.yarn_beta_slow)))
@@ -199,6 +317,40 @@ class Engine:
             return None
         return self._rope_long if n_ctx > self.n_ctx_orig else self._rope_short
 
+    def _layer_rope(self, layer: Layer, pos: np.ndarray, n_ctx: int):
+        base = self.args.rope_theta_swa if layer.swa else None  # gpt-oss: optional freq_base_swa
+        return self._rope_cache(pos, self._layer_freq_factors(layer, n_ctx), n_ctx, base)
+
+    def _sdpa(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, p0: int, layer: Layer) -> np.ndarray:
+        """softmax(scale q K^T + mask [+ sink]) V as llama.cpp's build_attn_mha (no flash attention).
+        q [T, H, Dk]; K [S, Hk, Dk], V [S, Hk, Dv] (positions 0..S-1); returns [T, H, Dv].
+        Causal mask; on sliding-window layers keys with pos_q - pos_k >= n_swa are masked too;
+        attention sinks (gpt-oss) are one extra logit per head that takes probability mass."""
+        a = self.args
+        T, H, Dk = q.shape
+        S, Hk = K.shape[0], K.shape[1]
+        G = H // Hk
+        qg = q.reshape(T, Hk, G, Dk).transpose(1, 2, 0, 3)  # [Hk, G, T, Dk]
+        scores = np.matmul(qg, K.transpose(1, 2, 0)[:, None]) * np.float32(a.attn_scale)  # [Hk,G,T,S]
+        qpos = p0 + np.arange(T)
+        mask = np.arange(S)[None, :] > qpos[:, None]  # [T, S]
+        if layer.swa:
+            mask |= (qpos[:, None] - np.arange(S)[None, :]) >= a.n_swa
+        if mask.any():
+            scores = np.where(mask, np.float32(-np.inf), scores)
+        mx = scores.max(axis=-1, keepdims=True)
+        if layer.sinks is not None:
+            sk = layer.sinks.reshape(Hk, G, 1, 1).astype(np.float32)
+            mx = np.maximum(mx, sk)
+        scores -= mx
+        np.exp(scores, out=scores)
+        denom = scores.sum(axis=-1, keepdims=True)
+        if layer.sinks is not None:
+            denom = denom + np.exp(sk - mx)
+        scores /= denom
+        out = np.matmul(scores, V.transpose(1, 0, 2)[:, None])  # [Hk, G, T, Dv]
+        return out.transpose(2, 0, 1, 3).reshape(T, H, V.shape[-1])
+
     def attention(self, i: int, layer: Layer, h: np.ndarray, cache: KVCache, pos: np.ndarray) -> np.ndarray:
         a = self.args
         T = h.shape[0]
@@ -220,7 +372,7 @@ class Engine:
         if layer.q_norm is not None and layer.q_norm.size == a.head_dim:  # qwen3: per head
             q = _rms(q, layer.q_norm, a.norm_eps)
             k = _rms(k, layer.k_norm, a.norm_eps)
-        cos, sin = self._rope_cache(pos, self._layer_freq_factors(layer, cache.n_ctx), cache.n_ctx)
+        cos, sin = self._layer_rope(layer, pos, cache.n_ctx)
         q = self._apply_rope(q, cos, sin)
         k = self._apply_rope(k, cos, sin)
 
@@ -230,46 +382,103 @@ class Engine:
         cache.v[i, p0:S] = v
         K = cache.k[i, :S].astype(np.float32)  # [S, Hk, Dh]
         Vv = cache.v[i, :S].astype(np.float32)  # [S, Hk, Dhv]
-        G = a.n_gqa
-        qg = q.reshape(T, a.n_head_kv, G, a.head_dim).transpose(1, 2, 0, 3)  # [Hk, G, T, Dh]
-        scores = np.matmul(qg, K.transpose(1, 2, 0)[:, None]) * np.float32(a.attn_scale)  # [Hk,G,T,S]
-        if T > 1:
-            mask = np.arange(S)[None, :] > (p0 + np.arange(T))[:, None]  # [T, S]
-            scores = np.where(mask, np.float32(-np.inf), scores)
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        out = np.matmul(scores, Vv.transpose(1, 0, 2)[:, None])  # [Hk, G, T, Dhv]
-        out = out.transpose(2, 0, 1, 3).reshape(T, a.n_head * a.head_dim_v)
+        out = self._sdpa(q, K, Vv, p0, layer).reshape(T, a.n_head * a.head_dim_v)
         o = kernels.matmul(layer.wo, np.ascontiguousarray(out, dtype=np.float32))
         if layer.bo is not None:
             o += layer.bo
         return o
 
+    def attention_mla(self, i: int, layer: Layer, h: np.ndarray, cache: KVCache, pos: np.ndarray) -> np.ndarray:
+        """deepseek2's multi-head latent attention in llama.cpp's absorbed form (MQA over the latent).
+
+        q = wq x (or wq_b RMSNorm(wq_a x)) split per head into [nope | rope]; the latent
+        [RMSNorm(kv_cmpr) | rope(k_pe)] = wkv_a x is cached (one "kv head"); the query's nope part
+        is absorbed into latent space with attn_k_b; V is the latent itself, decompressed per head
+        after attention with attn_v_b. kq_scale (args.attn_scale) = mscale^2 / sqrt(nope + rope)."""
+        a = self.args
+        T = h.shape[0]
+        H, L, R = a.n_head, a.kv_lora_rank, a.n_rot
+        nope = a.head_dim - R
+        if layer.wq_a is not None:
+            q = kernels.matmul(layer.wq_b, _rms(kernels.matmul(layer.wq_a, h), layer.q_a_norm, a.norm_eps))
+        else:
+            q = kernels.matmul(layer.wq, h)
+        q = q.reshape(T, H, a.head_dim)
+        kv = kernels.matmul(layer.wkv_a, h)  # [T, L + R]
+        kv_c = _rms(kv[:, :L], layer.kv_a_norm, a.norm_eps)  # [T, L]
+        cos, sin = self._layer_rope(layer, pos, cache.n_ctx)
+        q_pe = self._apply_rope(np.ascontiguousarray(q[..., nope:]), cos, sin)  # [T, H, R]
+        k_pe = self._apply_rope(np.ascontiguousarray(kv[:, None, L:]), cos, sin)  # [T, 1, R]
+        q_nope = q[..., :nope]
+        q_abs = np.stack([kernels.matmul(layer.wk_b[hh], np.ascontiguousarray(q_nope[:, hh]))
+                          for hh in range(H)], axis=1)  # [T, H, L]
+        Q = np.concatenate([q_abs, q_pe], axis=-1)  # [T, H, L + R]
+
+        p0 = cache.n_past
+        S = p0 + T
+        cache.k[i, p0:S, 0, :L] = kv_c
+        cache.k[i, p0:S, 0, L:] = k_pe[:, 0]
+        K = cache.k[i, :S].astype(np.float32)  # [S, 1, L + R]
+        lat = self._sdpa(Q, K, K[..., :L], p0, layer)  # [T, H, L]
+        o = np.stack([kernels.matmul(layer.wv_b[hh], np.ascontiguousarray(lat[:, hh]))
+                      for hh in range(H)], axis=1)  # [T, H, Dv]
+        return kernels.matmul(layer.wo, np.ascontiguousarray(o.reshape(T, H * a.head_dim_v), dtype=np.float32))
+
     def route(self, layer: Layer, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k experts [T, K] and their gate weights [T, K], as llama.cpp's build_moe_ffn."""
+        return self._route(layer, h)
+
+    def route_softmax(self, layer: Layer, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """softmax over all experts, top-k, renormalised if norm_topk (the six original arches)."""
         a = self.args
-        logits = h @ layer.router.T  # [T, E]
-        logits = logits - logits.max(axis=-1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        top = np.argsort(-probs, axis=-1, kind="stable")[:, : a.n_expert_used]  # [T, K]
+        probs = _softmax(h @ layer.router.T)  # [T, E]
+        top = _topk(probs, a.n_expert_used)  # [T, K]
         w = np.take_along_axis(probs, top, axis=-1)
         if a.norm_topk:
             w = w / w.sum(axis=-1, keepdims=True)
         return top, w.astype(np.float32)
+
+    def route_deepseek(self, layer: Layer, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """deepseek2: softmax or sigmoid scores; the selection adds exp_probs_b (V3) and is limited
+        to the n_group_used expert groups whose two best (biased) scores sum highest; the weights
+        are the unbiased scores, renormalised if expert_weights_norm, times expert_weights_scale."""
+        a = self.args
+        logits = h @ layer.router.T  # [T, E]
+        probs = _softmax(logits) if a.gating_func == "softmax" else _sigmoid(logits)
+        sel = probs + layer.exp_probs_b if layer.exp_probs_b is not None else probs
+        if a.n_expert_groups > 1:
+            sel = _limit_groups(sel, a.n_expert_groups, a.n_group_used)
+        top = _topk(sel, a.n_expert_used)
+        w = np.take_along_axis(probs, top, axis=-1)
+        if a.norm_topk:
+            w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+        if a.expert_weights_scale not in (0.0, 1.0):
+            w = w * np.float32(a.expert_weights_scale)
+        return top, w.astype(np.float32)
+
+    def route_topk_softmax(self, layer: Layer, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """gpt-oss: top-k of the router logits (+ router bias), then softmax over those k."""
+        a = self.args
+        logits = h @ layer.router.T  # [T, E]
+        if layer.router_b is not None:
+            logits = logits + layer.router_b
+        top = _topk(logits, a.n_expert_used)
+        return top, _softmax(np.take_along_axis(logits, top, axis=-1)).astype(np.float32)
 
     def experts(self, i: int, layer: Layer, h: np.ndarray, top: np.ndarray, w: np.ndarray) -> np.ndarray:
         out = np.zeros_like(h)
         for e in np.unique(top):
             rows, slot = np.nonzero(top == e)
             x = np.ascontiguousarray(h[rows])
-            y = _swiglu_ffn(layer.gate_exps[e], layer.up_exps[e], layer.down_exps[e], x)
-            out[rows] += y * w[rows, slot][:, None]
+            gw = w[rows, slot]
+            y = self.expert_src.ffn(i, int(e), x, float(gw.max()))
+            out[rows] += y * gw[:, None]
         return out
 
     def moe(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
         top, w = self.route(layer, h)
+        if self.trace is not None:
+            self.trace.append(top.copy())
         out = self.experts(i, layer, h, top, w)
         if layer.gate_shexp is not None:
             sh = _swiglu_ffn(layer.gate_shexp, layer.up_shexp, layer.down_shexp, h)
@@ -278,6 +487,12 @@ class Engine:
                 sh = sh * (1.0 / (1.0 + np.exp(-g)))[:, None]
             out += sh
         return out
+
+    def dense_ffn(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
+        """deepseek2's leading dense layers: one SwiGLU FFN (ffn_gate/up/down), no routing."""
+        if self.trace is not None:  # keep one entry per layer: no experts here
+            self.trace.append(np.full((h.shape[0], self.args.n_expert_used), -1, dtype=np.int64))
+        return _swiglu_ffn(layer.ffn_gate, layer.ffn_up, layer.ffn_down, h)
 
     # ---- the whole pass -----------------------------------------------------------------------
 
@@ -307,10 +522,10 @@ class Engine:
             x *= np.float32(a.embedding_scale)
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.attn_norm, layer.attn_norm_b)
-            att = self.attention(i, layer, h, cache, pos)
+            att = self._attend(i, layer, h, cache, pos)
             x = x + att * np.float32(a.residual_scale) if a.residual_scale != 1.0 else x + att
             h = self._norm(x, layer.ffn_norm, layer.ffn_norm_b)
-            m = self.moe(i, layer, h)
+            m = self.dense_ffn(i, layer, h) if layer.dense else self.moe(i, layer, h)
             x = x + m * np.float32(a.residual_scale) if a.residual_scale != 1.0 else x + m
         cache.n_past += T
         if not all_logits:
@@ -340,6 +555,42 @@ def _swiglu_ffn(gate: kernels.QWeight, up: kernels.QWeight, down: kernels.QWeigh
     u = kernels.matmul(up, x)  # [T, F]
     hdn = g / (1.0 + np.exp(-g)) * u
     return kernels.matmul(down, np.ascontiguousarray(hdn, dtype=np.float32))  # [T, D]
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores per row, best first (ggml_argsort_top_k)."""
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+
+def _limit_groups(sel: np.ndarray, n_groups: int, n_used: int) -> np.ndarray:
+    """-inf outside the n_used groups whose top-2 scores sum highest (llama.cpp's build_moe_ffn)."""
+    T, E = sel.shape
+    grouped = sel.reshape(T, n_groups, E // n_groups)
+    top2 = -np.sort(-grouped, axis=-1)[..., :2].astype(np.float32)
+    gscore = top2[..., 0] + top2[..., 1]  # [T, n_groups]
+    keep = _topk(gscore, n_used)  # [T, n_used]
+    ok = np.zeros((T, n_groups), dtype=bool)
+    np.put_along_axis(ok, keep, True, axis=-1)
+    return np.where(ok[:, :, None], grouped, -np.inf).reshape(T, E)
+
+
+def _rows(t: Tensor) -> np.ndarray:
+    """A small 2-D tensor (stacked per-expert biases) as float32 [GGUF ne1, ne0]."""
+    n_in = t.shape[0]
+    if t.qtype.name in ("F32", "F16"):
+        return np.asarray(t.data, dtype=np.float32).reshape(-1, n_in)
+    w = kernels.QWeight(t.data.reshape(-1, t.data.shape[-1]), t.qtype, n_in, t.name)
+    return kernels.dequantize_rows(w, np.arange(w.shape[0]))
 
 
 def _router(t: Tensor) -> np.ndarray:

@@ -90,6 +90,22 @@ class GGUFFile:
     def maybe(self, name: str) -> Tensor | None:
         return self.tensors.get(name)
 
+    def copy_metadata(self, writer, skip: tuple[str, ...] = ("general.architecture", "general.alignment")) -> None:
+        """Copy every metadata key-value of this file into a gguf.GGUFWriter."""
+        for name, field in self._reader.fields.items():
+            if name.startswith("GGUF.") or name in skip:
+                continue
+            vt = field.types[0]
+            if vt == GGUFValueType.ARRAY:
+                if field.types[-1] == GGUFValueType.STRING:
+                    writer.add_array(name, field.contents())
+                else:
+                    writer.add_key_value(name, self.metadata[name].tolist(), vt, sub_type=field.types[-1])
+            elif vt == GGUFValueType.STRING:
+                writer.add_string(name, field.contents())
+            else:
+                writer.add_key_value(name, field.contents(), vt)
+
     def close(self) -> None:
         # Drop every view so the memmap can be unmapped once the last reference goes.
         self.tensors = {}

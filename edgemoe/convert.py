@@ -1,0 +1,286 @@
+"""GGUF -> expert store, streaming tensor by tensor (works for models larger than RAM).
+
+Writes into a temporary directory beside the destination and renames it at the end, so an
+interrupted conversion leaves no half-made store; a store being read is never rewritten in place
+(a forced overwrite renames the old one away first: open readers keep their files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from . import nested, store
+from .config import ModelArgs
+from .errors import EdgeMoEError
+from .gguf_file import GGUFFile
+
+# The nested scheme that won tools/bench_nested.py (see README "Expert store").
+DEFAULT_SCHEME = "d2moe"
+EXPERT_SUFFIXES = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
+
+
+def source_bits(gf: GGUFFile) -> float:
+    """Bits per weight of the source's expert tensors."""
+    t = gf.tensor(f"blk.0.{EXPERT_SUFFIXES['gate']}")
+    block, size = gguf.GGML_QUANT_SIZES[t.qtype]
+    return size * 8 / block
+
+
+def parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise EdgeMoEError(f"--bits {text!r}: expected comma-separated widths such as 2,3,4") from None
+    if not bits or list(bits) != sorted(set(bits)) or bits[0] < 1 or bits[-1] > 8:
+        raise EdgeMoEError(f"--bits {text!r}: widths must be ascending, distinct, between 1 and 8")
+    return bits
+
+
+def _group_for(args: ModelArgs) -> int:
+    for g in (128, 64, 32):
+        if args.n_embd % g == 0 and args.n_ff_exp % g == 0:
+            return g
+    raise EdgeMoEError(f"expert widths {args.n_embd}x{args.n_ff_exp} are not multiples of 32")
+
+
+def _expert_matrix(t, e: int) -> np.ndarray:
+    """One expert's [n_out, n_in] slice of a stacked tensor, dequantized to float32."""
+    data = t.data[e]
+    if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.asarray(data, dtype=np.float32)
+    return gguf.quants.dequantize(np.asarray(data), t.qtype).astype(np.float32, copy=False)
+
+
+def calibrate_activations(src: Path, text: str, max_tokens: int = 512) -> dict:
+    """Mean |x| per input column of every expert matrix, from running the source model on text:
+    {(layer, "in"): [D] for gate/up, (layer, e): [F] for down of expert e}."""
+    from . import engine as eng
+    from . import kernels
+    from .api import Model
+
+    stats: dict = {}
+    with Model(src, n_ctx=max_tokens + 1) as m:
+        ids = m.tokenize(text)[:max_tokens]
+        if len(ids) < 2:
+            raise EdgeMoEError("calibration text is too short")
+        orig = eng.Engine.experts
+
+        def observe(self, i, layer, h, top, w):
+            s = stats.setdefault((i, "in"), [np.zeros(h.shape[1]), 0])
+            s[0] += np.abs(h).sum(0)
+            s[1] += h.shape[0]
+            for e in np.unique(top):
+                rows = np.nonzero((top == e).any(axis=1))[0]
+                x = np.ascontiguousarray(h[rows])
+                src = self.expert_src
+                g = kernels.matmul(src.gate[i][e], x)
+                u = kernels.matmul(src.up[i][e], x)
+                act = g / (1 + np.exp(-g)) * u
+                s = stats.setdefault((i, int(e)), [np.zeros(act.shape[1]), 0])
+                s[0] += np.abs(act).sum(0)
+                s[1] += act.shape[0]
+            return orig(self, i, layer, h, top, w)
+
+        eng.Engine.experts = observe
+        try:
+            m.logits(ids)
+        finally:
+            eng.Engine.experts = orig
+    return {k: (v[0] / max(v[1], 1)).astype(np.float32) for k, v in stats.items()}
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None = None,
+    *,
+    bits: tuple[int, ...] | None = None,
+    scheme: str = DEFAULT_SCHEME,
+    calibration: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    distinct_experts: int | None = None,
+) -> Path:
+    """Write an expert store from a GGUF file; returns its path.
+
+    distinct_experts: for generated benchmark and test models only: encode this many experts per
+    layer and store copies of them for the rest (a large store in seconds; results are not the
+    source model's)."""
+    src = Path(src)
+    gf = GGUFFile(src)
+    try:
+        args = ModelArgs.from_gguf(gf)
+        sbits = source_bits(gf)
+        bits = bits or nested.default_bits(sbits)
+        if sbits < bits[-1]:
+            warnings.warn(
+                f"{src.name}: the source experts have {sbits:g} bits per weight, fewer than the top nested "
+                f"width {bits[-1]}: the top width cannot be more accurate than the source",
+                stacklevel=2,
+            )
+        if scheme not in nested.SCHEMES:
+            raise EdgeMoEError(f"scheme {scheme!r} is not one of {', '.join(nested.SCHEMES)}")
+        group = _group_for(args)
+        sch = nested.SCHEMES[scheme](bits, group)
+        dst = Path(dst) if dst is not None else src.with_suffix(".edgemoe")
+        if dst.exists() and not force:
+            raise EdgeMoEError(f"{dst}: already exists (use --force to replace it)")
+        act = None
+        if calibration is not None:
+            try:
+                text = Path(calibration).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EdgeMoEError(f"{calibration}: cannot read calibration text ({exc})") from None
+            act = calibrate_activations(src, text)
+        tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+        _remove_stale_temps(dst)
+        tmp.mkdir(parents=True)
+        try:
+            _write_store(gf, args, sch, tmp, act, progress, src, sbits, distinct_experts)
+            _fsync_dir(tmp)
+            if dst.exists():
+                old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+                os.rename(dst, old)
+                os.rename(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dst)
+            _fsync_dir(dst.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dst
+    finally:
+        gf.close()
+
+
+def _write_store(gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: bool, src: Path, sbits: float,
+                 distinct: int | None) -> None:
+    from tqdm import tqdm
+
+    expert_names = {f"blk.{i}.{s}" for i in range(args.n_layer) for s in EXPERT_SUFFIXES.values()}
+    # dense: every other tensor in its source type, all metadata
+    w = gguf.GGUFWriter(tmp / store.DENSE, args.arch)
+    gf.copy_metadata(w)
+    dense_bytes = 0
+    for name, t in gf.tensors.items():
+        if name in expert_names:
+            continue
+        quant = t.data.dtype == np.uint8
+        w.add_tensor(name, t.data, raw_dtype=t.qtype if quant else None)
+        dense_bytes += t.nbytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    shapes = {"gate": (args.n_ff_exp, args.n_embd), "up": (args.n_ff_exp, args.n_embd), "down": (args.n_embd, args.n_ff_exp)}
+    plane_bytes = {m: sch.plane_nbytes(*shapes[m]) for m in store.MATRICES}
+    n_planes = len(plane_bytes["gate"])
+    per_plane = [sum(plane_bytes[m][p] for m in store.MATRICES) for p in range(n_planes)]
+    expert_nbytes = sum(per_plane)
+    experts_manifest = []
+    bar = tqdm(total=args.n_layer * args.n_expert, desc=f"converting {src.name}", unit="expert",
+               disable=not progress, file=sys.stderr)
+    for i in range(args.n_layer):
+        path = tmp / store.shard_name(i)
+        w = gguf.GGUFWriter(path, args.arch)
+        w.add_custom_alignment(store.ALIGNMENT)
+        w.add_uint32("edgemoe.layer", i)
+        for e in range(args.n_expert):
+            w.add_tensor_info(store.expert_tensor_name(i, e), [expert_nbytes], np.dtype(np.int8), expert_nbytes)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        tensors = {m: gf.tensor(f"blk.{i}.{s}") for m, s in EXPERT_SUFFIXES.items()}
+        sums = []
+        blobs: dict[int, tuple[np.ndarray, list[int]]] = {}
+        for e in range(args.n_expert):
+            if distinct and e >= distinct:
+                blob, cks = blobs[e % distinct]
+                sums.append(cks)
+                w.write_tensor_data(blob.view(np.int8))
+                bar.update(1)
+                continue
+            planes = {}
+            for m in store.MATRICES:
+                scale = None
+                if act is not None:
+                    scale = act.get((i, "in")) if m != "down" else act.get((i, e))
+                planes[m] = sch.encode(_expert_matrix(tensors[m], e), scale)
+            blob = np.empty(expert_nbytes, dtype=np.uint8)
+            pos = 0
+            cks = []
+            for p in range(n_planes):
+                start = pos
+                for m in store.MATRICES:
+                    b = planes[m][p]
+                    blob[pos : pos + b.nbytes] = b.reshape(-1)
+                    pos += b.nbytes
+                cks.append(store.checksum(blob[start:pos]))
+            sums.append(cks)
+            if distinct:
+                blobs[e] = (blob, cks)
+            w.write_tensor_data(blob.view(np.int8))
+            bar.update(1)
+        w.close()
+        r = gguf.GGUFReader(path)
+        offsets = {t.name: int(t.data_offset) for t in r.tensors}
+        del r
+        cum = [0, *np.cumsum(per_plane).tolist()]
+        experts_manifest.append([
+            dict(offset=offsets[store.expert_tensor_name(i, e)], plane_offsets=cum, checksums=sums[e])
+            for e in range(args.n_expert)
+        ])
+    bar.close()
+    manifest = dict(
+        format_version=store.FORMAT_VERSION,
+        source=dict(file=src.name, bytes=src.stat().st_size, expert_bits_per_weight=sbits),
+        arch=args.arch,
+        n_layer=args.n_layer,
+        n_expert=args.n_expert,
+        n_embd=args.n_embd,
+        n_ff_exp=args.n_ff_exp,
+        scheme=dict(name=sch.name, bits=list(sch.widths), group=sch.group,
+                    planes_for={str(b): sch.planes_for(b) for b in sch.widths},
+                    activation_aware=act is not None),
+        plane_bytes=plane_bytes,
+        dense_bytes=dense_bytes,
+        experts=experts_manifest,
+    )
+    mtmp = tmp / (store.MANIFEST + ".tmp")
+    mtmp.write_text(json.dumps(manifest))
+    os.replace(mtmp, tmp / store.MANIFEST)
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Temp directories of conversions that were killed (their pid is gone)."""
+    for p in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,164 @@
+"""The expert store: a directory holding a model with its experts as nested bit planes.
+
+    STORE/
+      manifest.json      format version, model config, scheme, per-expert per-plane offsets,
+                         lengths and xxh3-64 checksums
+      dense.gguf         every non-expert tensor in its source type, with all source metadata
+                         (so llama.cpp reads the vocabulary from it): resident at run time
+      experts-LLL.gguf   one GGUF per layer; tensor `blk.L.exp.E` (I8, 4 KiB aligned) holds expert
+                         E's planes plane-major: [gate p0 | up p0 | down p0 | gate p1 | up p1 | ...]
+
+Plane-major means reading an expert at k planes is ONE contiguous read, and upgrading it from k to
+k' planes is one more contiguous read. Standard GGUF tools can list both kinds of file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from .errors import EdgeMoEError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DENSE = "dense.gguf"
+ALIGNMENT = 4096
+MATRICES = ("gate", "up", "down")
+
+
+def shard_name(layer: int) -> str:
+    return f"experts-{layer:03d}.gguf"
+
+
+def expert_tensor_name(layer: int, expert: int) -> str:
+    return f"blk.{layer}.exp.{expert}"
+
+
+def checksum(buf) -> int:
+    return xxhash.xxh3_64_intdigest(buf)
+
+
+def is_store(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class ExpertLocation:
+    shard: int  # layer index = shard file
+    offset: int  # byte offset of plane 0 in the shard file
+    plane_offsets: tuple[int, ...]  # P+1 cumulative offsets relative to `offset`
+    checksums: tuple[int, ...]  # one per plane
+
+
+class StoreReader:
+    """Reads expert planes with os.preadv into caller-provided buffers, checking every plane."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        mpath = self.root / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text())
+        except FileNotFoundError:
+            raise EdgeMoEError(f"{self.root}: not an expert store (no {MANIFEST})") from None
+        except (OSError, ValueError) as exc:
+            raise EdgeMoEError(f"{mpath}: unreadable manifest ({exc})") from None
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if version != FORMAT_VERSION:
+            raise EdgeMoEError(
+                f"{mpath}: store format version {version!r}, this edgemoe reads version {FORMAT_VERSION}; "
+                f"convert the model again"
+            )
+        try:
+            self.manifest = manifest
+            self.scheme_name: str = manifest["scheme"]["name"]
+            self.bits: tuple[int, ...] = tuple(manifest["scheme"]["bits"])
+            self.group: int = int(manifest["scheme"]["group"])
+            self.n_layer: int = int(manifest["n_layer"])
+            self.n_expert: int = int(manifest["n_expert"])
+            self.n_embd: int = int(manifest["n_embd"])
+            self.n_ff_exp: int = int(manifest["n_ff_exp"])
+            # per matrix per plane byte lengths (identical for every expert)
+            self.plane_bytes: dict[str, list[int]] = {m: list(manifest["plane_bytes"][m]) for m in MATRICES}
+            self.n_planes = len(self.plane_bytes["gate"])
+            self.locations: list[list[ExpertLocation]] = [
+                [
+                    ExpertLocation(
+                        layer,
+                        int(e["offset"]),
+                        tuple(int(o) for o in e["plane_offsets"]),
+                        tuple(int(c) for c in e["checksums"]),
+                    )
+                    for e in manifest["experts"][layer]
+                ]
+                for layer in range(self.n_layer)
+            ]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise EdgeMoEError(f"{mpath}: manifest is missing or has a bad field ({exc!r})") from None
+        self._fds: dict[int, int] = {}
+        self.bytes_read = 0
+
+    @property
+    def dense_path(self) -> Path:
+        return self.root / DENSE
+
+    def plane_size(self, plane: int) -> int:
+        return sum(self.plane_bytes[m][plane] for m in MATRICES)
+
+    def expert_bytes(self, n_planes: int) -> int:
+        return sum(self.plane_size(p) for p in range(n_planes))
+
+    def _fd(self, layer: int) -> int:
+        fd = self._fds.get(layer)
+        if fd is None:
+            path = self.root / shard_name(layer)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise EdgeMoEError(f"{path}: cannot open expert shard ({exc.strerror})") from None
+            self._fds[layer] = fd
+        return fd
+
+    def read_planes(self, layer: int, expert: int, first: int, bufs: list[np.ndarray]) -> None:
+        """Read planes first .. first+len(bufs)-1 of one expert into bufs (one contiguous preadv)."""
+        loc = self.locations[layer][expert]
+        start = loc.offset + loc.plane_offsets[first]
+        want = sum(b.nbytes for b in bufs)
+        fd = self._fd(layer)
+        try:
+            got = os.preadv(fd, [memoryview(b) for b in bufs], start)
+        except OSError as exc:
+            raise EdgeMoEError(
+                f"{self.root / shard_name(layer)}: read of layer {layer} expert {expert} failed ({exc.strerror})"
+            ) from None
+        self.bytes_read += got
+        if got != want:
+            raise EdgeMoEError(
+                f"{self.root / shard_name(layer)}: truncated shard: layer {layer} expert {expert} planes "
+                f"{first}..{first + len(bufs) - 1} need {want} bytes at offset {start}, got {got}"
+            )
+        for i, b in enumerate(bufs):
+            if checksum(b) != loc.checksums[first + i]:
+                raise EdgeMoEError(
+                    f"{self.root / shard_name(layer)}: checksum mismatch in layer {layer} expert {expert} "
+                    f"plane {first + i}: the shard is damaged; convert the model again"
+                )
+
+    def split_plane(self, buf: np.ndarray, plane: int) -> dict[str, np.ndarray]:
+        """Views of one plane buffer per matrix."""
+        out = {}
+        pos = 0
+        for m in MATRICES:
+            n = self.plane_bytes[m][plane]
+            out[m] = buf[pos : pos + n]
+            pos += n
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}

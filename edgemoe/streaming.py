@@ -1,0 +1,166 @@
+"""Experts streamed from an expert store through the budgeted cache, and the budget arithmetic."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import nested
+from .cache import ExpertCache
+from .errors import EdgeMoEError
+from .memory import format_size
+from .store import MATRICES, StoreReader
+
+# Prompt tokens evaluated per forward pass: bounds the activation scratch under a budget.
+N_BATCH = 64
+SAFETY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LayerCacheStats:
+    hits: int
+    misses: int
+    partial_hits: int
+    bytes_read: int
+    evictions: int
+    upgrades: int
+    downgrades: int
+    io_stall_s: float
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses + self.partial_hits
+        return self.hits / n if n else 0.0
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    partial_hits: int
+    bytes_read: int
+    evictions: int
+    upgrades: int
+    downgrades: int
+    io_stall_s: float
+    cache_bytes: int
+    cache_capacity: int
+    resident_bytes_by_bits: dict[int, int]
+    layers: tuple[LayerCacheStats, ...]
+    experts: dict[tuple[int, int], tuple[int, int, int]]  # (layer, expert) -> (hits, misses, partial)
+    resident_bits: dict[tuple[int, int], int]  # (layer, expert) -> bits held now
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses + self.partial_hits
+        return self.hits / n if n else 0.0
+
+
+class StoreExperts:
+    """Expert FFNs computed on nested planes fetched through the cache."""
+
+    def __init__(self, reader: StoreReader, cache: ExpertCache, bits: int | None = None):
+        self.reader = reader
+        self.cache = cache
+        self.scheme = nested.SCHEMES[reader.scheme_name](reader.bits, reader.group)
+        if bits is not None and bits not in self.scheme.widths:
+            raise EdgeMoEError(f"bits {bits} is not a width of this store ({', '.join(map(str, self.scheme.widths))})")
+        self.n_planes = self.scheme.planes_for(bits if bits is not None else self.scheme.widths[-1])
+        self._bits_of_planes = {self.scheme.planes_for(b): b for b in self.scheme.widths}
+        self.shapes = {
+            "gate": (reader.n_ff_exp, reader.n_embd),
+            "up": (reader.n_ff_exp, reader.n_embd),
+            "down": (reader.n_embd, reader.n_ff_exp),
+        }
+
+    def ffn(self, i: int, e: int, x: np.ndarray, importance: float) -> np.ndarray:
+        planes = self.cache.get(i, e, self.n_planes)
+        per = {m: [] for m in MATRICES}
+        for p, buf in enumerate(planes):
+            for m, view in self.reader.split_plane(buf, p).items():
+                per[m].append(view)
+        mm = self.scheme.matmul
+        g = mm(per["gate"], *self.shapes["gate"], x)  # [T, F]
+        u = mm(per["up"], *self.shapes["up"], x)  # [T, F]
+        hdn = np.ascontiguousarray(g / (1.0 + np.exp(-g)) * u, dtype=np.float32)
+        return mm(per["down"], *self.shapes["down"], hdn)  # [T, D]
+
+    def bits_of(self, n_planes: int) -> int:
+        """The width n planes give (the largest width whose planes are all there)."""
+        best = 0
+        for planes, b in sorted(self._bits_of_planes.items()):
+            if planes <= n_planes:
+                best = b
+        return best
+
+    def min_layer_bytes(self, n_expert_used: int) -> int:
+        """One layer's chosen experts at the width they are read at (all planes unless bits= is lower)."""
+        return n_expert_used * self.reader.expert_bytes(self.n_planes)
+
+    def snapshot(self) -> CacheStats:
+        c = self.cache
+        layers = tuple(
+            LayerCacheStats(s.hits, s.misses, s.partial_hits, s.bytes_read, s.evictions, s.upgrades,
+                            s.downgrades, s.io_seconds)
+            for s in c.layers
+        )
+        by_bits: dict[int, int] = {}
+        resident_bits = {}
+        for key, ent in c.entries.items():
+            b = self.bits_of(len(ent.planes))
+            resident_bits[key] = b
+            by_bits[b] = by_bits.get(b, 0) + ent.nbytes
+        experts = {(i, e): tuple(v) for i, s in enumerate(c.layers) for e, v in s.per_expert.items()}
+        return CacheStats(
+            hits=sum(s.hits for s in layers), misses=sum(s.misses for s in layers),
+            partial_hits=sum(s.partial_hits for s in layers), bytes_read=sum(s.bytes_read for s in layers),
+            evictions=sum(s.evictions for s in layers), upgrades=sum(s.upgrades for s in layers),
+            downgrades=sum(s.downgrades for s in layers), io_stall_s=sum(s.io_stall_s for s in layers),
+            cache_bytes=c.nbytes, cache_capacity=c.capacity, resident_bytes_by_bits=by_bits, layers=layers,
+            experts=experts, resident_bits=resident_bits,
+        )
+
+
+def scratch_bytes(n_embd: int, n_ff: int, n_head: int, n_ctx: int, n_vocab: int) -> int:
+    """Activation scratch of one forward pass of N_BATCH tokens (float32), generously counted."""
+    per_tok = 4 * (8 * n_embd + 6 * n_ff + 2 * n_head * n_ctx + n_vocab)
+    return N_BATCH * per_tok
+
+
+def store_key(gguf_path: Path) -> str:
+    st = gguf_path.stat()
+    ident = f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{gguf_path.stem}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEMOE_CACHE", Path.home() / ".cache" / "edgemoe")) / "stores"
+
+
+def refuse(budget: int, fixed: int, min_cache: int, what: str) -> EdgeMoEError:
+    return EdgeMoEError(
+        f"memory budget {format_size(budget)} is too small: {what} need {format_size(fixed)} and one layer's "
+        f"chosen experts {format_size(min_cache)}; the minimum that works is "
+        f"{format_size(fixed + min_cache)}"
+    )
+
+
+def dense_resident_bytes(path: Path) -> int:
+    """Resident bytes of a file's memory mapping (from /proc/self/smaps); 0 where unknown."""
+    target = str(path.resolve())
+    total = 0
+    inside = False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if "-" in line.split(" ", 1)[0] and not line.startswith(("Rss", "Size")):
+                    inside = line.rstrip().endswith(target)
+                elif inside and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total

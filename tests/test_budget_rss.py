@@ -1,0 +1,68 @@
+"""The memory budget is a promise: peak RSS over a whole generation stays within budget + 5%.
+
+Measured in a fresh process as VmHWM minus the RSS right after `import edgemoe` (not the cache's
+own counter), on a store at least 10x that post-import RSS, at a budget under 50% of the
+expert bytes, so experts must be evicted and re-read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgemoe.convert import convert
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WORKER = r"""
+import json, sys
+import edgemoe
+base = edgemoe.BASELINE_RSS
+m = edgemoe.load(sys.argv[1], memory_budget=int(sys.argv[2]), n_ctx=256, progress=False)
+out = m.generate("The", max_tokens=48, temperature=0.8, seed=1, ignore_eos=True)
+s = m.stats()
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps(dict(base=base, hwm=hwm, misses=s.cache.misses, evictions=s.cache.evictions,
+                      bytes_read=s.cache.bytes_read, cache_max=s.cache.cache_capacity, plan=str(m.memory_plan))))
+"""
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("make_bench_model", ROOT / "tools" / "make_bench_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["make_bench_model"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory):
+    mb = _bench_module()
+    d = tmp_path_factory.mktemp("big")
+    shape = mb.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=96, n_expert_used=4, n_ff_exp=1024,
+                          vocab=1024, n_ctx_train=512)
+    src = mb.write_bench_model(shape, d / "big.gguf", log=lambda *a, **k: None)
+    st = convert(src, d / "big.edgemoe", progress=False, distinct_experts=4)
+    src.unlink()
+    return st
+
+
+def test_peak_rss_stays_within_budget(big_store):
+    man = json.loads((big_store / "manifest.json").read_text())
+    per_expert = sum(sum(man["plane_bytes"][m]) for m in ("gate", "up", "down"))
+    expert_bytes = per_expert * man["n_layer"] * man["n_expert"]
+    budget = int(0.45 * expert_bytes)
+    p = subprocess.run([sys.executable, "-c", WORKER, str(big_store), str(budget)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    store_bytes = sum(f.stat().st_size for f in big_store.iterdir())
+    assert store_bytes >= 10 * r["base"], "the model must dwarf the post-import RSS"
+    used = r["hwm"] - r["base"]
+    assert used <= 1.05 * budget, f"peak {used / 2**20:.0f} MiB over budget {budget / 2**20:.0f} MiB: {r}"
+    assert r["misses"] > 0 and r["evictions"] > 0

@@ -1,0 +1,205 @@
+"""The expert store and the budgeted expert cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gguf
+import numpy as np
+import pytest
+
+import edgemoe
+from edgemoe import store, synth
+from edgemoe.cache import ExpertCache
+from edgemoe.convert import convert
+from conftest import random_ids
+
+@pytest.fixture(scope="module")
+def tiny_store(build_model, tmp_path_factory):
+    src = build_model("qwen3moe", "F32", n_embd=128, n_ff_exp=128, n_expert=8, n_layer=2)
+    return src, convert(src, tmp_path_factory.mktemp("stores") / "q3.edgemoe", progress=False)
+
+
+def test_store_layout(tiny_store):
+    src, st = tiny_store
+    names = sorted(os.listdir(st))
+    assert names == ["dense.gguf", "experts-000.gguf", "experts-001.gguf", "manifest.json"]
+    man = json.loads((st / "manifest.json").read_text())
+    assert man["format_version"] == store.FORMAT_VERSION and man["scheme"]["bits"] == [2, 4, 8]  # F32 source
+    dense = gguf.GGUFReader(st / "dense.gguf")
+    assert not any("_exps" in t.name for t in dense.tensors)
+    assert "tokenizer.ggml.tokens" in dense.fields
+    shard = gguf.GGUFReader(st / "experts-000.gguf")
+    assert len(shard.tensors) == 8
+    for t, e in zip(shard.tensors, man["experts"][0]):
+        assert t.data_offset % store.ALIGNMENT == 0 and t.data_offset == e["offset"]
+        assert len(e["checksums"]) == len(e["plane_offsets"]) - 1 == man["scheme"]["planes_for"]["8"]
+
+
+def test_budget_changes_speed_not_results(tiny_store):
+    """Every plane read: the logits are the same whatever the expert cache may hold."""
+    _, st = tiny_store
+    ids = random_ids(24, 256, seed=4)
+    with edgemoe.load(st, kv_type="f32", n_ctx=128) as m:
+        full = m.logits(ids)
+        cache = m._experts.cache
+        total = cache.capacity
+        assert m.stats().cache.evictions == 0
+        for cap in (m.memory_plan.min_cache, total // 4, (3 * total) // 5):
+            cache.capacity = cap
+            cache.clear()
+            np.testing.assert_array_equal(m.logits(ids), full)
+            s = m.stats().cache
+            assert s.cache_bytes <= cap
+        assert s.evictions + s.downgrades > 0  # the small capacities really were tight
+
+
+def test_too_small_budget_is_refused_with_the_minimum(tiny_store):
+    _, st = tiny_store
+    with pytest.raises(edgemoe.EdgeMoEError, match="minimum that works is"):
+        edgemoe.load(st, memory_budget="20MB")
+
+
+def test_gguf_with_budget_is_converted_once(build_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEMOE_CACHE", str(tmp_path / "cache"))
+    src = build_model("olmoe", "F32", n_embd=128, n_ff_exp=128, n_head_kv=4)
+    with edgemoe.load(src, memory_budget="2GB", progress=False) as m:
+        first = m.store_path
+        a = m.logits([1, 2, 3])
+    assert first.parent == tmp_path / "cache" / "stores" and store.is_store(first)
+    mtime = (first / "manifest.json").stat().st_mtime_ns
+    with edgemoe.load(src, memory_budget="2GB", progress=False) as m:
+        assert m.store_path == first
+        np.testing.assert_array_equal(m.logits([1, 2, 3]), a)
+    assert (first / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_top_width_reproduces_a_4bit_source(build_model, tmp_path):
+    """Q4_0 source into 2,3,4: the 4-bit level should give the source's weights back closely."""
+    src = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
+    st = convert(src, tmp_path / "q4.edgemoe", progress=False)
+    ids = random_ids(24, 256, seed=6)
+    with edgemoe.load(src, kv_type="f32") as m:
+        ref = m.logits(ids)
+    errs = {}
+    for bits in (2, 3, 4):
+        with edgemoe.load(st, kv_type="f32", bits=bits) as m:
+            errs[bits] = float(np.abs(m.logits(ids) - ref).max() / ref.std())
+    assert errs[4] < errs[3] < errs[2]
+
+
+# ---- damaged stores ---------------------------------------------------------------------
+
+
+def _copy_store(st, dst):
+    import shutil
+
+    shutil.copytree(st, dst)
+    return dst
+
+
+def test_flipped_byte_is_caught(tiny_store, tmp_path):
+    _, st = tiny_store
+    bad = _copy_store(st, tmp_path / "bad.edgemoe")
+    man = json.loads((bad / "manifest.json").read_text())
+    off = man["experts"][1][3]["offset"] + 10
+    with open(bad / "experts-001.gguf", "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(edgemoe.EdgeMoEError, match=r"experts-001\.gguf: checksum mismatch in layer 1 expert 3"):
+        with edgemoe.load(bad, progress=False) as m:
+            for k in range(20):
+                m.logits(random_ids(16, 256, seed=k))
+
+
+def test_truncated_and_missing_shards(tiny_store, tmp_path):
+    _, st = tiny_store
+    bad = _copy_store(st, tmp_path / "trunc.edgemoe")
+    with open(bad / "experts-001.gguf", "r+b") as f:
+        f.truncate(os.path.getsize(bad / "experts-001.gguf") // 2)
+    with pytest.raises(edgemoe.EdgeMoEError, match=r"experts-001\.gguf: truncated shard"):
+        with edgemoe.load(bad) as m:
+            for k in range(20):
+                m.logits(random_ids(16, 256, seed=k))
+    gone = _copy_store(st, tmp_path / "gone.edgemoe")
+    os.unlink(gone / "experts-000.gguf")
+    with pytest.raises(edgemoe.EdgeMoEError, match=r"experts-000\.gguf: cannot open expert shard"):
+        edgemoe.load(gone)
+
+
+def test_other_format_version(tiny_store, tmp_path):
+    _, st = tiny_store
+    bad = _copy_store(st, tmp_path / "v99.edgemoe")
+    man = json.loads((bad / "manifest.json").read_text())
+    man["format_version"] = 99
+    (bad / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(edgemoe.EdgeMoEError, match="format version 99"):
+        edgemoe.load(bad)
+
+
+def test_interrupted_conversion_leaves_nothing(build_model, tmp_path, monkeypatch):
+    from edgemoe import nested
+
+    src = build_model("qwen3moe", "F32", n_embd=128, n_ff_exp=128)
+    calls = {"n": 0}
+    orig = nested.D2MoE.encode
+
+    def failing(self, w, act_scale=None):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return orig(self, w, act_scale)
+
+    monkeypatch.setattr(nested.D2MoE, "encode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, tmp_path / "x.edgemoe", progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+# ---- the cache itself --------------------------------------------------------------------
+
+
+class FakeReader:
+    """Plane reads without a file: lets the cache's accounting be checked exactly."""
+
+    n_layer, n_planes = 2, 3
+
+    def __init__(self):
+        self.reads = []
+
+    def plane_size(self, p):
+        return 100 * (p + 1)
+
+    def read_planes(self, layer, expert, first, bufs):
+        self.reads.append((layer, expert, first, len(bufs)))
+
+
+def test_cache_lru_upgrade_downgrade():
+    r = FakeReader()
+    c = ExpertCache(r, 1200, "lru")  # one full expert = 600 bytes
+    c.get(0, 0, 3)
+    c.get(0, 1, 1)
+    c.get(0, 1, 3)  # upgrade: reads planes 1..2 only
+    assert r.reads[-1] == (0, 1, 1, 2)
+    assert c.layers[0].partial_hits == 1 and c.layers[0].upgrades == 1
+    c.get(0, 0, 3)  # hit; expert 1 is now least recent
+    c.get(1, 5, 1)  # needs 100 bytes: expert 1 drops its top plane
+    assert c.resident_planes()[(0, 1)] == 2 and c.layers[0].downgrades == 1
+    assert c.nbytes <= c.capacity
+    for k in range(30):
+        c.get(k % 2, k, 3)
+        assert c.nbytes <= c.capacity
+    assert sum(s.evictions for s in c.layers) > 0
+
+
+def test_cache_lfu_keeps_the_frequent_expert():
+    r = FakeReader()
+    c = ExpertCache(r, 1200, "lfu")
+    for _ in range(5):
+        c.get(0, 0, 3)
+    c.get(0, 1, 3)
+    c.get(0, 2, 3)  # must evict: LFU drops expert 1 (used once), not expert 0
+    assert (0, 0) in c.entries and c.resident_planes().get((0, 1), 0) < 3

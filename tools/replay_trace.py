@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Replay a routing trace through the expert cache policies and an offline Belady oracle.
+
+    python tools/replay_trace.py --model MODEL.gguf --text FILE [--tokens 256] [--save trace.npy]
+    python tools/replay_trace.py --trace trace.npy --expert-bytes N --layers L --experts E
+
+The trace is what each layer's router chose for each token, decoded one token at a time
+(Model.routing_trace). Every expert is read whole (all planes), so the figures are bytes read
+per token at each cache size: LRU, LFU and the score policy run through edgemoe's ExpertCache
+with a reader that only counts; Belady evicts the expert whose next use is farthest away (the
+optimum for equal-sized items), the yardstick for the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edgemoe.cache import POLICIES, ExpertCache  # noqa: E402
+
+
+class CountingReader:
+    n_planes = 1
+
+    def __init__(self, n_layer: int, expert_bytes: int):
+        self.n_layer = n_layer
+        self.expert_bytes = expert_bytes
+
+    def plane_size(self, p: int) -> int:
+        return self.expert_bytes
+
+    def read_planes(self, layer, expert, first, bufs) -> None:
+        pass
+
+
+def requests(trace: np.ndarray) -> list[tuple[int, int]]:
+    """(layer, expert) in the order a decoder asks for them: token by token, layer by layer."""
+    T, L, K = trace.shape
+    return [(l, int(e)) for t in range(T) for l in range(L) for e in sorted(set(trace[t, l].tolist()))]
+
+
+def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str) -> int:
+    import edgemoe.cache as cache_mod
+
+    cache = ExpertCache(CountingReader(n_layer, expert_bytes), slots * expert_bytes, policy)
+    cache_mod_alloc = cache_mod.alloc
+    cache_mod.alloc = lambda n: np.empty(0, dtype=np.uint8)  # count only: no memory per entry
+    try:
+        for layer, e in reqs:
+            cache.get(layer, e, 1)
+    finally:
+        cache_mod.alloc = cache_mod_alloc
+    return sum(s.misses for s in cache.layers)
+
+
+def replay_belady(reqs, slots: int) -> int:
+    n = len(reqs)
+    next_use = [n] * n
+    last: dict = {}
+    for i in range(n - 1, -1, -1):
+        next_use[i] = last.get(reqs[i], n)
+        last[reqs[i]] = i
+    resident: dict = {}  # key -> its next use
+    misses = 0
+    for i, key in enumerate(reqs):
+        if key not in resident:
+            misses += 1
+            if len(resident) >= slots:
+                victim = max(resident, key=resident.get)
+                del resident[victim]
+        resident[key] = next_use[i]
+    return misses
+
+
+def table(trace: np.ndarray, expert_bytes: int, n_expert: int, fractions) -> list[dict]:
+    T, L, K = trace.shape
+    reqs = requests(trace)
+    rows = []
+    for f in fractions:
+        slots = max(K, int(round(f * L * n_expert)))
+        row = dict(fraction=f, slots=slots)
+        for p in POLICIES:
+            row[p] = replay_policy(reqs, L, expert_bytes, slots, p) * expert_bytes / T
+        row["belady"] = replay_belady(reqs, slots) * expert_bytes / T
+        rows.append(row)
+    return rows
+
+
+def locality(trace: np.ndarray, n_expert: int) -> dict:
+    """Popularity skew (share of picks of the top 1/8 of experts) and token-to-token reuse."""
+    T, L, K = trace.shape
+    top_share = []
+    for l in range(L):
+        counts = np.bincount(trace[:, l].ravel(), minlength=n_expert)
+        top = np.sort(counts)[::-1][: max(1, n_expert // 8)]
+        top_share.append(top.sum() / counts.sum())
+    reuse = [len(set(trace[t, l]) & set(trace[t - 1, l])) / K for t in range(1, T) for l in range(L)]
+    return dict(top_eighth_share=float(np.mean(top_share)), uniform_share=1 / 8,
+                consecutive_reuse=float(np.mean(reuse)) if reuse else 0.0, uniform_reuse=K / n_expert)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="GGUF or store to trace")
+    ap.add_argument("--text", help="text to decode for the trace")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--save", help="save the trace (.npy)")
+    ap.add_argument("--trace", help="replay a saved trace instead")
+    ap.add_argument("--expert-bytes", type=int, help="bytes of one expert (with --trace)")
+    ap.add_argument("--experts", type=int, help="experts per layer (with --trace)")
+    ap.add_argument("--fractions", default="0.1,0.25,0.5,0.75", help="cache sizes as fractions of all experts")
+    ap.add_argument("--json", help="write the table here")
+    args = ap.parse_args(argv)
+    if args.trace:
+        trace = np.load(args.trace)
+        expert_bytes, n_expert = args.expert_bytes, args.experts
+    else:
+        import edgemoe
+        from edgemoe.convert import EXPERT_SUFFIXES
+        from edgemoe.gguf_file import GGUFFile
+
+        with edgemoe.load(args.model, n_ctx=args.tokens + 1) as m:
+            ids = m.tokenize(Path(args.text).read_text(encoding="utf-8"))[: args.tokens]
+            trace = m.routing_trace(ids)
+            n_expert = m.config.n_expert
+        gf = GGUFFile(args.model)
+        expert_bytes = sum(gf.tensor(f"blk.0.{s}").nbytes for s in EXPERT_SUFFIXES.values()) // n_expert
+        gf.close()
+        if args.save:
+            np.save(args.save, trace)
+    fractions = [float(x) for x in args.fractions.split(",")]
+    loc = locality(trace, n_expert)
+    print(f"trace: {trace.shape[0]} tokens x {trace.shape[1]} layers x top-{trace.shape[2]}, "
+          f"{n_expert} experts/layer, {expert_bytes} bytes/expert")
+    print(f"locality: top-1/8 experts take {loc['top_eighth_share']:.1%} of picks (uniform 12.5%); "
+          f"consecutive-token reuse {loc['consecutive_reuse']:.1%} (uniform {loc['uniform_reuse']:.1%})")
+    rows = table(trace, expert_bytes, n_expert, fractions)
+    print(f"{'cache':>6} {'slots':>6} " + " ".join(f"{p + ' MB/tok':>14}" for p in (*POLICIES, "belady"))
+          + f" {'best/belady':>12}")
+    for r in rows:
+        best = min(r[p] for p in POLICIES)
+        ratio = best / r["belady"] if r["belady"] else 1.0
+        print(f"{r['fraction']:>6.0%} {r['slots']:>6} " + " ".join(f"{r[p] / 1e6:>14.3f}" for p in (*POLICIES, "belady"))
+              + f" {ratio:>12.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(locality=loc, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
