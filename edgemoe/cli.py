@@ -101,17 +101,48 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_rows(path: Path) -> list[tuple[str, str]]:
+    from .memory import format_size
+    from .store import StoreReader
+
+    r = StoreReader(path)
+    man = r.manifest
+    planes_for = man["scheme"]["planes_for"]
+    per_width = ", ".join(f"{b}-bit {format_size(r.expert_bytes(int(planes_for[str(b)])))}" for b in r.bits)
+    experts_all = r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
+    rows = [
+        ("expert store", f"format {man['format_version']}, from {man['source']['file']} "
+                         f"({man['source']['expert_bits_per_weight']:g} bits/weight experts)"),
+        ("nested scheme", f"{r.scheme_name}, widths {','.join(map(str, r.bits))}, group {r.group}, "
+                          f"{r.n_planes} planes{', activation-aware' if man['scheme'].get('activation_aware') else ''}"),
+        ("store: dense (resident)", format_size(r.dense_path.stat().st_size)),
+        ("store: experts, all planes", format_size(experts_all)),
+        ("store: per expert by width", per_width),
+    ]
+    r.close()
+    return rows
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .config import ModelArgs
     from .gguf_file import GGUFFile
     from .memory import format_size
+    from .store import DENSE, StoreReader, is_store
 
-    f = GGUFFile(args.model)
-    c = ModelArgs.from_gguf(f)
+    store_rows = []
+    if is_store(args.model):
+        store_rows = _store_rows(Path(args.model))
+        reader = StoreReader(args.model)
+        f = GGUFFile(Path(args.model) / DENSE)
+        c = ModelArgs.from_gguf(f, n_ff_exp=reader.n_ff_exp)
+        reader.close()
+    else:
+        f = GGUFFile(args.model)
+        c = ModelArgs.from_gguf(f)
     types = Counter(t.qtype.name for t in f.tensors.values())
     expert_bytes = sum(t.nbytes for n, t in f.tensors.items() if n.endswith("_exps.weight"))
     total = sum(t.nbytes for t in f.tensors.values())
-    per_expert = expert_bytes // (c.n_layer * c.n_expert)
+    per_expert = expert_bytes // (c.n_layer * c.n_expert) if expert_bytes else 0
     shexp = "yes" if c.has_shared_expert else "no"
     rows = [
         ("file", str(f.path)),
@@ -132,6 +163,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("size: experts", format_size(expert_bytes)),
         ("size: per expert (one layer)", format_size(per_expert)),
     ]
+    if store_rows:
+        rows = [r for r in rows if not r[0].startswith("size:")] + store_rows
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows))
     f.close()
@@ -185,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("info", help="architecture, experts, tensor types and sizes of a GGUF model")
-    i.add_argument("model", help="GGUF model file")
+    i.add_argument("model", help="GGUF model file or expert store directory")
     i.set_defaults(func=cmd_info)
 
     c = sub.add_parser("convert", help="write an expert store (nested-bit experts) from a GGUF model")

@@ -73,3 +73,23 @@ def test_forced_numpy_kernels_match_llama_cpp(build_model, tmp_path):
         else:  # llama.cpp quantizes activations; the numpy path does not
             assert np.median(kl_per_position(ours, ref)) <= 0.01
             assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_convert_info_and_budgeted_run(build_model, tmp_path):
+    src = build_model("qwen3moe", "Q8_0")
+    st = tmp_path / "m.edgemoe"
+    p = cli("convert", str(src), "-o", str(st), "--bits", "2,4,8")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(st)
+    again = cli("convert", str(src), "-o", str(st))
+    assert again.returncode == 2 and "already exists" in again.stderr
+    info = cli("info", str(st))
+    assert info.returncode == 0 and "d2moe, widths 2,4,8" in info.stdout
+    run = cli("run", "-m", str(st), "Hello", "--max-tokens", "6", "--temperature", "0", "--stats")
+    assert run.returncode == 0, run.stderr
+    for needle in ("hits / partial / misses", "bytes read", "layer", "resident by bits"):
+        assert needle in run.stderr
+    low = cli("run", "-m", str(st), "Hello", "--max-tokens", "6", "--budget", "1MB")
+    assert low.returncode == 2 and "minimum that works is" in low.stderr
+    bad = cli("convert", str(src), "-o", str(tmp_path / "x"), "--bits", "4,2")
+    assert bad.returncode == 2 and "--bits" in bad.stderr

@@ -1,0 +1,58 @@
+"""The bundled model: it loads in llama.cpp and edgemoe alike, and its card tells the truth."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+import edgemoe
+from edgemoe import evaluate
+from edgemoe.api import bundled_model_path
+from conftest import kl_per_position, llama_cpp_logits
+
+ROOT = Path(__file__).resolve().parent.parent
+CARD = ROOT / "models" / "shakespeare-moe.md"
+
+
+def test_bundled_model_is_small_and_default():
+    path = bundled_model_path()
+    assert path.stat().st_size <= 25 * 1024 * 1024
+    with edgemoe.load() as m:
+        assert m.path == path
+        assert m.config.arch == "qwen3moe"
+        text = m.generate("ROMEO.\n", max_tokens=24, temperature=0.8, seed=1)
+    assert len(text.split()) >= 5
+
+
+def test_bundled_logits_match_llama_cpp():
+    path = bundled_model_path()
+    text = (ROOT / "models" / "data" / "validation.txt").read_text(encoding="utf-8")[:3000]
+    with edgemoe.load(path, kv_type="f32", n_ctx=256) as m:
+        ids = m.tokenize(text)[:200]
+        ours = m.logits(ids)
+    ref = llama_cpp_logits(path, ids)
+    assert np.median(kl_per_position(ours, ref)) <= 0.01
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.05 * ref.std(axis=-1)
+    assert (ours.argmax(-1) == ref.argmax(-1))[clear].all()
+
+
+def _card_figure(name: str) -> float:
+    m = re.search(rf"\| {re.escape(name)} \| ([0-9.]+)", CARD.read_text(encoding="utf-8"))
+    assert m, f"{CARD} has no '{name}' figure (run tools/model_card_figures.py)"
+    return float(m.group(1))
+
+
+def test_validation_perplexity_matches_the_card():
+    path = bundled_model_path()
+    with edgemoe.load(path, n_ctx=evaluate_window(), kv_type="f32") as m:
+        toks = m.tokenize((ROOT / "models" / "data" / "validation.txt").read_text(encoding="utf-8"), add_bos=False)
+        got = evaluate.perplexity("edgemoe", m.logits, evaluate.windows_of(toks, evaluate_window())).perplexity
+    card = _card_figure("validation perplexity, edgemoe")
+    assert abs(got / card - 1) <= 0.01, f"measured {got:.3f}, card says {card:.3f}"
+
+
+def evaluate_window() -> int:
+    return 256
