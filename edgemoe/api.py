@@ -236,7 +236,11 @@ class Model:
         if not self._budget_given:
             r = self._reader
             experts_all = r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
-            self.budget_bytes = int(min(self._fixed_bytes + overhead + experts_all, 0.8 * memory.available()))
+            avail = memory.available()
+            self.budget_bytes = int(min(self._fixed_bytes + overhead + experts_all, 0.8 * avail))
+            if self.budget_bytes < self._fixed_bytes + overhead + experts_all:
+                print(f"edgemoe: {memory.format_size(avail)} free: budget {memory.format_size(self.budget_bytes)} "
+                      f"(80%), experts stream from {self.store_path}", file=sys.stderr)
         capacity = self.budget_bytes - self._fixed_bytes - overhead
         min_cache = self._experts.min_layer_bytes(self.config.n_expert_used)
         if capacity < min_cache:
@@ -280,7 +284,8 @@ class Model:
         with self._lock:
             self._cache.reset()
             self._ctx_tokens = []
-            out = self._engine.forward(ids, self._cache, all_logits=True)
+            out = np.concatenate([self._engine.forward(ids[i : i + streaming.N_BATCH], self._cache, all_logits=True)
+                                  for i in range(0, len(ids), streaming.N_BATCH)])
             self._ctx_tokens = list(ids)
             return out
 
@@ -295,7 +300,9 @@ class Model:
         self._cache.n_past = keep
         self._ctx_tokens = self._ctx_tokens[:keep]
         t0 = time.perf_counter()
-        logits = self._engine.forward(np.asarray(ids[keep:]), self._cache, all_logits=False)[-1]
+        todo = np.asarray(ids[keep:])
+        for i in range(0, len(todo), streaming.N_BATCH):  # bounded activation scratch
+            logits = self._engine.forward(todo[i : i + streaming.N_BATCH], self._cache, all_logits=False)[-1]
         self._prompt_time += time.perf_counter() - t0
         self._prompt_tokens += len(ids) - keep
         self._ctx_tokens = list(ids)

@@ -313,12 +313,10 @@ class Scheme:
         x2 = np.ascontiguousarray(x[None, :] if squeeze else x, dtype=np.float32)
         if x2.ndim != 2 or x2.shape[1] != n_in:
             raise ValueError(f"x of shape {list(np.shape(x))} does not match n_in={n_in}")
-        use = backend or ("numba" if HAVE_NUMBA and self.group % 16 == 0 else "numpy")
+        use = backend or ("numba" if HAVE_NUMBA else "numpy")
         if use == "numba":
             if not HAVE_NUMBA:
                 raise RuntimeError("numba is not installed")
-            if self.group % 16:
-                raise ValueError(f"the numba kernel needs group % 16 == 0 (group={self.group})")
             xs = x2.reshape(x2.shape[0], n_in // self.group, self.group).sum(-1, dtype=np.float32)
             y = _nested_matmul(tuple(planes), np.array(self.plane_bits[:len(planes)], np.int64),
                                np.array(self.plane_nscales[:len(planes)], np.int64),
@@ -346,6 +344,7 @@ class D2MoE(Scheme):
 
     name = "d2moe"
     n_grid = 6  # clipping ratios tried for the base range
+    alphas = (1.0, 0.0, 0.25, 0.5, 0.75)  # residual-scale rules tried (see _chain)
     n_iter = 2  # alternating LS passes for the base
 
     def _layout(self) -> None:
@@ -373,6 +372,7 @@ class D2MoE(Scheme):
         best_obj = np.full((n_out, G, 1), np.inf)
         best_s = np.zeros((n_out, G, 1))
         best_m = np.zeros((n_out, G, 1))
+        best_a = np.ones((n_out, G, 1))
         for ratio in np.linspace(1.0, 0.5, self.n_grid):
             mid = (hi + lo) / 2
             half = (hi - lo) / 2 * ratio
@@ -398,14 +398,20 @@ class D2MoE(Scheme):
             # is best at b1 bits but can cost the higher widths)
             s_init, m_init = _f16((2 * half) / qmax), _f16(mid - half)
             for cs_, cm_ in ((s_init, m_init), (cs, cm)):
-                errs = self._chain(W, a, cs_, cm_)[0]
-                obj = _log_objective(errs, ref)
-                better = obj < best_obj
-                best_obj = np.where(better, obj, best_obj)
-                best_s = np.where(better, cs_, best_s)
-                best_m = np.where(better, cm_, best_m)
+                for alpha in self.alphas[:2]:
+                    obj = _log_objective(self._chain_errs(W, a, cs_, cm_, alpha), ref)
+                    better = obj < best_obj
+                    best_obj = np.where(better, obj, best_obj)
+                    best_s = np.where(better, cs_, best_s)
+                    best_m = np.where(better, cm_, best_m)
+                    best_a = np.where(better, alpha, best_a)
         s0, m0 = best_s, best_m
-        _, q0, signs, scales = self._chain(W, a, s0, m0)
+        for alpha in self.alphas[2:]:  # refine the residual-scale rule for the chosen base
+            obj = _log_objective(self._chain_errs(W, a, s0, m0, alpha), ref)
+            better = obj < best_obj
+            best_obj = np.where(better, obj, best_obj)
+            best_a = np.where(better, alpha, best_a)
+        _, q0, signs, scales = self._chain(W, a, s0, m0, best_a)
         planes = [self._build_plane(0, q0.reshape(n_out, n_in).astype(np.uint8),
                                     [s0[..., 0], m0[..., 0]])]
         for p in range(1, self.n_planes):
@@ -415,8 +421,28 @@ class D2MoE(Scheme):
                 "m0": m0[..., 0], "signs": [b.reshape(n_out, n_in) for b in signs],
                 "s": scales}
 
-    def _chain(self, W, a, s0, m0):
-        """Base codes + residual sign planes for base (s0, m0); errors at each readable width."""
+    def _chain_errs(self, W, a, s0, m0, alpha) -> list:
+        """Errors at each readable width of _chain (numba when available: ~10x faster; scales are
+        not rounded to fp16 there, which only matters for choosing among candidates)."""
+        if not HAVE_NUMBA:
+            return self._chain(W, a, s0, m0, alpha)[0]
+        n_out, G, gs = W.shape
+        readable = np.zeros(self.n_planes, np.bool_)
+        for k in self._width_planes.values():
+            readable[k - 1] = True
+        al = np.broadcast_to(np.asarray(alpha, np.float64), (n_out, G, 1))[..., 0]
+        e = _d2_chain_errs(W, np.ascontiguousarray(a[0]), np.ascontiguousarray(s0[..., 0]),
+                           np.ascontiguousarray(m0[..., 0]), np.ascontiguousarray(al),
+                           (1 << self.widths[0]) - 1, self.n_planes, readable)
+        return [e[:, :, i:i + 1] for i in range(e.shape[2])]
+
+    def _chain(self, W, a, s0, m0, alpha=1.0):
+        """Base codes + residual sign planes for base (s0, m0); errors at each readable width.
+
+        Residual scale s_i = alpha * LS + (1 - alpha) * max|R| / 2, per group: alpha = 1 is the
+        closed-form least-squares scale sum(a |R|) / sum(a) (best for the plane alone); alpha = 0
+        halves the residual's range each plane (a binary expansion: the planes then make a
+        uniform grid, best for the top width). The encoder picks alpha per group."""
         qmax = (1 << self.widths[0]) - 1
         safe = np.where(s0 != 0, s0, 1.0)
         q0 = np.clip(np.round((W - m0) / safe), 0, qmax)
@@ -424,10 +450,15 @@ class D2MoE(Scheme):
         errs = {}
         R = W - rec
         signs, scales = [], []
+        sa = a.sum(-1, keepdims=True)
         for p in range(self.n_planes):
             if p:
                 B = np.where(R >= 0, 1.0, -1.0)
-                sp = _f16((a * np.abs(R)).sum(-1, keepdims=True) / a.sum(-1, keepdims=True))
+                absR = np.abs(R)
+                sp = (a * absR).sum(-1, keepdims=True) / sa
+                if not np.all(np.asarray(alpha) == 1.0):
+                    sp = alpha * sp + (1.0 - alpha) * 0.5 * absR.max(-1, keepdims=True)
+                sp = _f16(sp)
                 R = R - sp * B
                 signs.append(B)
                 scales.append(sp[..., 0])
@@ -525,7 +556,9 @@ class MatQuant(Scheme):
                 if it < self.n_iter:
                     # (s, m) for all widths at once: weighted LS on the stacked widths, width r
                     # weighted 1/err_r (an IRLS step on sum_r log err_r)
-                    lam = [1.0 / np.maximum(e, 1e-30 * ref + 1e-300) for e in errs]
+                    fl = [e + 1e-12 * ref + 1e-300 for e in errs]
+                    lo_e = np.minimum.reduce(fl)
+                    lam = [lo_e / e for e in fl]  # in (0, 1]: no overflow on exact groups
                     s, m = _ls_affine_multi(W, gr, a, lam)
         s, m = best_s, best_m
         safe = np.where(s != 0, s, 1.0)
@@ -601,25 +634,28 @@ if HAVE_NUMBA:
             v = -v
         return np.float32(v)
 
+    _U = np.uint64
+
     @numba.njit(parallel=True, cache=True)
     def _nested_matmul(planes, nbits, nscales, kind, mult, offset, n_out, n_in, group, x, xs):
         """y[t, o] = sum_g C[o,g] xs[t,g] + sum_i x[t,i] * (sum_p A[p,o,g] code_p[o,i]).
 
-        Works on chunks of 16 columns (group % 16 == 0): every inner loop has a constant trip
-        count of 16 over contiguous memory, so LLVM vectorizes it even with fastmath off (no float
-        sum is reassociated: the dot products accumulate in 16 independent lanes per t, summed
-        once per row)."""
+        Vectorization with fastmath off: no float sum is ever reassociated; the dot products
+        accumulate element-wise into `group` independent lanes per t (tree-summed once per row),
+        and inner loops index with unsigned integers (no negative-index wraparound code), so
+        LLVM vectorizes them. T == 1: each plane is decoded straight into the multiply-add;
+        T > 1: a group's weights are rebuilt once into a `group`-float scratch, then used T times.
+        """
         T = x.shape[0]
         G = n_in // group
         P = len(planes)
         y = np.empty((T, n_out), np.float32)
+        ug = _U(group)
         for o in numba.prange(n_out):
-            lane = np.zeros((T, 16), np.float32)
+            lane = np.zeros((T, group), np.float32)
             cacc = np.zeros(T, np.float32)
-            w16 = np.empty(16, np.float32)
-            ic = np.empty(16, np.int32)
+            cf = np.empty(group, np.float32)
             A = np.empty(P, np.float32)
-            up = np.empty(P, np.int32)
             for g in range(G):
                 gi = o * G + g
                 p0 = planes[0]
@@ -633,57 +669,97 @@ if HAVE_NUMBA:
                         sp = _h2f(planes[p], n_out * n_in * nbits[p] // 8 + 2 * gi)
                         A[p] = sp + sp
                         C = C - sp
-                else:  # matquant: W = (m + s (d-1)/2) + s * (sum_p code_p << shift_p)
+                else:  # matquant: W = (m + s (d-1)/2) + sum_p (s 2^shift_p) code_p
                     C = m0 + s0 * np.float32(offset)
                     for p in range(P):
-                        up[p] = np.int32(round(np.log2(mult[p])))
+                        A[p] = s0 * np.float32(mult[p])
                 for t in range(T):
                     cacc[t] += C * xs[t, g]
-                for c in range(group // 16):
-                    col0 = c * 16
-                    b = nbits[0]
-                    nb = group * b // 8
-                    st = gi * nb + col0 % nb
-                    sh = np.int32((col0 // nb) * b)
-                    mask = np.int32((1 << b) - 1)
-                    seg = p0[st:st + 16]
-                    if kind == 1:
-                        u0 = up[0]
-                        for k in range(16):
-                            ic[k] = ((np.int32(seg[k]) >> sh) & mask) << u0
-                        for p in range(1, P):
-                            b = nbits[p]
-                            nb = group * b // 8
-                            st = gi * nb + col0 % nb
-                            sh = np.int32((col0 // nb) * b)
-                            mask = np.int32((1 << b) - 1)
-                            seg = planes[p][st:st + 16]
-                            u = up[p]
-                            for k in range(16):
-                                ic[k] |= ((np.int32(seg[k]) >> sh) & mask) << u
-                        for k in range(16):
-                            w16[k] = s0 * np.float32(ic[k])
-                    else:
-                        for k in range(16):
-                            w16[k] = s0 * np.float32((np.int32(seg[k]) >> sh) & mask)
-                        nb = group // 8
-                        st = gi * nb + col0 % nb
-                        sh = np.int32(col0 // nb)
-                        for p in range(1, P):
-                            seg = planes[p][st:st + 16]
-                            ap = A[p]
-                            for k in range(16):
-                                w16[k] += ap * np.float32((np.int32(seg[k]) >> sh) & 1)
-                    xo = g * group + col0
+                x0 = _U(g * group)
+                if T == 1:
+                    for p in range(P):
+                        pl = planes[p]
+                        b = nbits[p]
+                        nb = group * b // 8
+                        mask = np.int32((1 << b) - 1)
+                        st = _U(gi * nb)
+                        ap = A[p]
+                        for j in range(8 // b):
+                            sh = np.int32(j * b)
+                            o0 = _U(j * nb)
+                            for k in range(nb):
+                                i = o0 + _U(k)
+                                lane[0, i] += x[0, x0 + i] * (
+                                    ap * np.float32((np.int32(pl[st + _U(k)]) >> sh) & mask))
+                else:
+                    for i in range(group):
+                        cf[i] = np.float32(0.0)
+                    for p in range(P):
+                        pl = planes[p]
+                        b = nbits[p]
+                        nb = group * b // 8
+                        mask = np.int32((1 << b) - 1)
+                        st = _U(gi * nb)
+                        ap = A[p]
+                        for j in range(8 // b):
+                            sh = np.int32(j * b)
+                            o0 = _U(j * nb)
+                            for k in range(nb):
+                                cf[o0 + _U(k)] += ap * np.float32(
+                                    (np.int32(pl[st + _U(k)]) >> sh) & mask)
                     for t in range(T):
-                        lt = lane[t]
-                        xr = x[t, xo:xo + 16]
-                        for k in range(16):
-                            lt[k] += xr[k] * w16[k]
+                        for k in range(group):
+                            i = _U(k)
+                            lane[t, i] += x[t, x0 + i] * cf[i]
             for t in range(T):
-                lt = lane[t]
-                for h in (8, 4, 2, 1):
-                    for i in range(h):
-                        lt[i] += lt[i + h]
-                y[t, o] = lt[0] + cacc[t]
+                h = group
+                while h % 2 == 0 and h > 1:  # pairwise halving while it divides evenly
+                    h //= 2
+                    for k in range(h):
+                        lane[t, _U(k)] += lane[t, _U(k) + _U(h)]
+                acc = np.float32(0.0)
+                for k in range(h):
+                    acc += lane[t, k]
+                y[t, o] = acc + cacc[t]
         return y
+
+    @numba.njit(parallel=True, cache=True)
+    def _d2_chain_errs(W, a, s0, m0, alpha, qmax, nplanes, readable):
+        n_out, G, gs = W.shape
+        nw = 0
+        for p in range(nplanes):
+            if readable[p]:
+                nw += 1
+        out = np.empty((n_out, G, nw))
+        for o in numba.prange(n_out):
+            R = np.empty(gs)
+            for g in range(G):
+                s = s0[o, g]
+                m = m0[o, g]
+                safe = s if s != 0 else 1.0
+                sa = 0.0
+                for i in range(gs):
+                    sa += a[g, i]
+                for i in range(gs):
+                    q = min(max(np.round((W[o, g, i] - m) / safe), 0.0), qmax)
+                    R[i] = W[o, g, i] - np.float64(np.float32(s * q + m))
+                wi = 0
+                al = alpha[o, g]
+                for p in range(nplanes):
+                    if p:
+                        sl = 0.0
+                        mx = 0.0
+                        for i in range(gs):
+                            v = abs(R[i])
+                            sl += a[g, i] * v
+                            mx = max(mx, v)
+                        sp = al * (sl / sa) + (1.0 - al) * 0.5 * mx
+                        for i in range(gs):
+                            R[i] = R[i] - sp if R[i] >= 0 else R[i] + sp
+                    if readable[p]:
+                        e = 0.0
+                        for i in range(gs):
+                            e += a[g, i] * R[i] * R[i]
+                        out[o, g, wi] = e
+                        wi += 1
+        return out

@@ -27,7 +27,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-ARCHES = ("llama", "olmoe", "qwen2moe", "qwen3moe", "granitemoe", "phimoe")
+ARCHES = ("llama", "olmoe", "qwen2moe", "qwen3moe", "granitemoe", "phimoe", "deepseek2", "gpt-oss")
 
 # dtypes gguf-py can write directly (quants.py has numpy quantizers for these)
 WRITE_DTYPES = {
@@ -45,10 +45,10 @@ _FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q
 
 # RMS-norm epsilon the real converters write per arch
 _RMS_EPS = {"llama": 1e-5, "olmoe": 1e-5, "qwen2moe": 1e-6, "qwen3moe": 1e-6,
-            "granitemoe": 1e-6, "phimoe": 1e-5}
+            "granitemoe": 1e-6, "phimoe": 1e-5, "deepseek2": 1e-6, "gpt-oss": 1e-5}
 
 # arches whose loader accepts a missing output.weight (then token_embd is used: tied output)
-_TIE_OK = {"llama", "qwen3moe", "granitemoe"}
+_TIE_OK = {"llama", "qwen3moe", "granitemoe", "deepseek2"}
 
 # <|bos|>, <|endoftext|> (eos), <|pad|>: appended after the byte-level tokens and merges
 N_SPECIAL = 3
@@ -89,12 +89,38 @@ class SynthSpec:
     logit_scale: float = 6.0
     # phimoe longrope-style settings (llama.cpp uses rope_factors_short while n_ctx <= n_ctx_train)
     rope_attn_factor: float = 1.19
+    # deepseek2: MLA in llama.cpp's absorbed form (attn_kv_a_mqa, attn_k_b, attn_v_b; head_count_kv 1)
+    kv_lora_rank: int = 32
+    q_lora_rank: int = 0                 # 0: V2-Lite form (attn_q); > 0: attn_q_a + norm + attn_q_b
+    qk_rope_dim: int = 16                # rope part of a q/k head (rope.dimension_count)
+    qk_nope_dim: int = 32                # non-rope part of a q/k head
+    v_head_dim: int = 32
+    n_leading_dense: int = 0             # first layers with a dense SwiGLU FFN (ffn_gate/up/down)
+    n_ff_dense: int = 96                 # their width (feed_forward_length)
+    n_shared_expert: int = 1             # ungated shared block of width n_shared_expert * n_ff_exp
+    expert_gating_func: int = 1          # 1 softmax, 2 sigmoid (V3)
+    expert_weights_norm: bool = False
+    expert_weights_scale: float = 1.0
+    exp_probs_b: bool = False            # V3 selection bias exp_probs_b.bias
+    n_expert_groups: int = 0             # > 1: group-limited selection (V3)
+    n_group_used: int = 0
+    # gpt-oss: sliding window on layers 0, 2, 4, ... (llama.cpp's default pattern 2)
+    sliding_window: int = 8
+    # rope scaling written by deepseek2/gpt-oss files: yarn when rope_scaling_factor > 0
+    rope_scaling_factor: float = 0.0
+    rope_orig_ctx: int = 128             # rope.scaling.original_context_length
+    yarn_log_multiplier: float = 0.0     # deepseek2 file value (0.1 * mscale_all_dim)
     extra_kv: tuple[tuple[str, object], ...] = field(default=())
 
     # ---- derived -----------------------------------------------------------------------------
     @property
     def n_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def mla_k_dim(self) -> int:
+        """deepseek2: true q/k head size (key_length_mla)."""
+        return self.qk_nope_dim + self.qk_rope_dim
 
     @property
     def n_vocab(self) -> int:
@@ -134,6 +160,20 @@ class SynthSpec:
                              "(SynthSpec.tiny('olmoe') sets it)")
         if self.is_tied and self.arch not in _TIE_OK:
             raise ValueError(f"{self.arch}: llama.cpp requires output.weight (no tied output)")
+        if self.arch == "deepseek2":
+            if self.n_head_kv != 1:
+                raise ValueError("deepseek2: MLA files have head_count_kv 1 (SynthSpec.tiny sets it)")
+            if self.qk_rope_dim % 2 or self.qk_nope_dim < 1:
+                raise ValueError("deepseek2: qk_rope_dim must be even and qk_nope_dim >= 1")
+            if not 0 <= self.n_leading_dense < self.n_layer:
+                raise ValueError("deepseek2: n_leading_dense must leave at least one MoE layer")
+        if self.n_expert_groups > 1:
+            if self.arch != "deepseek2":
+                raise ValueError("expert groups: deepseek2 only")
+            if self.n_expert % self.n_expert_groups or self.n_expert // self.n_expert_groups < 2 \
+                    or not 0 < self.n_group_used < self.n_expert_groups:
+                raise ValueError("expert groups: n_expert must split into groups of >= 2 and "
+                                 "0 < n_group_used < n_expert_groups")
 
     @classmethod
     def tiny(cls, arch: str, **kw) -> "SynthSpec":
@@ -141,6 +181,7 @@ class SynthSpec:
         base = dict(arch=arch)
         if arch == "olmoe":
             base["n_head_kv"] = 4
+        base.update(_ARCH_DEFAULTS.get(arch, {}))
         base.update(kw)
         return cls(**base)
 
@@ -151,8 +192,19 @@ class SynthSpec:
                     n_ff_exp=256, n_ff_shexp=256, n_layer=2, dtype="F16")
         if arch == "olmoe":
             base["n_head_kv"] = 4
+        base.update(_ARCH_DEFAULTS.get(arch, {}))
+        if arch == "deepseek2":  # rows of 256 where llama.cpp's quantizer meets them
+            base.update(kv_lora_rank=256, qk_rope_dim=32, qk_nope_dim=64, v_head_dim=64, n_ff_dense=256)
         base.update(kw)
         return cls(**base)
+
+
+# per-arch defaults of SynthSpec.tiny / for_quant
+_ARCH_DEFAULTS: dict[str, dict] = {
+    "deepseek2": dict(n_head_kv=1),
+    # yarn as in the released gpt-oss files (there: factor 32, original context 4096)
+    "gpt-oss": dict(rope_scaling_factor=4.0, rope_orig_ctx=128, rope_theta=150000.0),
+}
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -281,6 +333,12 @@ def _tensors(spec: SynthSpec) -> dict[str, np.ndarray]:
 
     for i in range(spec.n_layer):
         p = f"blk.{i}."
+        if a == "deepseek2":
+            _deepseek2_layer(t, p, i, spec, randn, norm_w, lambda: _router(rng, spec, shared))
+            continue
+        if a == "gpt-oss":
+            _gpt_oss_layer(t, p, spec, randn, norm_w, lambda: _router(rng, spec, shared))
+            continue
         t[p + "attn_norm.weight"] = norm_w(D)
         if a == "phimoe":
             t[p + "attn_norm.bias"] = randn(D, std=0.1)
@@ -318,6 +376,71 @@ def _tensors(spec: SynthSpec) -> dict[str, np.ndarray]:
             t["rope_factors_short.weight"] = (1.0 + 0.5 * rng.random(hd // 2)).astype(np.float32)
             t["rope_factors_long.weight"] = (1.0 + 4.0 * rng.random(hd // 2)).astype(np.float32)
     return t
+
+
+def _deepseek2_layer(t, p, i, spec: SynthSpec, randn, norm_w, router) -> None:
+    """deepseek2 layer in llama.cpp's absorbed MLA form (src/models/deepseek2.cpp)."""
+    D, H, E, F = spec.n_embd, spec.n_head, spec.n_expert, spec.n_ff_exp
+    L, R, N, V = spec.kv_lora_rank, spec.qk_rope_dim, spec.qk_nope_dim, spec.v_head_dim
+    QL = spec.q_lora_rank
+    t[p + "attn_norm.weight"] = norm_w(D)
+    if QL > 0:
+        t[p + "attn_q_a.weight"] = randn(QL, D, std=1 / np.sqrt(D))
+        t[p + "attn_q_a_norm.weight"] = norm_w(QL)
+        t[p + "attn_q_b.weight"] = randn(H * (N + R), QL, std=1 / np.sqrt(QL))
+    else:
+        t[p + "attn_q.weight"] = randn(H * (N + R), D, std=1 / np.sqrt(D))
+    t[p + "attn_kv_a_mqa.weight"] = randn(L + R, D, std=1 / np.sqrt(D))
+    t[p + "attn_kv_a_norm.weight"] = norm_w(L)
+    # GGUF attn_k_b [nope, kv_lora, n_head], attn_v_b [kv_lora, v_head, n_head]
+    t[p + "attn_k_b.weight"] = randn(H, L, N, std=1 / np.sqrt(L))
+    t[p + "attn_v_b.weight"] = randn(H, V, L, std=1 / np.sqrt(L))
+    t[p + "attn_output.weight"] = randn(D, H * V, std=1 / np.sqrt(H * V))
+    t[p + "ffn_norm.weight"] = norm_w(D)
+    if i < spec.n_leading_dense:
+        S = spec.n_ff_dense
+        t[p + "ffn_gate.weight"] = randn(S, D, std=1 / np.sqrt(D))
+        t[p + "ffn_up.weight"] = randn(S, D, std=1 / np.sqrt(D))
+        t[p + "ffn_down.weight"] = randn(D, S, std=1 / np.sqrt(S))
+        return
+    t[p + "ffn_gate_inp.weight"] = router()
+    if spec.exp_probs_b:
+        # comparable to the spread of the sigmoid scores, so it changes the selection
+        t[p + "exp_probs_b.bias"] = randn(E, std=0.3)
+    t[p + "ffn_gate_exps.weight"] = randn(E, F, D, std=1 / np.sqrt(D))
+    t[p + "ffn_up_exps.weight"] = randn(E, F, D, std=1 / np.sqrt(D))
+    t[p + "ffn_down_exps.weight"] = randn(E, D, F, std=1 / np.sqrt(F))
+    S = F * spec.n_shared_expert
+    t[p + "ffn_gate_shexp.weight"] = randn(S, D, std=1 / np.sqrt(D))
+    t[p + "ffn_up_shexp.weight"] = randn(S, D, std=1 / np.sqrt(D))
+    t[p + "ffn_down_shexp.weight"] = randn(D, S, std=1 / np.sqrt(S))
+
+
+def _gpt_oss_layer(t, p, spec: SynthSpec, randn, norm_w, router) -> None:
+    """gpt-oss layer (src/models/openai-moe.cpp): biases everywhere, attention sinks, expert
+    biases; gate/up projections large enough that the activation's clamp at 7 is exercised."""
+    D, H, KV, hd = spec.n_embd, spec.n_head, spec.n_head_kv, spec.n_head_dim
+    E, F = spec.n_expert, spec.n_ff_exp
+    q_dim, kv_dim = H * hd, KV * hd
+    t[p + "attn_norm.weight"] = norm_w(D)
+    t[p + "attn_q.weight"] = randn(q_dim, D, std=1 / np.sqrt(D))
+    t[p + "attn_k.weight"] = randn(kv_dim, D, std=1 / np.sqrt(D))
+    t[p + "attn_v.weight"] = randn(kv_dim, D, std=1 / np.sqrt(D))
+    t[p + "attn_q.bias"] = randn(q_dim, std=0.2)
+    t[p + "attn_k.bias"] = randn(kv_dim, std=0.2)
+    t[p + "attn_v.bias"] = randn(kv_dim, std=0.2)
+    t[p + "attn_output.weight"] = randn(D, q_dim, std=1 / np.sqrt(q_dim))
+    t[p + "attn_output.bias"] = randn(D, std=0.1)
+    t[p + "attn_sinks.weight"] = (1.0 + randn(H, std=1.0)).astype(np.float32)
+    t[p + "post_attention_norm.weight"] = norm_w(D)
+    t[p + "ffn_gate_inp.weight"] = router()
+    t[p + "ffn_gate_inp.bias"] = randn(E, std=0.5)
+    t[p + "ffn_gate_exps.weight"] = randn(E, F, D, std=3 / np.sqrt(D))
+    t[p + "ffn_up_exps.weight"] = randn(E, F, D, std=3 / np.sqrt(D))
+    t[p + "ffn_down_exps.weight"] = randn(E, D, F, std=0.3 / np.sqrt(F))
+    t[p + "ffn_gate_exps.bias"] = randn(E, F, std=0.5)
+    t[p + "ffn_up_exps.bias"] = randn(E, F, std=0.5)
+    t[p + "ffn_down_exps.bias"] = randn(E, D, std=0.1)
 
 
 _EMBD_OFFSET = 0.5  # per-element size of the shared embedding component (router_skew > 0)
@@ -372,14 +495,46 @@ def _add_hparams(w: gguf.GGUFWriter, spec: SynthSpec) -> None:
     w.add_head_count(spec.n_head)
     w.add_head_count_kv(spec.n_head_kv)
     w.add_rope_freq_base(spec.rope_theta)
-    w.add_rope_dimension_count(spec.n_head_dim)
-    if spec.n_head_dim * spec.n_head != spec.n_embd:
-        w.add_key_length(spec.n_head_dim)
-        w.add_value_length(spec.n_head_dim)
+    if a == "deepseek2":
+        # llama.cpp's absorbed MLA form: the cached K row is [kv_lora | rope], V its kv_lora part
+        w.add_rope_dimension_count(spec.qk_rope_dim)
+        w.add_key_length(spec.kv_lora_rank + spec.qk_rope_dim)
+        w.add_value_length(spec.kv_lora_rank)
+        w.add_uint32(f"{a}.attention.key_length_mla", spec.mla_k_dim)
+        w.add_uint32(f"{a}.attention.value_length_mla", spec.v_head_dim)
+        # required by llama.cpp unless the layer count says "Lite" (26/27 layers): 0 = no q lora
+        w.add_uint32(f"{a}.attention.q_lora_rank", spec.q_lora_rank)
+        w.add_uint32(f"{a}.attention.kv_lora_rank", spec.kv_lora_rank)
+    else:
+        w.add_rope_dimension_count(spec.n_head_dim)
+        if spec.n_head_dim * spec.n_head != spec.n_embd:
+            w.add_key_length(spec.n_head_dim)
+            w.add_value_length(spec.n_head_dim)
+    if spec.rope_scaling_factor > 0:
+        w.add_string(f"{a}.rope.scaling.type", "yarn")
+        w.add_float32(f"{a}.rope.scaling.factor", spec.rope_scaling_factor)
+        w.add_uint32(f"{a}.rope.scaling.original_context_length", spec.rope_orig_ctx)
+        if spec.yarn_log_multiplier:
+            w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", spec.yarn_log_multiplier)
     w.add_layer_norm_rms_eps(_RMS_EPS[a])
     w.add_expert_count(spec.n_expert)
     w.add_expert_used_count(spec.n_expert_used)
-    if a in ("qwen2moe", "qwen3moe"):
+    if a == "deepseek2":
+        w.add_expert_feed_forward_length(spec.n_ff_exp)
+        w.add_feed_forward_length(spec.n_ff_dense)
+        w.add_uint32(f"{a}.leading_dense_block_count", spec.n_leading_dense)
+        w.add_uint32(f"{a}.expert_shared_count", spec.n_shared_expert)
+        w.add_float32(f"{a}.expert_weights_scale", spec.expert_weights_scale)
+        w.add_bool(f"{a}.expert_weights_norm", spec.expert_weights_norm)
+        w.add_uint32(f"{a}.expert_gating_func", spec.expert_gating_func)
+        if spec.n_expert_groups > 1:
+            w.add_uint32(f"{a}.expert_group_count", spec.n_expert_groups)
+            w.add_uint32(f"{a}.expert_group_used_count", spec.n_group_used)
+    elif a == "gpt-oss":
+        w.add_expert_feed_forward_length(spec.n_ff_exp)
+        w.add_feed_forward_length(spec.n_ff_exp)
+        w.add_uint32(f"{a}.attention.sliding_window", spec.sliding_window)
+    elif a in ("qwen2moe", "qwen3moe"):
         w.add_expert_feed_forward_length(spec.n_ff_exp)
         # converters write the dense intermediate size here; llama.cpp ignores it for these arches
         w.add_feed_forward_length(spec.n_ff_exp * spec.n_expert_used)

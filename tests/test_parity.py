@@ -146,3 +146,15 @@ def test_rope_scaling_matches_llama_cpp(build_model, arch, scaling):
         ids = random_ids(N_TOKENS, m.config.n_vocab, seed=3)
         ours = m.logits(ids)
     assert rel_err(ours, llama_cpp_logits(path, ids)) <= 1e-3
+
+
+def test_long_prompt_crosses_batch_boundaries(build_model):
+    """Prompts are evaluated in batches of streaming.N_BATCH tokens; results must not change."""
+    from edgemoe import streaming
+
+    path = build_model("qwen2moe")
+    n = 2 * streaming.N_BATCH + 21
+    with edgemoe.load(path, kv_type="f32", n_ctx=256) as m:
+        ids = random_ids(n, m.config.n_vocab, seed=9)
+        ours = m.logits(ids)
+    assert rel_err(ours, llama_cpp_logits(path, ids)) <= 1e-3
