@@ -210,7 +210,7 @@ class Model:
     def _open_store(self, bits: int | None, policy: str) -> None:
         r = self._reader
         c = self.config
-        experts_all = r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
+        experts_all = r.all_experts_bytes()
         fixed = (self._file.file_size + self._cache.nbytes
                  + streaming.scratch_bytes(c.n_embd, c.n_ff_exp, c.n_head, self.n_ctx, c.n_vocab)
                  + streaming.SAFETY_BYTES)
@@ -218,7 +218,7 @@ class Model:
             self._budget_given = False
             self.budget_bytes = int(min(fixed + experts_all + RUNTIME_ESTIMATE, 0.8 * memory.available()))
         cache = ExpertCache(r, max(self.budget_bytes - fixed, 0), policy)
-        self._experts = StoreExperts(r, cache, bits)
+        self._experts = StoreExperts(r, cache, self.config, self._file, bits)
         min_cache = self._experts.min_layer_bytes(c.n_expert_used)
         if cache.capacity < min_cache:
             raise streaming.refuse(self.budget_bytes, fixed, min_cache,
@@ -234,8 +234,7 @@ class Model:
         dense = streaming.dense_resident_bytes(self._file.path)
         overhead = max(memory.rss() - BASELINE_RSS - dense - cache.nbytes, 0)
         if not self._budget_given:
-            r = self._reader
-            experts_all = r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
+            experts_all = self._reader.all_experts_bytes()
             avail = memory.available()
             self.budget_bytes = int(min(self._fixed_bytes + overhead + experts_all, 0.8 * avail))
             if self.budget_bytes < self._fixed_bytes + overhead + experts_all:
@@ -435,8 +434,7 @@ class Model:
         )
 
     def _store_bytes(self) -> int:
-        r = self._reader
-        return self._file.file_size + r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
+        return self._file.file_size + self._reader.all_experts_bytes()
 
     def _check_open(self) -> None:
         if getattr(self, "_closed", True):

@@ -109,7 +109,7 @@ def _store_rows(path: Path) -> list[tuple[str, str]]:
     man = r.manifest
     planes_for = man["scheme"]["planes_for"]
     per_width = ", ".join(f"{b}-bit {format_size(r.expert_bytes(int(planes_for[str(b)])))}" for b in r.bits)
-    experts_all = r.n_layer * r.n_expert * r.expert_bytes(r.n_planes)
+    experts_all = r.all_experts_bytes()
     rows = [
         ("expert store", f"format {man['format_version']}, from {man['source']['file']} "
                          f"({man['source']['expert_bits_per_weight']:g} bits/weight experts)"),

@@ -27,9 +27,10 @@ DEFAULT_SCHEME = "d2moe"
 EXPERT_SUFFIXES = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
 
 
-def source_bits(gf: GGUFFile) -> float:
-    """Bits per weight of the source's expert tensors."""
-    t = gf.tensor(f"blk.0.{EXPERT_SUFFIXES['gate']}")
+def source_bits(gf: GGUFFile, args: ModelArgs) -> float:
+    """Bits per weight of the source's expert tensors (the first MoE layer's)."""
+    first = next(i for i in range(args.n_layer) if not args.is_dense(i))
+    t = gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}")
     block, size = gguf.GGML_QUANT_SIZES[t.qtype]
     return size * 8 / block
 
@@ -117,7 +118,7 @@ def convert(
     gf = GGUFFile(src)
     try:
         args = ModelArgs.from_gguf(gf)
-        sbits = source_bits(gf)
+        sbits = source_bits(gf, args)
         bits = bits or nested.default_bits(sbits)
         if sbits < bits[-1]:
             warnings.warn(
@@ -187,9 +188,13 @@ def _write_store(gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: b
     per_plane = [sum(plane_bytes[m][p] for m in store.MATRICES) for p in range(n_planes)]
     expert_nbytes = sum(per_plane)
     experts_manifest = []
-    bar = tqdm(total=args.n_layer * args.n_expert, desc=f"converting {src.name}", unit="expert",
+    n_moe = sum(not args.is_dense(i) for i in range(args.n_layer))
+    bar = tqdm(total=n_moe * args.n_expert, desc=f"converting {src.name}", unit="expert",
                disable=not progress, file=sys.stderr)
     for i in range(args.n_layer):
+        if args.is_dense(i):  # deepseek2's leading dense layers: their FFN is in dense.gguf
+            experts_manifest.append([])
+            continue
         path = tmp / store.shard_name(i)
         w = gguf.GGUFWriter(path, args.arch)
         w.add_custom_alignment(store.ALIGNMENT)

@@ -5,11 +5,10 @@ themselves a usable low-bit matrix. Every plane is one self-contained contiguous
 
     [packed codes: n_out * n_in * nbits / 8 bytes][fp16 per-group scales: n_scale * n_out * G * 2 bytes]
 
-with G = n_in / group groups per row (group runs along n_in). Packed codes are row-major, a group's
-codes in group*nbits/8 consecutive bytes; inside a group of `group` columns with nb = group*nbits/8
-bytes, byte k holds in bits [j*nbits, (j+1)*nbits) the code of column j*nb + k (the layout lets the
-kernel decode a whole group with contiguous, vectorizable loops). Scales are fp16 [n_out, G]
-arrays, one after the other.
+with G = n_in / group groups per row (group runs along n_in). Packed codes are row-major, a row's
+codes in nr = n_in*nbits/8 consecutive bytes; byte k of a row holds in bits [j*nbits, (j+1)*nbits)
+the code of column j*nr + k (so the kernel decodes a whole row with long contiguous loops that
+LLVM vectorizes). Scales are fp16 [n_out, G] arrays, one after the other.
 
 Two schemes (SCHEMES):
 
@@ -19,10 +18,14 @@ Two schemes (SCHEMES):
     plane i: 1 bit B_i per weight + fp16 scale s_i per group: R = W - W^ -> sign(R) in {+1,-1},
              W^ += s_i * (2 B_i - 1)
     widths (2,3,4): 3 planes; widths (2,4,8): 7 planes (planes_for(4) = 3, planes_for(8) = 7).
-    Fits: base by a grid over clipping ratios then alternating weighted least squares on (s0, m0);
-    residual scales in closed form s_i = sum(a |R|) / sum(a). With act_scale the weights are
-    a = act_scale^2 per input column (activation-aware: minimizes E||x W^T - x W^_k^T||^2 for
-    independent inputs with those magnitudes); without, a = 1.
+    Fits, per group: base (s0, m0) candidates from a grid over clipping ratios, each also refined
+    by alternating weighted least squares (codes <-> closed-form (s0, m0)); residual scales
+    s_i = alpha * sum(a |R|) / sum(a) + (1 - alpha) * max|R| / 2 (alpha = 1: the closed-form LS
+    scale of that plane, best for the next width alone; alpha = 0: halve the residual range, a
+    binary expansion, best for the top width). The encoder picks the base candidate and alpha per
+    group minimizing sum over readable widths of log(error) (every width counts, relatively).
+    With act_scale the weights are a = act_scale^2 per input column (activation-aware: the
+    error is E||x W^T - x W^_k^T||^2 for independent inputs of those magnitudes); else a = 1.
 
 "matquant" (MatQuant arXiv 2502.06786 slicing, MatGPTQ arXiv 2602.03537 joint-width fit):
     One B-bit code q per weight (B = widths[-1]: INT8 for (2,4,8), INT4 for (2,3,4)), split
@@ -40,15 +43,17 @@ Two schemes (SCHEMES):
     per-group (s, m), fitted by a grid over clipping ratios plus alternating weighted least
     squares on the error summed over all widths (optionally activation-weighted, as above).
 
-matmul() computes x @ W^T on the packed planes: a numba kernel (parallel over output rows)
-rebuilds one group of `group` weights at a time in a small scratch, then multiply-adds it into
-per-lane accumulators (no float32 copy of the matrix is made). Without numba a numpy fallback
-dequantizes tiles of rows and uses BLAS.
+Both schemes read as W^[o, i] = C[o, g] + sum_p A[p, o, g] * code_p[o, i] (g = i // group), with
+per-group coefficients from the fp16 scales (d2moe: A_0 = s0, A_p = 2 s_p, C = m0 - sum s_p;
+matquant: one B-bit code, A = s, C = m + s (d-1)/2).
+matmul() computes x @ W^T on the packed planes: a numba kernel (njit parallel over output rows,
+cache=True, fastmath off) decodes one row's codes into a uint8 scratch row, then multiply-adds
+x * (A * code) per group into per-lane float32 accumulators, plus C * sum(x over the group); no
+float32 copy of the matrix is made. Without numba a numpy fallback dequantizes tiles of rows
+(<= 256 KiB of float32) and uses BLAS.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -260,7 +265,7 @@ class Scheme:
 
     # -- plane (de)serialization --
     def _build_plane(self, p: int, codes: np.ndarray, scales: list[np.ndarray]) -> np.ndarray:
-        parts = [_pack(codes, self.plane_bits[p], self.group)]
+        parts = [_pack(codes, self.plane_bits[p], codes.shape[1])]  # row-wide slots
         for s in scales:
             parts.append(np.ascontiguousarray(s, dtype=np.float16).reshape(-1).view(np.uint8))
         return np.ascontiguousarray(np.concatenate(parts))
@@ -601,7 +606,7 @@ def _dequant_rows(sch: Scheme, planes: list, n_out: int, n_in: int, r0: int, r1:
     for p in range(k):
         b = sch.plane_bits[p]
         rb = n_in * b // 8
-        codes = _unpack(split[p][0][r0 * rb:r1 * rb], b, gs, r1 - r0, n_in)
+        codes = _unpack(split[p][0][r0 * rb:r1 * rb], b, n_in, r1 - r0, n_in)
         out += np.repeat(A[p], gs, axis=1) * codes.astype(np.float32)
     return out
 
@@ -617,6 +622,8 @@ def _matmul_numpy(sch: Scheme, planes: list, n_out: int, n_in: int, x: np.ndarra
 
 # ---- numba kernel -----------------------------------------------------------------------------------
 
+_P2 = np.array([2.0 ** (e - 25) for e in range(32)])  # fp16 exponent -> scale of (1024 + f)
+
 if HAVE_NUMBA:
     @numba.njit(cache=True, inline="always")
     def _h2f(p, off):
@@ -629,7 +636,7 @@ if HAVE_NUMBA:
         elif e == 31:
             v = np.inf if f == 0 else np.nan
         else:
-            v = (1024 + f) * 2.0 ** (e - 25)
+            v = (1024 + f) * _P2[e]  # table, not pow(): this runs once per group and plane
         if h & 0x8000:
             v = -v
         return np.float32(v)
@@ -640,77 +647,99 @@ if HAVE_NUMBA:
     def _nested_matmul(planes, nbits, nscales, kind, mult, offset, n_out, n_in, group, x, xs):
         """y[t, o] = sum_g C[o,g] xs[t,g] + sum_i x[t,i] * (sum_p A[p,o,g] code_p[o,i]).
 
-        Vectorization with fastmath off: no float sum is ever reassociated; the dot products
-        accumulate element-wise into `group` independent lanes per t (tree-summed once per row),
-        and inner loops index with unsigned integers (no negative-index wraparound code), so
-        LLVM vectorizes them. T == 1: each plane is decoded straight into the multiply-add;
-        T > 1: a group's weights are rebuilt once into a `group`-float scratch, then used T times.
-        """
+        Per output row: decode each plane's row into a uint8 code row (long contiguous loops;
+        matquant ORs its planes into one B-bit code row), then per group multiply-add
+        x * (A * code) into `group` lanes per t. fastmath stays off: no float sum is reassociated
+        (the lanes are independent accumulators, summed pairwise once per row), and indices are
+        unsigned so the loops carry no negative-index wraparound code; LLVM vectorizes them.
+        T > 1: a group's weights are built once into a `group`-float scratch, then used T times.
+        No float copy of the matrix is made (scratch: P code rows + one group of floats)."""
         T = x.shape[0]
         G = n_in // group
         P = len(planes)
+        PC = P if kind == 0 else 1  # code rows kept
         y = np.empty((T, n_out), np.float32)
-        ug = _U(group)
         for o in numba.prange(n_out):
+            codes = np.empty((PC, n_in), np.uint8)
             lane = np.zeros((T, group), np.float32)
-            cacc = np.zeros(T, np.float32)
             cf = np.empty(group, np.float32)
-            A = np.empty(P, np.float32)
+            Ag = np.empty((P, G), np.float32)
+            cacc = np.zeros(T, np.float32)
+            # ---- decode the row's codes
+            for p in range(P):
+                pl = planes[p]
+                b = nbits[p]
+                nr = n_in * b // 8
+                st = _U(o * nr)
+                mask = (1 << b) - 1
+                if kind == 0:
+                    dst = codes[p]
+                    for j in range(8 // b):
+                        sh = j * b
+                        d0 = _U(j * nr)
+                        for k in range(nr):
+                            dst[d0 + _U(k)] = np.uint8((pl[st + _U(k)] >> sh) & mask)
+                else:
+                    dst = codes[0]
+                    up = int(round(np.log2(mult[p])))
+                    for j in range(8 // b):
+                        sh = j * b
+                        d0 = _U(j * nr)
+                        if p == 0:
+                            for k in range(nr):
+                                dst[d0 + _U(k)] = np.uint8(((pl[st + _U(k)] >> sh) & mask) << up)
+                        else:
+                            for k in range(nr):
+                                dst[d0 + _U(k)] |= np.uint8(((pl[st + _U(k)] >> sh) & mask) << up)
+            # ---- per-group coefficients from the fp16 scales
+            p0 = planes[0]
+            soff = n_out * n_in * nbits[0] // 8
             for g in range(G):
                 gi = o * G + g
-                p0 = planes[0]
-                soff = n_out * n_in * nbits[0] // 8
                 s0 = _h2f(p0, soff + 2 * gi)
                 m0 = _h2f(p0, soff + 2 * (n_out * G) + 2 * gi)
                 if kind == 0:  # d2moe: W = (m0 - sum s_p) + s0*Q0 + sum 2 s_p B_p
                     C = m0
-                    A[0] = s0
+                    Ag[0, g] = s0
                     for p in range(1, P):
                         sp = _h2f(planes[p], n_out * n_in * nbits[p] // 8 + 2 * gi)
-                        A[p] = sp + sp
+                        Ag[p, g] = sp + sp
                         C = C - sp
-                else:  # matquant: W = (m + s (d-1)/2) + sum_p (s 2^shift_p) code_p
+                else:  # matquant: W = (m + s (d-1)/2) + s * code
                     C = m0 + s0 * np.float32(offset)
-                    for p in range(P):
-                        A[p] = s0 * np.float32(mult[p])
+                    Ag[0, g] = s0
                 for t in range(T):
                     cacc[t] += C * xs[t, g]
-                x0 = _U(g * group)
-                if T == 1:
-                    for p in range(P):
-                        pl = planes[p]
-                        b = nbits[p]
-                        nb = group * b // 8
-                        mask = np.int32((1 << b) - 1)
-                        st = _U(gi * nb)
-                        ap = A[p]
-                        for j in range(8 // b):
-                            sh = np.int32(j * b)
-                            o0 = _U(j * nb)
-                            for k in range(nb):
-                                i = o0 + _U(k)
-                                lane[0, i] += x[0, x0 + i] * (
-                                    ap * np.float32((np.int32(pl[st + _U(k)]) >> sh) & mask))
-                else:
-                    for i in range(group):
-                        cf[i] = np.float32(0.0)
-                    for p in range(P):
-                        pl = planes[p]
-                        b = nbits[p]
-                        nb = group * b // 8
-                        mask = np.int32((1 << b) - 1)
-                        st = _U(gi * nb)
-                        ap = A[p]
-                        for j in range(8 // b):
-                            sh = np.int32(j * b)
-                            o0 = _U(j * nb)
-                            for k in range(nb):
-                                cf[o0 + _U(k)] += ap * np.float32(
-                                    (np.int32(pl[st + _U(k)]) >> sh) & mask)
-                    for t in range(T):
+            # ---- multiply-add (1-D row views hoisted out of the loops: they vectorize)
+            if T == 1:
+                ln = lane[0]
+                xr = x[0]
+                for g in range(G):
+                    c0 = _U(g * group)
+                    for p in range(PC):
+                        a = Ag[p, g]
+                        cr = codes[p]
                         for k in range(group):
                             i = _U(k)
-                            lane[t, i] += x[t, x0 + i] * cf[i]
+                            ln[i] += xr[c0 + i] * (a * np.float32(cr[c0 + i]))
+            else:
+                for g in range(G):
+                    c0 = _U(g * group)
+                    a = Ag[0, g]
+                    cr = codes[0]
+                    for k in range(group):
+                        cf[k] = a * np.float32(cr[c0 + _U(k)])
+                    for p in range(1, PC):
+                        a = Ag[p, g]
+                        cr = codes[p]
+                        for k in range(group):
+                            cf[k] += a * np.float32(cr[c0 + _U(k)])
+                    for t in range(T):
+                        ln = lane[t]
+                        xr = x[t]
+                        for k in range(group):
+                            i = _U(k)
+                            ln[i] += xr[c0 + i] * cf[i]
             for t in range(T):
                 h = group
                 while h % 2 == 0 and h > 1:  # pairwise halving while it divides evenly

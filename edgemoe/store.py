@@ -112,6 +112,10 @@ class StoreReader:
     def expert_bytes(self, n_planes: int) -> int:
         return sum(self.plane_size(p) for p in range(n_planes))
 
+    def all_experts_bytes(self) -> int:
+        """Every expert of every MoE layer at every plane."""
+        return sum(len(layer) for layer in self.locations) * self.expert_bytes(self.n_planes)
+
     def _fd(self, layer: int) -> int:
         fd = self._fds.get(layer)
         if fd is None:

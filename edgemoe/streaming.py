@@ -11,6 +11,9 @@ import numpy as np
 
 from . import nested
 from .cache import ExpertCache
+from .config import ModelArgs
+from .engine import expert_act, expert_biases
+from .gguf_file import GGUFFile
 from .errors import EdgeMoEError
 from .memory import format_size
 from .store import MATRICES, StoreReader
@@ -63,8 +66,12 @@ class CacheStats:
 class StoreExperts:
     """Expert FFNs computed on nested planes fetched through the cache."""
 
-    def __init__(self, reader: StoreReader, cache: ExpertCache, bits: int | None = None):
+    def __init__(self, reader: StoreReader, cache: ExpertCache, args: ModelArgs, dense: GGUFFile,
+                 bits: int | None = None):
         self.reader = reader
+        self.args = args
+        # expert biases (gpt-oss) stay in the dense file
+        self.bias = [None if args.is_dense(i) else expert_biases(dense, i) for i in range(args.n_layer)]
         self.cache = cache
         self.scheme = nested.SCHEMES[reader.scheme_name](reader.bits, reader.group)
         if bits is not None and bits not in self.scheme.widths:
@@ -84,10 +91,15 @@ class StoreExperts:
             for m, view in self.reader.split_plane(buf, p).items():
                 per[m].append(view)
         mm = self.scheme.matmul
+        b = self.bias[i][e] if self.bias[i] is not None else None
         g = mm(per["gate"], *self.shapes["gate"], x)  # [T, F]
         u = mm(per["up"], *self.shapes["up"], x)  # [T, F]
-        hdn = np.ascontiguousarray(g / (1.0 + np.exp(-g)) * u, dtype=np.float32)
-        return mm(per["down"], *self.shapes["down"], hdn)  # [T, D]
+        if b is not None:
+            g += b.gate
+            u += b.up
+        hdn = np.ascontiguousarray(expert_act(self.args, g, u), dtype=np.float32)
+        y = mm(per["down"], *self.shapes["down"], hdn)  # [T, D]
+        return y + b.down if b is not None else y
 
     def bits_of(self, n_planes: int) -> int:
         """The width n planes give (the largest width whose planes are all there)."""

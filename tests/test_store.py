@@ -203,3 +203,25 @@ def test_cache_lfu_keeps_the_frequent_expert():
     c.get(0, 1, 3)
     c.get(0, 2, 3)  # must evict: LFU drops expert 1 (used once), not expert 0
     assert (0, 0) in c.entries and c.resident_planes().get((0, 1), 0) < 3
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("gpt-oss", dict(n_embd=128, n_ff_exp=128)),
+    ("deepseek2", dict(n_layer=3, n_leading_dense=1, n_embd=128, n_ff_exp=128)),
+    ("qwen2moe", dict(n_embd=128, n_ff_exp=128)),
+])
+def test_store_runs_every_architecture(build_model, tmp_path, arch, kw):
+    """Expert biases, gpt-oss's activation, dense leading layers and shared experts survive conversion:
+    at 8 bits the store gives the source model's predictions."""
+    from conftest import kl_per_position
+
+    src = build_model(arch, "F32", **kw)
+    st = convert(src, tmp_path / "s.edgemoe", progress=False)
+    ids = random_ids(32, 256, seed=8)
+    with edgemoe.load(src, kv_type="f32") as m:
+        ref = m.logits(ids)
+    with edgemoe.load(st, kv_type="f32") as m:
+        ours = m.logits(ids)
+        assert m.stats().cache.misses > 0
+    assert np.median(kl_per_position(ours, ref)) <= 0.01
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

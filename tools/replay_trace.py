@@ -42,7 +42,7 @@ class CountingReader:
 def requests(trace: np.ndarray) -> list[tuple[int, int]]:
     """(layer, expert) in the order a decoder asks for them: token by token, layer by layer."""
     T, L, K = trace.shape
-    return [(l, int(e)) for t in range(T) for l in range(L) for e in sorted(set(trace[t, l].tolist()))]
+    return [(l, int(e)) for t in range(T) for l in range(L) for e in sorted(set(trace[t, l].tolist())) if e >= 0]
 
 
 def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str) -> int:
@@ -130,7 +130,8 @@ def main(argv=None) -> int:
             trace = m.routing_trace(ids)
             n_expert = m.config.n_expert
         gf = GGUFFile(args.model)
-        expert_bytes = sum(gf.tensor(f"blk.0.{s}").nbytes for s in EXPERT_SUFFIXES.values()) // n_expert
+        first = int(np.nonzero((trace >= 0).all(axis=(0, 2)))[0][0])  # first MoE layer
+        expert_bytes = sum(gf.tensor(f"blk.{first}.{s}").nbytes for s in EXPERT_SUFFIXES.values()) // n_expert
         gf.close()
         if args.save:
             np.save(args.save, trace)
