@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -253,6 +254,36 @@ class Model:
             scratch=self._fixed_bytes - self._file.file_size - self._cache.nbytes, runtime=overhead,
             cache_capacity=cache.capacity, min_cache=min_cache,
         )
+
+    def set_budget(self, memory_budget: int | str) -> MemoryPlan:
+        """Change the memory budget of a loaded model whose experts stream from a store: the expert
+        cache grows or shrinks (evicting at once) to fit. Returns the new plan."""
+        self._check_open()
+        budget = memory.parse_size(memory_budget)
+        if self._experts is None or self.memory_plan is None:
+            raise EdgeMoEError("this model runs from its GGUF file in place; load it with memory_budget= to stream "
+                               "experts and change the budget later")
+        with self._lock:
+            plan = self.memory_plan
+            capacity = budget - (plan.budget - plan.cache_capacity)
+            if capacity < plan.min_cache:
+                raise streaming.refuse(budget, plan.budget - plan.cache_capacity, plan.min_cache,
+                                       "dense weights, KV cache, scratch and the runtime")
+            cache = self._experts.cache
+            cache.capacity = capacity
+            cache.shrink_to_capacity()
+            self.budget_bytes = budget
+            self._budget_given = True
+            self.memory_plan = dataclasses.replace(plan, budget=budget, cache_capacity=capacity)
+            return self.memory_plan
+
+    def set_quality(self, quality: str) -> None:
+        """Change the quality preset of a loaded model (see QUALITIES)."""
+        self._check_open()
+        if quality not in QUALITIES:
+            raise EdgeMoEError(f"quality {quality!r} is not one of {', '.join(QUALITIES)}")
+        with self._lock:
+            self.quality = quality
 
     def _check_memory(self) -> None:
         need = self._file.file_size + self._cache.nbytes

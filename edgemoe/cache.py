@@ -127,6 +127,11 @@ class ExpertCache:
                 self.nbytes -= v.nbytes
                 st.evictions += 1
 
+    def shrink_to_capacity(self) -> None:
+        """After the capacity was lowered: downgrade and evict until the entries fit."""
+        if self.entries:
+            self._make_room(0, next(iter(self.entries))[0], frozenset())
+
     def resident_planes(self) -> dict[tuple[int, int], int]:
         return {k: len(e.planes) for k, e in self.entries.items()}
 

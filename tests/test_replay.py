@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
 def _tool():
-    spec = importlib.util.spec_from_file_location("replay_trace", ROOT / "tools" / "replay_trace.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["replay_trace"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from edgemoe import replay
+
+    return replay
 
 
 def test_belady_on_a_cyclic_trace():

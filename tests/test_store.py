@@ -225,3 +225,19 @@ def test_store_runs_every_architecture(build_model, tmp_path, arch, kw):
         assert m.stats().cache.misses > 0
     assert np.median(kl_per_position(ours, ref)) <= 0.01
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+def test_set_budget_on_a_loaded_model(tiny_store):
+    _, st = tiny_store
+    ids = random_ids(16, 256, seed=12)
+    with edgemoe.load(st, kv_type="f32") as m:
+        full = m.logits(ids)
+        plan = m.memory_plan
+        small = m.set_budget(plan.minimum_budget)
+        assert small.cache_capacity == plan.min_cache and m.stats().cache.cache_bytes <= plan.min_cache
+        np.testing.assert_array_equal(m.logits(ids), full)
+        assert m.stats().budget_bytes == plan.minimum_budget
+        with pytest.raises(edgemoe.EdgeMoEError, match="minimum that works"):
+            m.set_budget(plan.minimum_budget - 1)
+        with pytest.raises(edgemoe.EdgeMoEError, match="quality"):
+            m.set_quality("ultra")
