@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import memory, store, streaming
+from . import memory, policy, store, streaming
 from .cache import ExpertCache
 from .config import DEFAULT_N_CTX, ModelArgs
 from .engine import Engine, KVCache
@@ -27,7 +27,6 @@ from .tokenizer import StreamDecoder, Tokenizer
 
 from . import BASELINE_RSS  # resident_bytes is counted from the RSS right after `import edgemoe`
 
-QUALITIES = ("max",)
 # What the runtime (numba kernels, llama.cpp's vocabulary, interpreter) is expected to add at load,
 # before it is measured; only used to size a default budget.
 RUNTIME_ESTIMATE = 160 * 1024 * 1024
@@ -123,11 +122,12 @@ class Model:
         bits: int | None = None,
         cache_policy: str = "lru",
         progress: bool = True,
+        pipeline: bool = True,
+        prefetch: bool = True,
     ):
         self.path = Path(path) if path is not None else bundled_model_path()
-        if quality is not None and quality not in QUALITIES:
-            raise EdgeMoEError(f"quality {quality!r} is not one of {', '.join(QUALITIES)}")
-        self.quality = quality or "max"
+        self._quality = policy.parse_quality(quality)
+        self.quality = self._quality.name
         self.budget_bytes = None if memory_budget is None else memory.parse_size(memory_budget)
         self._budget_given = memory_budget is not None
         if isinstance(n_ctx, bool) or not (n_ctx is None or (isinstance(n_ctx, int) and n_ctx > 0)):
@@ -148,12 +148,10 @@ class Model:
                 self.config = ModelArgs.from_gguf(self._file, n_ff_exp=self._reader.n_ff_exp)
             else:
                 self.config = ModelArgs.from_gguf(self._file)
-                if bits is not None:
-                    raise EdgeMoEError("bits= applies to expert stores; convert the model or give a memory budget")
             self.n_ctx = n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train)
             self._cache = KVCache(self.config, self.n_ctx, kv_type)
             if self.store_path:
-                self._open_store(bits, cache_policy)
+                self._open_store(bits, cache_policy, pipeline, prefetch)
             else:
                 self._check_memory()
             self._engine = Engine(self._file, self.config, self._experts)
@@ -181,7 +179,7 @@ class Model:
 
     def _needs_store(self, n_ctx: int | None, kv_type: str, bits: int | None) -> bool:
         """A GGUF runs in place unless a budget or bits are asked for, or it does not fit in free memory."""
-        if self.budget_bytes is not None or bits is not None:
+        if self.budget_bytes is not None or bits is not None or self._quality.name != "max":
             return True
         need = self.path.stat().st_size
         avail = memory.available()
@@ -208,7 +206,7 @@ class Model:
                   file=sys.stderr)
         return convert(self.path, dst, progress=progress)
 
-    def _open_store(self, bits: int | None, policy: str) -> None:
+    def _open_store(self, bits: int | None, policy: str, pipeline: bool, prefetch: bool) -> None:
         r = self._reader
         c = self.config
         experts_all = r.all_experts_bytes()
@@ -219,7 +217,7 @@ class Model:
             self._budget_given = False
             self.budget_bytes = int(min(fixed + experts_all + RUNTIME_ESTIMATE, 0.8 * memory.available()))
         cache = ExpertCache(r, max(self.budget_bytes - fixed, 0), policy)
-        self._experts = StoreExperts(r, cache, self.config, self._file, bits)
+        self._experts = StoreExperts(r, cache, self.config, self._file, bits, self._quality, pipeline, prefetch)
         min_cache = self._experts.min_layer_bytes(c.n_expert_used)
         if cache.capacity < min_cache:
             raise streaming.refuse(self.budget_bytes, fixed, min_cache,
@@ -278,12 +276,17 @@ class Model:
             return self.memory_plan
 
     def set_quality(self, quality: str) -> None:
-        """Change the quality preset of a loaded model (see QUALITIES)."""
+        """Change the quality preset ("max", "balanced", "fast") or thresholds ("high,low[,naee]")
+        of a loaded model. Below "max" the experts must stream from a store."""
         self._check_open()
-        if quality not in QUALITIES:
-            raise EdgeMoEError(f"quality {quality!r} is not one of {', '.join(QUALITIES)}")
+        q = policy.parse_quality(quality)
+        if self._experts is None and q.name != "max":
+            raise EdgeMoEError("quality below max needs an expert store: load the model with a budget or quality")
         with self._lock:
-            self.quality = quality
+            self._quality = q
+            self.quality = q.name
+            if self._experts is not None:
+                self._experts.quality = q
 
     def _check_memory(self) -> None:
         need = self._file.file_size + self._cache.nbytes
@@ -481,6 +484,7 @@ class Model:
             if obj is not None:
                 obj.close()
         if self._experts is not None:
+            self._experts.close()
             self._experts.cache.clear()
         self._engine = self._cache = self._experts = None  # type: ignore[assignment]
 

@@ -9,6 +9,7 @@ arenas would keep it and RSS would drift above the budget).
 from __future__ import annotations
 
 import mmap
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class Entry:
     nbytes: int = 0
     last_use: int = 0
     uses: int = 0
+    prefetched: bool = False  # brought in by a prefetch
+    used: bool = False  # computed with at least once
 
 
 @dataclass
@@ -60,6 +63,8 @@ def policy_key(policy: str, e: Entry, clock: int, layer: int, n_layer: int) -> f
 
 
 class ExpertCache:
+    """Not thread-safe by itself: the I/O pipeline serialises access with `cond`."""
+
     def __init__(self, reader: StoreReader, capacity_bytes: int, policy: str = "lru"):
         if policy not in POLICIES:
             raise EdgeMoEError(f"cache policy {policy!r} is not one of {', '.join(POLICIES)}")
@@ -67,70 +72,122 @@ class ExpertCache:
         self.capacity = int(capacity_bytes)
         self.policy = policy
         self.entries: dict[tuple[int, int], Entry] = {}
-        self.nbytes = 0
+        self.nbytes = 0  # resident plane bytes, plus bytes reserved for reads in flight
         self.clock = 0
         self.layers = [LayerStats() for _ in range(reader.n_layer)]
         self.plane_sizes = [reader.plane_size(p) for p in range(reader.n_planes)]
+        self.cond = threading.Condition()
+        self.prefetch_wasted_bytes = 0  # prefetched planes dropped before any use
 
-    def get(self, layer: int, expert: int, n_planes: int, pinned: frozenset = frozenset()) -> list[np.ndarray]:
+    def count(self, layer: int, expert: int, n_planes: int) -> str:
+        """Record a request for an expert at n_planes: "hit", "partial" (resident at fewer planes:
+        an upgrade follows) or "miss"."""
         self.clock += 1
         st = self.layers[layer]
         pe = st.per_expert.setdefault(expert, [0, 0, 0])
+        ent = self.entries.get((layer, expert))
+        have = len(ent.planes) if ent else 0
+        if have >= n_planes:
+            st.hits += 1
+            pe[0] += 1
+            kind = "hit"
+        elif have:
+            st.partial_hits += 1
+            st.upgrades += 1
+            pe[2] += 1
+            kind = "partial"
+        else:
+            st.misses += 1
+            pe[1] += 1
+            kind = "miss"
+        if ent is not None:
+            ent.last_use = self.clock
+            ent.uses += 1
+        return kind
+
+    def get(self, layer: int, expert: int, n_planes: int, pinned: frozenset = frozenset()) -> list[np.ndarray]:
+        """The expert's first n_planes, reading what is missing in one contiguous read."""
+        self.count(layer, expert, n_planes)
         key = (layer, expert)
         ent = self.entries.get(key)
         have = len(ent.planes) if ent else 0
-        if ent is not None and have >= n_planes:
-            st.hits += 1
-            pe[0] += 1
-        else:
+        if have < n_planes:
             need = sum(self.plane_sizes[have:n_planes])
-            self._make_room(need, layer, pinned | {key})
+            self.make_room(need, layer, pinned | {key})
             bufs = [alloc(self.plane_sizes[p]) for p in range(have, n_planes)]
             t0 = time.perf_counter()
-            self.reader.read_planes(layer, expert, have, bufs)
-            st.io_seconds += time.perf_counter() - t0
-            st.bytes_read += need
-            if ent is None:
-                st.misses += 1
-                pe[1] += 1
-                ent = self.entries[key] = Entry(layer, expert, [])
-            else:
-                st.partial_hits += 1
-                st.upgrades += 1
-                pe[2] += 1
-            ent.planes.extend(bufs)
-            ent.nbytes += need
-            self.nbytes += need
-        ent.last_use = self.clock
-        ent.uses += 1
+            try:
+                self.reader.read_planes(layer, expert, have, bufs)
+            finally:
+                self.nbytes -= need  # the reservation becomes the planes' own bytes below
+            self.layers[layer].io_seconds += time.perf_counter() - t0
+            ent = self.add_planes(layer, expert, bufs)
+        ent = self.entries[key]
+        ent.used = True
         return ent.planes[:n_planes]
 
-    def _make_room(self, need: int, layer: int, pinned) -> None:
+    def add_planes(self, layer: int, expert: int, bufs: list[np.ndarray], prefetched: bool = False) -> Entry:
+        key = (layer, expert)
+        ent = self.entries.get(key)
+        if ent is None:
+            ent = self.entries[key] = Entry(layer, expert, [], last_use=self.clock, prefetched=prefetched)
+        have = len(ent.planes)
+        n = sum(self.plane_sizes[have : have + len(bufs)])  # nominal sizes: the replay tool reads nothing
+        ent.planes.extend(bufs)
+        ent.nbytes += n
+        self.nbytes += n
+        self.layers[layer].bytes_read += n
+        return ent
+
+    def make_room(self, need: int, layer: int, pinned) -> None:
+        if not self.try_make_room(need, layer, pinned):
+            raise EdgeMoEError("the expert cache is too small for the experts one layer needs at once")
+        self.nbytes += need  # reserved for the read
+
+    def try_make_room(self, need: int, layer: int, pinned) -> bool:
+        """Free room for `need` bytes by D2MoE's budget rule combined with the policy: first the
+        previous layer's highest planes, then its lowest; then by policy, highest planes first.
+        False when only pinned entries are left to drop (the caller waits for them)."""
         if need > self.capacity:
             raise EdgeMoEError(
                 f"one expert needs {need} bytes but the expert cache holds {self.capacity}: raise the budget"
             )
         n_layer = len(self.layers)
+        prev = (layer - 1) % n_layer
         while self.nbytes + need > self.capacity:
             victims = [e for k, e in self.entries.items() if k not in pinned]
             if not victims:
-                raise EdgeMoEError("the expert cache is too small for the experts one layer needs at once")
-            v = min(victims, key=lambda e: policy_key(self.policy, e, self.clock, layer, n_layer))
-            st = self.layers[v.layer]
-            if len(v.planes) > 1:  # drop the highest plane first: the expert stays usable at fewer bits
-                top = v.planes.pop()
-                v.nbytes -= top.nbytes
-                self.nbytes -= top.nbytes
-                st.downgrades += 1
-            else:
-                del self.entries[(v.layer, v.expert)]
-                self.nbytes -= v.nbytes
-                st.evictions += 1
+                return False
+
+            def rank(e: Entry):
+                key = policy_key(self.policy, e, self.clock, layer, n_layer)
+                if e.layer == prev:
+                    return (0 if len(e.planes) > 1 else 1, key)
+                return (2, key)
+
+            self._drop_top(min(victims, key=rank))
+        return True
+
+    def _drop_top(self, v: Entry) -> None:
+        """Drop v's highest plane (the expert stays usable at fewer bits), or v itself."""
+        st = self.layers[v.layer]
+        top = self.plane_sizes[len(v.planes) - 1]
+        if v.prefetched and not v.used:
+            self.prefetch_wasted_bytes += top
+        if len(v.planes) > 1:
+            v.planes.pop()
+            v.nbytes -= top
+            self.nbytes -= top
+            st.downgrades += 1
+        else:
+            del self.entries[(v.layer, v.expert)]
+            self.nbytes -= v.nbytes
+            st.evictions += 1
 
     def shrink_to_capacity(self) -> None:
         """After the capacity was lowered: downgrade and evict until the entries fit."""
         if self.entries:
-            self._make_room(0, next(iter(self.entries))[0], frozenset())
+            self.make_room(0, next(iter(self.entries))[0], frozenset())
 
     def resident_planes(self) -> dict[tuple[int, int], int]:
         return {k: len(e.planes) for k, e in self.entries.items()}

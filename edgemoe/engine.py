@@ -180,10 +180,25 @@ class GGUFExperts:
         self.down = [stacked(i, "down") for i in range(args.n_layer)]
         self.bias = [None if args.is_dense(i) else expert_biases(gf, i) for i in range(args.n_layer)]
 
-    def ffn(self, i: int, e: int, x: np.ndarray, importance: float) -> np.ndarray:
+    def ffn(self, i: int, e: int, x: np.ndarray) -> np.ndarray:
         b = self.bias[i]
         return expert_ffn(self.args, self.gate[i][e], self.up[i][e], self.down[i][e], x,
                           b[e] if b is not None else None)
+
+    def moe_layer(self, i: int, h: np.ndarray, top: np.ndarray, w: np.ndarray, predict=None) -> np.ndarray:
+        return combine(h, top, w, lambda e, x: self.ffn(i, e, x))
+
+
+def combine(h: np.ndarray, top: np.ndarray, w: np.ndarray, ffn, order=None) -> np.ndarray:
+    """sum_k w[t, k] * ffn(top[t, k], h[t]) [T, D], each expert run once on all its tokens;
+    slots with weight 0 (skipped) are left out."""
+    out = np.zeros_like(h)
+    for e in (order if order is not None else np.unique(top)):
+        rows, slot = np.nonzero((top == e) & (w != 0))
+        if len(rows):
+            gw = w[rows, slot]
+            out[rows] += ffn(int(e), np.ascontiguousarray(h[rows])) * gw[:, None]
+    return out
 
 
 class Engine:
@@ -466,14 +481,16 @@ class Engine:
         return top, _softmax(np.take_along_axis(logits, top, axis=-1)).astype(np.float32)
 
     def experts(self, i: int, layer: Layer, h: np.ndarray, top: np.ndarray, w: np.ndarray) -> np.ndarray:
-        out = np.zeros_like(h)
-        for e in np.unique(top):
-            rows, slot = np.nonzero(top == e)
-            x = np.ascontiguousarray(h[rows])
-            gw = w[rows, slot]
-            y = self.expert_src.ffn(i, int(e), x, float(gw.max()))
-            out[rows] += y * gw[:, None]
-        return out
+        """The chosen experts' outputs, weighted and summed [T, D]; `predict` gives the expert source
+        the next MoE layer's likely routing (its router applied to this layer's input) to prefetch."""
+        return self.expert_src.moe_layer(i, h, top, w, lambda: self._predict_next(i, h))
+
+    def _predict_next(self, i: int, h: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
+        j = next((j for j in range(i + 1, self.args.n_layer) if not self.layers[j].dense), None)
+        if j is None:
+            return None
+        top, w = self.route(self.layers[j], h)
+        return j, top, w
 
     def moe(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
         top, w = self.route(layer, h)

@@ -79,23 +79,25 @@ def default_bits(source_bits: float) -> tuple[int, ...]:
 
 # ---- packing ------------------------------------------------------------------------------------
 
-def _pack(codes: np.ndarray, nbits: int, group: int) -> np.ndarray:
-    """codes uint8 [n_out, n_in] (values < 2^nbits) -> packed uint8 [n_out * n_in * nbits / 8]."""
+def _pack(codes: np.ndarray, nbits: int, span: int) -> np.ndarray:
+    """codes uint8 [n_out, n_in] (values < 2^nbits) -> packed uint8 [n_out * n_in * nbits / 8].
+    Within each run of `span` columns (the planes use span = n_in, a whole row) with
+    nb = span*nbits/8 bytes, byte k holds the code of column j*nb + k in bits [j*nbits, ...)."""
     n_out, n_in = codes.shape
     slots = 8 // nbits
-    nb = group * nbits // 8
-    c = codes.reshape(n_out, n_in // group, slots, nb).astype(np.uint8)
-    out = np.zeros((n_out, n_in // group, nb), np.uint8)
+    nb = span * nbits // 8
+    c = codes.reshape(n_out, n_in // span, slots, nb).astype(np.uint8)
+    out = np.zeros((n_out, n_in // span, nb), np.uint8)
     for j in range(slots):
         out |= (c[:, :, j, :] << np.uint8(j * nbits)).astype(np.uint8)
     return out.reshape(-1)
 
 
-def _unpack(packed: np.ndarray, nbits: int, group: int, n_out: int, n_in: int) -> np.ndarray:
+def _unpack(packed: np.ndarray, nbits: int, span: int, n_out: int, n_in: int) -> np.ndarray:
     """Inverse of _pack: uint8 [n_out, n_in]."""
     slots = 8 // nbits
-    nb = group * nbits // 8
-    p = packed.reshape(n_out, n_in // group, 1, nb)
+    nb = span * nbits // 8
+    p = packed.reshape(n_out, n_in // span, 1, nb)
     sh = (np.arange(slots, dtype=np.uint8) * nbits).reshape(1, 1, slots, 1)
     c = (p >> sh) & np.uint8((1 << nbits) - 1)
     return c.reshape(n_out, n_in)
@@ -659,14 +661,19 @@ if HAVE_NUMBA:
         P = len(planes)
         PC = P if kind == 0 else 1  # code rows kept
         y = np.empty((T, n_out), np.float32)
+        # T == 1 and every plane's row slots hold whole groups: decode inside the multiply-add
+        fused = T == 1
+        for p in range(P):
+            if (n_in * nbits[p] // 8) % group:
+                fused = False
         for o in numba.prange(n_out):
-            codes = np.empty((PC, n_in), np.uint8)
+            codes = np.empty((0 if fused else PC, n_in), np.uint8)
             lane = np.zeros((T, group), np.float32)
             cf = np.empty(group, np.float32)
             Ag = np.empty((P, G), np.float32)
             cacc = np.zeros(T, np.float32)
             # ---- decode the row's codes
-            for p in range(P):
+            for p in range(0 if fused else P):
                 pl = planes[p]
                 b = nbits[p]
                 nr = n_in * b // 8
@@ -705,13 +712,35 @@ if HAVE_NUMBA:
                         sp = _h2f(planes[p], n_out * n_in * nbits[p] // 8 + 2 * gi)
                         Ag[p, g] = sp + sp
                         C = C - sp
-                else:  # matquant: W = (m + s (d-1)/2) + s * code
+                else:  # matquant: W = (m + s (d-1)/2) + s * code, code = sum_p code_p 2^up_p
                     C = m0 + s0 * np.float32(offset)
                     Ag[0, g] = s0
+                    if fused:
+                        for p in range(P):
+                            Ag[p, g] = s0 * np.float32(mult[p])
                 for t in range(T):
                     cacc[t] += C * xs[t, g]
             # ---- multiply-add (1-D row views hoisted out of the loops: they vectorize)
-            if T == 1:
+            if fused:
+                ln = lane[0]
+                xr = x[0]
+                for p in range(P):
+                    pl = planes[p]
+                    b = nbits[p]
+                    nr = n_in * b // 8
+                    st = o * nr
+                    mask = (1 << b) - 1
+                    for j in range(8 // b):
+                        sh = j * b
+                        for gg in range(nr // group):
+                            col0 = j * nr + gg * group
+                            a = Ag[p, col0 // group]
+                            b0 = _U(st + gg * group)
+                            c0 = _U(col0)
+                            for k in range(group):
+                                i = _U(k)
+                                ln[i] += xr[c0 + i] * (a * np.float32((pl[b0 + i] >> sh) & mask))
+            elif T == 1:
                 ln = lane[0]
                 xr = x[0]
                 for g in range(G):

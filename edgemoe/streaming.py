@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import nested
+from . import nested, policy
+from .pipeline import Pipeline
+from .policy import PRESETS, Calibration, Quality
 from .cache import ExpertCache
 from .config import ModelArgs
 from .engine import expert_act, expert_biases
@@ -56,6 +58,13 @@ class CacheStats:
     layers: tuple[LayerCacheStats, ...]
     experts: dict[tuple[int, int], tuple[int, int, int]]  # (layer, expert) -> (hits, misses, partial)
     resident_bits: dict[tuple[int, int], int]  # (layer, expert) -> bits held now
+    skipped: int  # token-expert pairs skipped by the quality policy
+    chosen: int  # token-expert pairs the routers chose
+    uses_by_bits: dict[int, int]  # expert computations by the width they ran at
+    prefetch_issued: int
+    prefetch_hits: int  # prefetched experts the real routing wanted
+    prefetch_cancelled: int  # queued prefetches dropped: the routing did not want them
+    prefetch_wasted_bytes: int  # prefetched planes dropped before any use
 
     @property
     def hit_rate(self) -> float:
@@ -64,10 +73,13 @@ class CacheStats:
 
 
 class StoreExperts:
-    """Expert FFNs computed on nested planes fetched through the cache."""
+    """Expert FFNs computed on nested planes fetched through the cache: dual routing picks each
+    chosen expert's width, skipping drops the least important, and the HEBF pipeline (when on)
+    overlaps the reads with the compute and prefetches the next layer."""
 
     def __init__(self, reader: StoreReader, cache: ExpertCache, args: ModelArgs, dense: GGUFFile,
-                 bits: int | None = None):
+                 bits: int | None = None, quality: Quality | None = None, pipeline: bool = True,
+                 prefetch: bool = True):
         self.reader = reader
         self.args = args
         # expert biases (gpt-oss) stay in the dense file
@@ -77,15 +89,23 @@ class StoreExperts:
         if bits is not None and bits not in self.scheme.widths:
             raise EdgeMoEError(f"bits {bits} is not a width of this store ({', '.join(map(str, self.scheme.widths))})")
         self.n_planes = self.scheme.planes_for(bits if bits is not None else self.scheme.widths[-1])
+        self.low_planes = self.scheme.planes_for(self.scheme.widths[0])
         self._bits_of_planes = {self.scheme.planes_for(b): b for b in self.scheme.widths}
         self.shapes = {
             "gate": (reader.n_ff_exp, reader.n_embd),
             "up": (reader.n_ff_exp, reader.n_embd),
             "down": (reader.n_embd, reader.n_ff_exp),
         }
+        self.quality = quality or PRESETS["max"]
+        self.calibration = Calibration.load(reader.root, args.n_layer)
+        self.pipeline = Pipeline(cache) if pipeline else None
+        self.prefetch_enabled = prefetch and pipeline
+        self.skipped = 0  # token-expert pairs skipped
+        self.chosen = 0  # token-expert pairs routed
+        self.uses_by_bits: dict[int, int] = {}  # expert computations by width
+        self.ratios: list[list[float]] | None = None  # set by calibrate: w_k / w_1 per layer
 
-    def ffn(self, i: int, e: int, x: np.ndarray, importance: float) -> np.ndarray:
-        planes = self.cache.get(i, e, self.n_planes)
+    def ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:
         per = {m: [] for m in MATRICES}
         for p, buf in enumerate(planes):
             for m, view in self.reader.split_plane(buf, p).items():
@@ -101,6 +121,68 @@ class StoreExperts:
         y = mm(per["down"], *self.shapes["down"], hdn)  # [T, D]
         return y + b.down if b is not None else y
 
+    def _widths(self, i: int, top: np.ndarray, w: np.ndarray, skip: np.ndarray) -> dict[int, tuple[int, float]]:
+        """{expert: (planes to use, hotness)} for the kept experts of one layer."""
+        q = self.quality
+        s = policy.mass_before(w)
+        T = top.shape[0]
+        wants = {}
+        for e in np.unique(top[~skip]):
+            use = (top == e) & ~skip
+            smin = float(s[use].min())
+            n = self.n_planes if smin <= q.high_mass else min(self.low_planes, self.n_planes)
+            if q.prefer_resident and smin > 0 and n > self.low_planes:
+                with self.cache.cond:
+                    ent = self.cache.entries.get((i, int(e)))
+                    have = len(ent.planes) if ent else 0
+                if have >= self.low_planes:
+                    n = min(n, have)
+            hot = float(w[use].max()) if T == 1 else float(use.sum())
+            wants[int(e)] = (n, hot)
+        return wants
+
+    def moe_layer(self, i: int, h: np.ndarray, top: np.ndarray, w: np.ndarray, predict=None) -> np.ndarray:
+        q = self.quality
+        if self.ratios is not None:  # calibrating NAEE: record w_k / w_1 of the non-first experts
+            ws = np.sort(w, axis=1)[:, ::-1]
+            self.ratios[i].extend((ws[:, 1:] / ws[:, :1]).ravel().tolist())
+        beta = self.calibration.betas[i] if self.calibration is not None else None
+        skip = policy.skip_mask(w, q, beta) if q.name != "max" else np.zeros(top.shape, dtype=bool)
+        self.chosen += top.size
+        if skip.any():
+            self.skipped += int(skip.sum())
+            w = policy.renormalise(w, skip)
+        wants = self._widths(i, top, w, skip)
+        for n, _ in wants.values():
+            b = self.bits_of(n)
+            self.uses_by_bits[b] = self.uses_by_bits.get(b, 0) + 1
+        # one row per (token, slot), summed over slots in slot order at the end: the result does
+        # not depend on the order the experts were computed in (reads land in any order)
+        slots = np.zeros((top.shape[0], top.shape[1], h.shape[1]), dtype=np.float32)  # [T, K, D]
+
+        def compute(e: int, planes: list[np.ndarray]) -> None:
+            rows, slot = np.nonzero((top == e) & (w != 0))
+            slots[rows, slot] = self.ffn(i, e, planes, np.ascontiguousarray(h[rows])) * w[rows, slot][:, None]
+
+        if self.pipeline is None:
+            for e in sorted(wants, key=lambda e: (-wants[e][1], e)):
+                compute(e, self.cache.get(i, e, wants[e][0]))
+            return _sum_slots(slots)
+
+        def after_submit() -> None:
+            nxt = predict() if (predict is not None and self.prefetch_enabled) else None
+            if nxt is not None:
+                j, ptop, pw = nxt
+                pskip = policy.skip_mask(pw, q, None) if q.name != "max" else np.zeros(ptop.shape, dtype=bool)
+                self.pipeline.prefetch(j, self._widths(j, ptop, pw, pskip))
+
+        self.pipeline.run_layer(i, wants, compute, after_submit)
+        return _sum_slots(slots)
+
+    def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+
     def bits_of(self, n_planes: int) -> int:
         """The width n planes give (the largest width whose planes are all there)."""
         best = 0
@@ -114,7 +196,12 @@ class StoreExperts:
         return n_expert_used * self.reader.expert_bytes(self.n_planes)
 
     def snapshot(self) -> CacheStats:
+        with self.cache.cond:
+            return self._snapshot()
+
+    def _snapshot(self) -> CacheStats:
         c = self.cache
+        pl = self.pipeline
         layers = tuple(
             LayerCacheStats(s.hits, s.misses, s.partial_hits, s.bytes_read, s.evictions, s.upgrades,
                             s.downgrades, s.io_seconds)
@@ -133,8 +220,18 @@ class StoreExperts:
             evictions=sum(s.evictions for s in layers), upgrades=sum(s.upgrades for s in layers),
             downgrades=sum(s.downgrades for s in layers), io_stall_s=sum(s.io_stall_s for s in layers),
             cache_bytes=c.nbytes, cache_capacity=c.capacity, resident_bytes_by_bits=by_bits, layers=layers,
-            experts=experts, resident_bits=resident_bits,
+            experts=experts, resident_bits=resident_bits, skipped=self.skipped, chosen=self.chosen,
+            uses_by_bits=dict(self.uses_by_bits),
+            prefetch_issued=pl.prefetch_issued if pl else 0, prefetch_hits=pl.prefetch_hits if pl else 0,
+            prefetch_cancelled=pl.prefetch_cancelled if pl else 0, prefetch_wasted_bytes=c.prefetch_wasted_bytes,
         )
+
+
+def _sum_slots(slots: np.ndarray) -> np.ndarray:
+    out = slots[:, 0].copy()
+    for k in range(1, slots.shape[1]):
+        out += slots[:, k]
+    return out
 
 
 def scratch_bytes(n_embd: int, n_ff: int, n_head: int, n_ctx: int, n_vocab: int) -> int:

@@ -152,6 +152,24 @@ def test_numpy_fallback_equals_numba(encoded, name):
 
 @pytest.mark.parametrize("name", list(SCHEMES))
 @pytest.mark.parametrize("bits", FAMILIES)
+def test_matmul_wide_rows(name, bits):
+    """n_in = 1024: the T == 1 kernel decodes inside the multiply-add (every plane's row slots
+    hold whole groups); T = 3 uses the decode-then-multiply path on the same planes."""
+    rng = np.random.default_rng(11)
+    w = (rng.standard_t(4, size=(24, 1024)) * 0.02).astype(np.float32)
+    sch = SCHEMES[name](bits)
+    planes = sch.encode(w)
+    for T in (1, 3):
+        x = rng.standard_normal((T, 1024)).astype(np.float32)
+        for b in bits:
+            k = sch.planes_for(b)
+            want = x @ sch.dequantize(planes[:k], 24, 1024).T
+            assert _rel(sch.matmul(planes[:k], 24, 1024, x), want) < 1e-4
+            assert _rel(sch.matmul(planes[:k], 24, 1024, x, backend="numpy"), want) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("bits", FAMILIES)
 def test_matmul_odd_group(name, bits):
     """group 64 (and shapes with a single group) go through the same kernel."""
     rng = np.random.default_rng(5)

@@ -1,0 +1,128 @@
+"""Dual routing and expert skipping: how many bits each chosen expert is read at, and which
+chosen experts are skipped, from their gate weights. Training-free.
+
+For a token, rank its chosen experts by gate weight w_1 >= w_2 >= ... and let s_k be the share of
+the gate mass held by the better-ranked ones (s_1 = 0). As in HOBBIT (arXiv 2411.01433):
+  s_k <= high_mass            -> the expert at the top width (every plane)
+  high_mass < s_k <= low_mass -> at the lowest width
+  s_k > low_mass              -> skipped
+and, as in NAEE (ACL'24), the k-th expert is skipped when w_k < beta_l * w_1, with beta_l per
+layer calibrated on text (`edgemoe calibrate`: the median of w_k / w_1 there, times `naee_scale`).
+Kept weights are renormalised to the token's original gate mass. An expert used by several
+tokens (prefill) gets the width of its most important use. With `prefer_resident`, an expert
+that is not a token's first choice and is resident at a usable width is used as it is rather than
+upgraded (no stall for it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgeMoEError
+
+CALIBRATION = "calibration.json"
+
+
+@dataclass(frozen=True)
+class Quality:
+    name: str
+    high_mass: float
+    low_mass: float
+    naee_scale: float  # 0 = no NAEE skipping
+    prefer_resident: bool
+
+    def describe(self) -> str:
+        if self.name == "max":
+            return "every plane of every chosen expert, no skipping"
+        skip = f"skip beyond {self.low_mass:.0%} of the gate mass" if self.low_mass < 1 else "no mass skipping"
+        naee = f", NAEE skip w_k < {self.naee_scale:g} x beta_l x w_1" if self.naee_scale else ""
+        return (f"top width while the better-ranked experts hold <= {self.high_mass:.0%} of the gate mass, "
+                f"lowest width beyond, {skip}{naee}{', resident planes preferred' if self.prefer_resident else ''}")
+
+
+PRESETS: dict[str, Quality] = {
+    "max": Quality("max", 1.0, 1.0, 0.0, False),
+    "balanced": Quality("balanced", 0.6, 1.0, 0.0, True),
+    "fast": Quality("fast", 0.4, 0.9, 1.0, True),
+}
+
+
+def parse_quality(q: str | None) -> Quality:
+    """A preset name, or explicit thresholds 'high,low[,naee_scale]' such as '0.6,0.9,1'."""
+    if q is None:
+        return PRESETS["max"]
+    if q in PRESETS:
+        return PRESETS[q]
+    try:
+        parts = [float(x) for x in q.split(",")]
+    except (ValueError, AttributeError):
+        parts = []
+    if len(parts) in (2, 3) and 0 <= parts[0] <= parts[1] <= 1 and (len(parts) == 2 or parts[2] >= 0):
+        return Quality(q, parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0, True)
+    raise EdgeMoEError(
+        f"quality {q!r} is not one of {', '.join(PRESETS)} nor thresholds 'high,low[,naee]' with 0 <= high <= low <= 1"
+    )
+
+
+def mass_before(w: np.ndarray) -> np.ndarray:
+    """s [T, K]: share of the token's gate mass held by experts ranked better than each slot."""
+    total = w.sum(axis=1, keepdims=True)
+    order = np.argsort(-w, axis=1, kind="stable")
+    ranked = np.take_along_axis(w, order, axis=1)
+    before = np.cumsum(ranked, axis=1) - ranked
+    s = np.empty_like(w)
+    np.put_along_axis(s, order, before / np.where(total > 0, total, 1), axis=1)
+    return s
+
+
+def skip_mask(w: np.ndarray, q: Quality, beta: float | None) -> np.ndarray:
+    """[T, K] True where a chosen expert is skipped (never a token's first choice)."""
+    skip = mass_before(w) > q.low_mass
+    if q.naee_scale and beta is not None:
+        w1 = w.max(axis=1, keepdims=True)
+        skip |= w < q.naee_scale * beta * w1
+    first = np.argmax(w, axis=1)
+    skip[np.arange(len(w)), first] = False
+    return skip
+
+
+def renormalise(w: np.ndarray, skip: np.ndarray) -> np.ndarray:
+    kept = np.where(skip, 0.0, w)
+    scale = w.sum(axis=1, keepdims=True) / np.maximum(kept.sum(axis=1, keepdims=True), 1e-30)
+    return (kept * scale).astype(np.float32)
+
+
+@dataclass
+class Calibration:
+    betas: list[float | None]  # per layer; None for dense layers
+
+    @classmethod
+    def load(cls, store_root: Path, n_layer: int) -> Calibration | None:
+        path = store_root / CALIBRATION
+        if not path.exists():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+            betas = raw["betas"]
+            if not isinstance(betas, list) or len(betas) != n_layer:
+                raise ValueError(f"betas must be a list of {n_layer}")
+            return cls([None if b is None else float(b) for b in betas])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EdgeMoEError(f"{path}: bad calibration file ({exc}); run edgemoe calibrate again") from None
+
+    def save(self, store_root: Path, meta: dict) -> Path:
+        path = store_root / CALIBRATION
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dict(meta, betas=self.betas), indent=1))
+        os.replace(tmp, path)
+        return path
+
+
+def betas_from_ratios(ratios: list[list[float]]) -> list[float | None]:
+    """NAEE's beta_l: the median over calibration tokens of w_k / w_1 for the non-first experts."""
+    return [float(np.median(r)) if r else None for r in ratios]
