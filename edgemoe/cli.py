@@ -91,6 +91,20 @@ def _print_stats(s) -> None:
                   f"{l.evictions:>6} {l.io_stall_s:>7.2f}", file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .api import load
+    from .server import serve
+
+    if args.max_queue < 0:
+        raise EdgeMoEError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise EdgeMoEError(f"--port must be in 0..65535, got {args.port}")
+    with load(args.model, memory_budget=args.budget, quality=args.quality, n_ctx=args.ctx, kv_type=args.kv_type,
+              bits=args.bits, cache_policy=args.policy) as model:
+        serve(model, args.host, args.port, max_queue=args.max_queue, log=not args.quiet)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert, parse_bits
 
@@ -202,6 +216,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from . import profiler
+
+    return profiler.run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgemoe",
@@ -225,10 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="GGUF model file")
     c.add_argument("-o", "--output", help="store directory (default: MODEL with the suffix .edgemoe)")
     c.add_argument("--bits", help="nested widths, e.g. 2,3,4 or 2,4,8 (default: 2,3,4 for sources of <= 5 bits, else 2,4,8)")
-    c.add_argument("--scheme", default="d2moe", help="nested quantization scheme: d2moe (default) or matquant")
+    c.add_argument("--scheme", default="matquant", help="nested quantization scheme: matquant (default) or d2moe")
     c.add_argument("--calibration", help="text file: fit scales activation-aware on it")
     c.add_argument("--force", action="store_true", help="replace an existing store")
     c.set_defaults(func=cmd_convert)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /stats, /metrics)")
+    _add_load_options(sv)
+    if not any("--quality" in a.option_strings for a in sv._actions):
+        sv.add_argument("--quality", default=None, help="max (default), balanced, fast, or thresholds 'high,low[,naee]'")
+    sv.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; a non-loopback "
+                    "address serves beyond this machine, without authentication)")
+    sv.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
+    sv.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the one generating; "
+                    "more are answered 429 (default 8)")
+    sv.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
+    sv.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="perplexity over a text file, with llama.cpp's as the reference line")
     _add_load_options(e)
@@ -237,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     e.add_argument("--no-reference", action="store_true", help="skip the llama.cpp reference line")
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("profile", help="measure this device into a profile YAML, or profile a model's routing "
+                        "on it (-m MODEL --text FILE: report.md with plots and a recommended budget)")
+    from .profiler import add_arguments as _profile_arguments
+
+    _profile_arguments(pr)
+    pr.set_defaults(func=cmd_profile)
+
+    from .tui.cli import add_subcommands as _tui_subcommands  # chat, monitor (Textual is imported on use)
+
+    _tui_subcommands(sub, _add_load_options, _add_sampling_options)
     return p
 
 

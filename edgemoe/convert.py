@@ -22,8 +22,11 @@ from .config import ModelArgs
 from .errors import EdgeMoEError
 from .gguf_file import GGUFFile
 
-# The nested scheme that won tools/bench_nested.py (see README "Expert store").
-DEFAULT_SCHEME = "d2moe"
+# The nested scheme: matquant won tools/bench_nested.py at the top widths and ties d2moe within a
+# few percent below them; its slices are uniform grids, and Q4_0/Q4_1 sources convert exactly
+# (see README "Expert store").
+DEFAULT_SCHEME = "matquant"
+Q = gguf.GGMLQuantizationType
 EXPERT_SUFFIXES = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
 
 
@@ -45,7 +48,32 @@ def parse_bits(text: str) -> tuple[int, ...]:
     return bits
 
 
-def _group_for(args: ModelArgs) -> int:
+def _source_codes(t, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0/Q4_1 expert's own 4-bit codes [n_out, n_in] and per-32 block s, m [n_out, n_blocks]
+    (Q4_0: w = d*(q - 8) -> s = d, m = -8d; Q4_1: w = d*q + m)."""
+    raw = np.asarray(t.data[e])  # uint8 [n_out, row_bytes]
+    n_out = raw.shape[0]
+    bsize = gguf.GGML_QUANT_SIZES[t.qtype][1]
+    blocks = raw.reshape(n_out, -1, bsize)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    if t.qtype == Q.Q4_0:
+        m = (d.astype(np.float32) * -8).astype(np.float16)
+        qs = blocks[..., 2:]
+    else:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+        qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n_out, -1).astype(np.int64)
+    return q, d, m
+
+
+def _exact_from_source(sch, t) -> bool:
+    return (sch.name == "matquant" and t.qtype in (Q.Q4_0, Q.Q4_1) and sch.widths[-1] == 4
+            and sch.group == 32)
+
+
+def _group_for(args: ModelArgs, scheme: str, qtype, bits: tuple[int, ...]) -> int:
+    if scheme == "matquant" and qtype in (Q.Q4_0, Q.Q4_1) and bits[-1] == 4:
+        return 32  # the source's own blocks: its codes come back exactly at the top width
     for g in (128, 64, 32):
         if args.n_embd % g == 0 and args.n_ff_exp % g == 0:
             return g
@@ -128,7 +156,8 @@ def convert(
             )
         if scheme not in nested.SCHEMES:
             raise EdgeMoEError(f"scheme {scheme!r} is not one of {', '.join(nested.SCHEMES)}")
-        group = _group_for(args)
+        first = next(i for i in range(args.n_layer) if not args.is_dense(i))
+        group = _group_for(args, scheme, gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}").qtype, bits)
         sch = nested.SCHEMES[scheme](bits, group)
         dst = Path(dst) if dst is not None else src.with_suffix(".edgemoe")
         if dst.exists() and not force:
@@ -216,6 +245,9 @@ def _write_store(gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: b
                 continue
             planes = {}
             for m in store.MATRICES:
+                if _exact_from_source(sch, tensors[m]):
+                    planes[m] = sch.from_codes(*_source_codes(tensors[m], e))
+                    continue
                 scale = None
                 if act is not None:
                     scale = act.get((i, "in")) if m != "down" else act.get((i, e))

@@ -570,13 +570,19 @@ class MatQuant(Scheme):
         s, m = best_s, best_m
         safe = np.where(s != 0, s, 1.0)
         q = np.clip(np.round((W - m) / safe), 0, qmax).reshape(n_out, n_in).astype(np.int64)
+        return {"planes": self.from_codes(q, s[..., 0], m[..., 0]), "q": q, "s": s[..., 0], "m": m[..., 0]}
+
+    def from_codes(self, q: np.ndarray, s: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
+        """Planes for given B-bit codes q [n_out, n_in] and per-group fp16 s, m [n_out, G]: the
+        full width reconstructs s*q + m. Used directly for Q4_0/Q4_1 sources, whose own codes and
+        block scales then come back exactly at 4 bits."""
         planes = []
         cum = 0
         for p, b in enumerate(self.plane_bits):
             cum += b
             codes = ((q >> (self.B - cum)) & ((1 << b) - 1)).astype(np.uint8)
-            planes.append(self._build_plane(p, codes, [s[..., 0], m[..., 0]] if p == 0 else []))
-        return {"planes": planes, "q": q, "s": s[..., 0], "m": m[..., 0]}
+            planes.append(self._build_plane(p, codes, [s, m] if p == 0 else []))
+        return planes
 
     def reconstruct(self, parts: dict, k: int) -> np.ndarray:
         """The scheme definition: W^_r = s * (S(q, r) + (d-1)/2) + m with the slice

@@ -84,7 +84,7 @@ def test_convert_info_and_budgeted_run(build_model, tmp_path):
     again = cli("convert", str(src), "-o", str(st))
     assert again.returncode == 2 and "already exists" in again.stderr
     info = cli("info", str(st))
-    assert info.returncode == 0 and "d2moe, widths 2,4,8" in info.stdout
+    assert info.returncode == 0 and "matquant, widths 2,4,8" in info.stdout
     run = cli("run", "-m", str(st), "Hello", "--max-tokens", "6", "--temperature", "0", "--stats")
     assert run.returncode == 0, run.stderr
     for needle in ("hits / partial / misses", "bytes read", "layer", "resident by bits"):
