@@ -40,26 +40,29 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
 
     base = edgemoe.BASELINE_RSS
     t0 = time.perf_counter()
-    m = edgemoe.load(a.model, memory_budget=a.budget, n_ctx=a.prompt_tokens + a.decode_tokens + 8, progress=False)
+    m = edgemoe.load(a.model, memory_budget=a.budget, quality=a.quality, n_ctx=a.prompt_tokens + a.decode_tokens + 8,
+                     progress=False)
     load_s = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(0, m.config.n_vocab - 8, size=a.prompt_tokens).tolist()
     r0 = _read_bytes()
+    t0 = time.perf_counter()
     it = m.stream(ids, max_tokens=a.decode_tokens + 1, temperature=0, ignore_eos=True)
     first = next(it)
-    ttft = time.perf_counter()
+    ttft = time.perf_counter() - t0
     r1 = _read_bytes()
     rest = list(it)
     r2 = _read_bytes()
     s = m.stats()
     out = dict(load_s=load_s, prompt_tps=s.prompt_tokens_per_s, decode_tps=s.decode_tokens_per_s,
                tokens=[first.token] + [r.token for r in rest], base_rss=base,
-               prompt_read=r1 - r0, decode_read=r2 - r1)
-    del ttft
+               prompt_read=r1 - r0, decode_read=r2 - r1, ttft_s=ttft, quality=m.quality)
     if s.cache is not None:
         c = s.cache
         out.update(hit_rate=c.hit_rate, cache_bytes_read=c.bytes_read, misses=c.misses, hits=c.hits,
                    partial_hits=c.partial_hits, io_stall_s=c.io_stall_s, cache_capacity=c.cache_capacity,
-                   runtime_bytes=m.memory_plan.runtime if m.memory_plan else None)
+                   runtime_bytes=m.memory_plan.runtime if m.memory_plan else None, skipped=c.skipped,
+                   chosen=c.chosen, uses_by_bits={str(k): v for k, v in c.uses_by_bits.items()},
+                   prefetch_issued=c.prefetch_issued, prefetch_hits=c.prefetch_hits)
     return out
 
 
@@ -93,13 +96,14 @@ def run_llama_cpp(a: argparse.Namespace) -> dict:
     r1 = _read_bytes()
     toks = [int(np.argmax(last_logits()))]
     t2 = time.perf_counter()
+    ttft = t2 - t0
     for _ in range(a.decode_tokens):
         llm.eval([toks[-1]])
         toks.append(int(np.argmax(last_logits())))
     t3 = time.perf_counter()
     r2 = _read_bytes()
     return dict(load_s=load_s, prompt_tps=a.prompt_tokens / (t1 - t0), decode_tps=a.decode_tokens / (t3 - t2),
-                tokens=toks, base_rss=base, prompt_read=r1 - r0, decode_read=r2 - r1)
+                tokens=toks, base_rss=base, prompt_read=r1 - r0, decode_read=r2 - r1, ttft_s=ttft)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("engine", choices=["edgemoe", "llama.cpp"])
     ap.add_argument("model")
     ap.add_argument("--budget", type=int, default=None, help="edgemoe memory budget (bytes)")
+    ap.add_argument("--quality", default=None, help="edgemoe quality preset")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -20,6 +20,13 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16, as llama.cpp)")
     p.add_argument("--bits", type=int, default=None, help="read experts at this nested width (default: all planes)")
     p.add_argument("--policy", choices=["lru", "lfu", "score"], default="lru", help="expert cache eviction policy")
+    p.add_argument("--quality", default=None,
+                   help="max (default: every plane, no skipping), balanced, fast, or thresholds 'high,low[,naee]' "
+                        "(see README: Quality presets)")
+    p.add_argument("--profile", default=None,
+                   help="device profile (profiles/NAME.yaml or a path): its default budget when --budget is not given")
+    p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
+    p.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -33,11 +40,20 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _budget(args: argparse.Namespace):
+    if args.budget is None and getattr(args, "profile", None):
+        from .profiles import load_profile
+
+        return load_profile(args.profile).default_budget
+    return args.budget
+
+
 def _load(args: argparse.Namespace):
     from .api import load
 
-    return load(args.model, memory_budget=args.budget, n_ctx=args.ctx, kv_type=args.kv_type, bits=args.bits,
-                cache_policy=args.policy)
+    return load(args.model, memory_budget=_budget(args), quality=args.quality, n_ctx=args.ctx, kv_type=args.kv_type,
+                bits=args.bits, cache_policy=args.policy, pipeline=not args.no_pipeline,
+                prefetch=not args.no_prefetch)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -99,10 +115,66 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise EdgeMoEError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise EdgeMoEError(f"--port must be in 0..65535, got {args.port}")
-    with load(args.model, memory_budget=args.budget, quality=args.quality, n_ctx=args.ctx, kv_type=args.kv_type,
-              bits=args.bits, cache_policy=args.policy) as model:
+    with _load(args) as model:
         serve(model, args.host, args.port, max_queue=args.max_queue, log=not args.quiet)
     return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """NAEE's per-layer skip thresholds from text, saved beside the store (calibration.json)."""
+    from . import evaluate
+    from .policy import Calibration, betas_from_ratios
+
+    text = _read_text(args.text)
+    with _load(args) as model:
+        if model._experts is None:
+            raise EdgeMoEError("calibration needs an expert store: give a store, or a GGUF with --budget")
+        model.set_quality("max")
+        exp = model._experts
+        exp.ratios = [[] for _ in range(model.config.n_layer)]
+        ids = model.tokenize(text, add_bos=False)[: args.tokens]
+        for w in evaluate.windows_of(ids, min(args.window, len(ids)), None):
+            model.logits(w)
+        betas = betas_from_ratios(exp.ratios)
+        exp.ratios = None
+        path = Calibration(betas).save(model.store_path, dict(text=str(args.text), tokens=len(ids)))
+    print(f"{path}: beta per layer " + " ".join("-" if b is None else f"{b:.3f}" for b in betas))
+    return 0
+
+
+def _read_text(path_str: str) -> str:
+    path = Path(path_str)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeMoEError(f"{path}: cannot read text file ({exc})") from None
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    """Run a command as if on the profile's device: its RAM as a memory cgroup cap, its storage's
+    sequential read speed as a blkio throttle, its readahead, from a cold page cache."""
+    from . import cgroup
+    from .profiles import load_profile
+
+    prof = load_profile(args.profile)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise EdgeMoEError("emulate needs a command after --, e.g. edgemoe emulate --profile P -- edgemoe run hi")
+    device, disk = cgroup.block_device_of(args.storage)
+    mem = args.memory or prof.ram
+    bps = int(prof.storage.seq_read_mbps * 1e6)
+    print(f"edgemoe: emulating {prof.name}: memory {mem / 2**30:.2f} GiB, reads {prof.storage.seq_read_mbps:g} MB/s "
+          f"on {disk} ({device}), readahead {prof.storage.readahead_kb} KB, cold page cache", file=sys.stderr)
+    with cgroup.readahead(disk, prof.storage.readahead_kb):
+        cgroup.drop_caches()
+        with cgroup.limits(mem_bytes=int(mem), read_bps=bps, device=device) as cgs:
+            try:
+                proc = cgroup.run_in(cgs, cmd)
+            except FileNotFoundError:
+                raise EdgeMoEError(f"{cmd[0]}: command not found") from None
+            if proc.returncode and cgroup.oom_killed(cgs):
+                print(f"edgemoe: {cmd[0]} was OOM-killed under the {mem / 2**30:.2f} GiB cap", file=sys.stderr)
+    return proc.returncode
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -189,10 +261,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate
 
     path = Path(args.text)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgeMoEError(f"{path}: cannot read text file ({exc})") from None
+    text = _read_text(args.text)
     with _load(args) as model:
         if args.window > model.n_ctx:
             raise EdgeMoEError(f"--window {args.window} is larger than the context n_ctx={model.n_ctx}")
@@ -220,6 +289,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from . import profiler
 
     return profiler.run_cli(args)
+
+
+def _size(value: str) -> int:
+    from .memory import parse_size
+
+    return parse_size(value, "size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
     sv.set_defaults(func=cmd_serve)
 
+    k = sub.add_parser("calibrate", help="calibrate expert skipping (NAEE thresholds) on text; saved beside the store")
+    _add_load_options(k)
+    k.add_argument("--text", required=True, help="UTF-8 calibration text")
+    k.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use (default 2048)")
+    k.add_argument("--window", type=int, default=256, help="tokens per evaluation window (default 256)")
+    k.set_defaults(func=cmd_calibrate)
+
+    b = sub.add_parser("bench", add_help=False,
+                       help="llama.cpp and edgemoe side by side on an emulated device (see edgemoe bench --help)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+
+    em = sub.add_parser("emulate", help="run a command as if on a device profile (Linux, root, cgroup v1)")
+    em.add_argument("--profile", required=True, help="device profile name or YAML path")
+    em.add_argument("--memory", type=_size, default=None, help="memory cap instead of the profile's RAM (e.g. 2GiB)")
+    em.add_argument("--storage", default=".", help="a path on the disk to throttle (default: the current directory)")
+    em.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    em.set_defaults(func=cmd_emulate)
+
     e = sub.add_parser("eval", help="perplexity over a text file, with llama.cpp's as the reference line")
     _add_load_options(e)
     e.add_argument("--text", required=True, help="UTF-8 text file")
@@ -285,7 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser (edgemoe/bench.py), options and --help included
+        args = argparse.Namespace(func=lambda a: __import__("edgemoe.bench", fromlist=["main"]).main(argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except EdgeMoEError as exc:

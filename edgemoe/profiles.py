@@ -54,11 +54,11 @@ class Profile:
 
 
 def profiles_dir() -> Path:
-    """profiles/ in a checkout, edgemoe.profiles when installed."""
+    """profiles/ in a checkout, edgemoe.device_profiles when installed."""
     from importlib import resources
 
     try:
-        return Path(str(resources.files("edgemoe.profiles")))
+        return Path(str(resources.files("edgemoe.device_profiles")))
     except ModuleNotFoundError:
         return Path(__file__).resolve().parent.parent / "profiles"
 

@@ -1,0 +1,242 @@
+"""`edgemoe bench MODEL --profile P`: llama.cpp and edgemoe on the same GGUF, the same emulated device.
+
+For each budget (a fraction of the GGUF size) both engines run in their own process
+(edgemoe.benchrun) inside a memory cgroup capped at that budget, with the profile's storage read
+throttle and readahead, from a cold page cache, with the same threads: llama.cpp memory-mapped
+without its weight repacking (which the cap OOM-kills), edgemoe streaming experts from its store
+with memory_budget=budget. Prints and saves (JSON, PNG) decode and prefill tokens/s, time to first
+token, peak RSS against the budget, bytes read per token, cache hit rate, skipped experts,
+sparsity-aware memory bandwidth utilisation (S-MBU, MoE-CAP: bytes of the weights a token uses x
+tokens/s / the device's memory bandwidth), the ratios, a prediction from the performance model, and
+the pipeline issue's targets with what was reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import cgroup, store, streaming
+from .errors import EdgeMoEError
+from .profiles import Profile, load_profile
+
+
+def ensure_store(model: Path, progress: bool = True) -> Path:
+    from .convert import convert
+
+    dst = streaming.cache_dir() / (streaming.store_key(model) + ".edgemoe")
+    if not store.is_store(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        print(f"edgemoe: converting {model.name} into {dst}", file=sys.stderr)
+        convert(model, dst, progress=progress)
+    return dst
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.node()}"
+
+
+def run_engine(engine: str, path: str, args, extra: list[str] | None = None, cgroups: list[Path] | None = None) -> dict:
+    cmd = [sys.executable, "-m", "edgemoe.benchrun", engine, path, "--prompt-tokens", str(args.prompt_tokens),
+           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), *(extra or [])]
+    proc = cgroup.run_in(cgroups or [], cmd, capture_output=True, text=True, timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr or "").strip().splitlines()[-2:]
+    killed = cgroups and cgroup.oom_killed(cgroups)
+    return dict(engine=engine, failed="OOM-killed under the cap" if killed else f"exit {proc.returncode}: {' | '.join(tail)}")
+
+
+def model_bytes(model: Path) -> dict:
+    """Bytes a decoded token touches: dense (without the embedding table: one row is read) and
+    one expert (all its matrices) per MoE layer, from the GGUF."""
+    from .config import ModelArgs
+    from .convert import EXPERT_SUFFIXES
+    from .gguf_file import GGUFFile
+
+    f = GGUFFile(model)
+    c = ModelArgs.from_gguf(f)
+    experts = {n for n in f.tensors if n.endswith(tuple(EXPERT_SUFFIXES.values()))}
+    dense = sum(t.nbytes for n, t in f.tensors.items() if n not in experts and n != "token_embd.weight")
+    if "output.weight" not in f.tensors:
+        dense += f.tensor("token_embd.weight").nbytes  # tied output: the whole table is read
+    n_moe = sum(not c.is_dense(i) for i in range(c.n_layer))
+    expert = sum(f.tensor(n).nbytes for n in experts) // (n_moe * c.n_expert)
+    out = dict(dense=dense, expert=expert, n_moe=n_moe, top_k=c.n_expert_used, n_expert=c.n_expert,
+               active=dense + n_moe * c.n_expert_used * expert)
+    f.close()
+    return out
+
+
+def routing(model: Path, n_tokens: int) -> tuple:
+    """A decode routing trace of the GGUF's own routers on the bench's prompt tokens."""
+    import numpy as np
+
+    from .api import load
+
+    with load(model, n_ctx=n_tokens + 1) as m:
+        ids = np.random.default_rng(0).integers(0, m.config.n_vocab - 8, size=n_tokens).tolist()
+        return m.routing_trace(ids)
+
+
+def predict(prof: Profile, mb: dict, misses_per_token: float, expert_read_bytes: int, tps_bound_compute: bool = True) -> float:
+    """Performance model: time per token = compute (bytes touched / memory bandwidth) + reads
+    (missed experts' bytes / storage sequential bandwidth + one latency per missed expert).
+    Nothing in it is fitted to a measured run."""
+    compute = mb["active"] / (prof.memory_bandwidth_gbps * 1e9)
+    io = misses_per_token * (expert_read_bytes / (prof.storage.seq_read_mbps * 1e6) + prof.storage.read_latency_us * 1e-6)
+    return 1.0 / (compute + io)
+
+
+def smbu(active_bytes: float, tps: float, prof: Profile) -> float:
+    return active_bytes * tps / (prof.memory_bandwidth_gbps * 1e9)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edgemoe bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path, help="GGUF model")
+    ap.add_argument("--profile", required=True, help="device profile to emulate")
+    ap.add_argument("--budgets", default="0.4", help="budgets as fractions of the GGUF size (default 0.4)")
+    ap.add_argument("--quality", default=None, help="edgemoe quality preset (default max)")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--engines", default="llama.cpp,edgemoe")
+    ap.add_argument("--no-throttle", action="store_true", help="no read throttle (this machine's storage speed)")
+    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the JSON and PNG")
+    args = ap.parse_args(argv)
+    if not args.model.is_file():
+        raise EdgeMoEError(f"{args.model}: no such GGUF file")
+    prof = load_profile(args.profile)
+    size = args.model.stat().st_size
+    st = ensure_store(args.model)
+    device, disk = cgroup.block_device_of(st)
+    bps = None if args.no_throttle else int(prof.storage.seq_read_mbps * 1e6)
+    mb = model_bytes(args.model)
+    trace = routing(args.model, args.prompt_tokens + args.decode_tokens)
+    from .replay import locality, replay_belady, replay_policy, requests
+
+    loc = locality(trace[args.prompt_tokens:], mb["n_expert"])
+    rows = []
+    with cgroup.readahead(disk, prof.storage.readahead_kb):
+        for frac in (float(f) for f in args.budgets.split(",")):
+            budget = int(frac * size)
+            for engine in args.engines.split(","):
+                cgroup.drop_caches()
+                extra = ["--budget", str(budget)] + (["--quality", args.quality] if args.quality else []) \
+                    if engine == "edgemoe" else []
+                path = str(st if engine == "edgemoe" else args.model)
+                with cgroup.limits(mem_bytes=budget, read_bps=bps, device=device) as cgs:
+                    r = run_engine(engine, path, args, extra, cgs)
+                r.update(fraction=frac, budget=budget)
+                if "failed" not in r:
+                    n_dec = max(len(r["tokens"]) - 1, 1)
+                    r["mb_read_per_token"] = r["decode_read"] / n_dec / 1e6
+                    r["s_mbu"] = smbu(mb["active"], r["decode_tps"], prof)
+                    r["peak_over_budget"] = (r["peak_rss"] - r["base_rss"]) / budget
+                    if engine == "edgemoe" and "cache_capacity" in r:
+                        slots = max(mb["top_k"], r["cache_capacity"] // max(mb["expert"], 1))
+                        reqs = requests(trace[args.prompt_tokens:])
+                        belady = replay_belady(reqs, slots) * mb["expert"] / (len(trace) - args.prompt_tokens)
+                        lru = replay_policy(reqs, trace.shape[1], mb["expert"], slots, "lru")
+                        r["belady_mb_per_token"] = belady / 1e6
+                        r["predicted_tps"] = predict(prof, mb, lru / (len(trace) - args.prompt_tokens), mb["expert"])
+                rows.append(r)
+                print(_row(r), file=sys.stderr, flush=True)
+    report = _report(args, prof, size, st, mb, loc, rows)
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{args.model.stem}-{prof.name}"
+    data = dict(model=str(args.model), file_bytes=size, profile=prof.name, machine=machine(), when=time.time(),
+                locality=loc, model_bytes=mb, rows=rows, throttle_bps=bps)
+    tmp = args.out / (stem + ".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, args.out / (stem + ".json"))
+    (args.out / (stem + ".txt")).write_text(report + "\n")
+    _plot(rows, args.out / (stem + ".png"), f"{args.model.name} on {prof.name}")
+    return 0
+
+
+def _row(r: dict) -> str:
+    head = f"{r['fraction']:>5.0%} {r['budget'] / 2**20:>7.0f} MiB {r['engine']:<10}"
+    if "failed" in r:
+        return f"{head} failed: {r['failed']}"
+    hit = f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-"
+    skipped = f"{r['skipped'] / max(r['chosen'], 1):.1%}" if r.get("chosen") else "-"
+    pred = f"{r['predicted_tps']:.2f}" if "predicted_tps" in r else "-"
+    return (f"{head} {r['decode_tps']:>8.2f} {r['prompt_tps']:>8.2f} {r['ttft_s']:>7.2f} {r['mb_read_per_token']:>9.1f} "
+            f"{(r['peak_rss'] - r['base_rss']) / 2**20:>8.0f} {r['peak_over_budget']:>6.2f} {hit:>7} {skipped:>7} "
+            f"{r['s_mbu']:>6.1%} {pred:>7}")
+
+
+def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows: list[dict]) -> str:
+    lines = [
+        f"model {args.model.name} ({size / 2**20:.0f} MiB GGUF, store {st.name}); device {prof.name}: "
+        f"reads {'unthrottled' if args.no_throttle else f'{prof.storage.seq_read_mbps:g} MB/s'}, readahead "
+        f"{prof.storage.readahead_kb} KB, memory bandwidth {prof.memory_bandwidth_gbps:g} GB/s (profile); "
+        f"{args.threads} threads; prompt {args.prompt_tokens}, decode {args.decode_tokens} tokens; machine {machine()}",
+        f"routing of this GGUF (decode): top-1/8 experts take {loc['top_eighth_share']:.1%} of picks (uniform 12.5%), "
+        f"consecutive-token reuse {loc['consecutive_reuse']:.1%} (uniform {loc['uniform_reuse']:.1%})",
+        f"{'budget':>15} {'engine':<10} {'dec t/s':>8} {'pre t/s':>8} {'TTFT s':>7} {'MB/token':>9} "
+        f"{'peak MiB':>8} {'/budg':>6} {'hits':>7} {'skipped':>7} {'S-MBU':>6} {'pred.':>7}",
+    ]
+    lines += [_row(r) for r in rows]
+    for frac in sorted({r["fraction"] for r in rows}, reverse=True):
+        pair = {r["engine"]: r for r in rows if r["fraction"] == frac and "failed" not in r}
+        if len(pair) == 2:
+            e, l = pair["edgemoe"], pair["llama.cpp"]
+            lines.append(f"{frac:.0%}: edgemoe/llama.cpp decode {e['decode_tps'] / l['decode_tps']:.2f}x, prefill "
+                         f"{e['prompt_tps'] / l['prompt_tps']:.2f}x, bytes/token "
+                         f"{e['mb_read_per_token'] / max(l['mb_read_per_token'], 1e-9):.2f}x")
+    lines.append("targets (pipeline issue):")
+    for r in rows:
+        if r["engine"] != "edgemoe" or "failed" in r:
+            continue
+        pair = [x for x in rows if x["fraction"] == r["fraction"] and x["engine"] == "llama.cpp"]
+        l = pair[0] if pair else None
+        ratio = (r["decode_tps"] / l["decode_tps"]) if l and "failed" not in l else None
+        lines.append(
+            f"  budget {r['fraction']:.0%}: decode vs llama.cpp >= 3x: "
+            f"{'n/a (llama.cpp ' + l['failed'] + ')' if l and 'failed' in l else f'{ratio:.2f}x' if ratio else 'n/a'}; "
+            f"peak RSS <= budget + 5%: {r['peak_over_budget']:.2f}x; bytes/token <= 1.25x Belady: "
+            f"{r['cache_bytes_read'] / max(len(r['tokens']), 1) / 1e6 / max(r.get('belady_mb_per_token', 0), 1e-9):.2f}x "
+            f"(cache reads {r['cache_bytes_read'] / max(len(r['tokens']), 1) / 1e6:.1f} MB/token incl. prompt, Belady "
+            f"{r.get('belady_mb_per_token', 0):.1f} MB/token at full width)")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("edgemoe: matplotlib is not installed (pip install 'edgemoe[plots]'): no PNG", file=sys.stderr)
+        return
+    ok = [r for r in rows if "failed" not in r]
+    fracs = sorted({r["fraction"] for r in ok})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for engine, color in (("llama.cpp", "tab:gray"), ("edgemoe", "tab:blue")):
+        pts = [next((r for r in ok if r["fraction"] == f and r["engine"] == engine), None) for f in fracs]
+        xs = [f * 100 for f, p in zip(fracs, pts) if p]
+        for ax, key, label in zip(axes, ("decode_tps", "prompt_tps", "mb_read_per_token"),
+                                  ("decode tokens/s", "prefill tokens/s", "MB read per token")):
+            ax.plot(xs, [p[key] for p in pts if p], "o-", color=color, label=engine)
+            ax.set_xlabel("budget, % of the GGUF")
+            ax.set_title(label)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
