@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the JSON and PNG")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the readahead is restored
     if not args.model.is_file():
         raise EdgeMoEError(f"{args.model}: no such GGUF file")
     prof = load_profile(args.profile)

@@ -70,14 +70,16 @@ def run_llama_cpp(a: argparse.Namespace) -> dict:
     import llama_cpp
 
     if not a.repack:  # llama.cpp's repacking copies weights into RAM: OOM-killed under a cap
-        default = llama_cpp.llama_model_default_params
+        import llama_cpp.llama_cpp as low  # what Llama() calls for its model parameters
+
+        default = low.llama_model_default_params
 
         def no_repack():
             p = default()
             p.use_extra_bufts = False
             return p
 
-        llama_cpp.llama_model_default_params = no_repack
+        low.llama_model_default_params = no_repack
     base = _status("VmRSS")
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=a.model, n_ctx=a.prompt_tokens + a.decode_tokens + 8, n_threads=a.threads,

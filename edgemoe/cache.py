@@ -33,6 +33,7 @@ class Entry:
     nbytes: int = 0
     last_use: int = 0
     uses: int = 0
+    fast: dict | None = None  # ggml-format weights that replaced the planes (streaming.StoreExperts)
     prefetched: bool = False  # brought in by a prefetch
     used: bool = False  # computed with at least once
 
@@ -174,7 +175,7 @@ class ExpertCache:
         top = self.plane_sizes[len(v.planes) - 1]
         if v.prefetched and not v.used:
             self.prefetch_wasted_bytes += top
-        if len(v.planes) > 1:
+        if len(v.planes) > 1 and v.fast is None:  # the expert stays usable at fewer bits
             v.planes.pop()
             v.nbytes -= top
             self.nbytes -= top

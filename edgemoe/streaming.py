@@ -12,7 +12,10 @@ import numpy as np
 from . import nested, policy
 from .pipeline import Pipeline
 from .policy import PRESETS, Calibration, Quality
-from .cache import ExpertCache
+import gguf
+
+from . import kernels
+from .cache import ExpertCache, alloc
 from .config import ModelArgs
 from .engine import expert_act, expert_biases
 from .gguf_file import GGUFFile
@@ -104,13 +107,22 @@ class StoreExperts:
         self.chosen = 0  # token-expert pairs routed
         self.uses_by_bits: dict[int, int] = {}  # expert computations by width
         self.ratios: list[list[float]] | None = None  # set by calibrate: w_k / w_1 per layer
+        self.q41 = (self.scheme.name == "matquant" and self.scheme.widths[-1] == 4 and self.scheme.group == 32
+                    and self.n_planes == self.scheme.n_planes)
 
     def ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:
-        per = {m: [] for m in MATRICES}
-        for p, buf in enumerate(planes):
-            for m, view in self.reader.split_plane(buf, p).items():
-                per[m].append(view)
-        mm = self.scheme.matmul
+        fast = self._fast_form(i, e, planes)
+        if fast is not None:  # ggml's Q4_1 kernels on the same weights
+            def mm(w, n_out, n_in, xx):
+                return kernels.matmul(w, xx)
+
+            per = fast
+        else:
+            per = {m: [] for m in MATRICES}
+            for p, buf in enumerate(planes):
+                for m, view in self.reader.split_plane(buf, p).items():
+                    per[m].append(view)
+            mm = self.scheme.matmul
         b = self.bias[i][e] if self.bias[i] is not None else None
         g = mm(per["gate"], *self.shapes["gate"], x)  # [T, F]
         u = mm(per["up"], *self.shapes["up"], x)  # [T, F]
@@ -120,6 +132,33 @@ class StoreExperts:
         hdn = np.ascontiguousarray(expert_act(self.args, g, u), dtype=np.float32)
         y = mm(per["down"], *self.shapes["down"], hdn)  # [T, D]
         return y + b.down if b is not None else y
+
+    def _fast_form(self, i: int, e: int, planes: list[np.ndarray]) -> dict | None:
+        """An expert held at the full width of a 4-bit, group-32 matquant store (Q4_0/Q4_1
+        sources) is transcoded once into ggml's Q4_1 blocks, which hold exactly the same weights
+        in exactly as many bytes, and its planes are freed: from then on it runs on ggml's kernels.
+        Such an entry is evicted whole rather than downgraded."""
+        cache = self.cache
+        with cache.cond:
+            ent = cache.entries.get((i, e))
+            if ent is None or not self.q41:
+                return None
+            if ent.fast is not None:
+                return ent.fast
+            if len(ent.planes) < self.scheme.n_planes:
+                return None
+            planes = list(ent.planes)
+        fast = {}
+        for m in MATRICES:
+            per = [self.reader.split_plane(buf, p)[m] for p, buf in enumerate(planes)]
+            n_out, n_in = self.shapes[m]
+            fast[m] = kernels.QWeight(q41_blocks(self.scheme, per, n_out, n_in), gguf.GGMLQuantizationType.Q4_1,
+                                      n_in, f"blk.{i}.exp.{e}.{m}")
+        with cache.cond:
+            if cache.entries.get((i, e)) is ent and ent.fast is None:
+                ent.fast = fast
+                ent.planes = [_EMPTY] * len(ent.planes)  # the bytes now live in `fast`
+        return fast
 
     def _widths(self, i: int, top: np.ndarray, w: np.ndarray, skip: np.ndarray) -> dict[int, tuple[int, float]]:
         """{expert: (planes to use, hotness)} for the kept experts of one layer."""
@@ -225,6 +264,72 @@ class StoreExperts:
             prefetch_issued=pl.prefetch_issued if pl else 0, prefetch_hits=pl.prefetch_hits if pl else 0,
             prefetch_cancelled=pl.prefetch_cancelled if pl else 0, prefetch_wasted_bytes=c.prefetch_wasted_bytes,
         )
+
+
+_EMPTY = np.empty(0, dtype=np.uint8)
+
+
+def q41_blocks(scheme, planes: list[np.ndarray], n_out: int, n_in: int) -> np.ndarray:
+    """Full-width matquant planes (4-bit codes, group 32, fp16 s and m) as ggml Q4_1 rows
+    [n_out, n_in / 32 * 20]: per block d = s, m = m, and the codes as nibbles (element j in the
+    low nibble of byte j, element j + 16 in its high nibble)."""
+    if list(scheme.plane_bits) == [2, 1, 1] and _q41_211 is not None:
+        (c0, sc), (c1, _), (c2, _) = (scheme._split_plane(pl, p, n_out, n_in) for p, pl in enumerate(planes))
+        out = alloc(n_out * n_in // 32 * 20)
+        _q41_211(c0, c1, c2, sc[0].view(np.uint16).reshape(-1), sc[1].view(np.uint16).reshape(-1), n_out, n_in, out)
+        return out.reshape(n_out, n_in // 32 * 20)
+    q = np.zeros((n_out, n_in), dtype=np.uint8)
+    shift = 4
+    scales = None
+    for p, plane in enumerate(planes):
+        codes, sc = scheme._split_plane(plane, p, n_out, n_in)
+        b = scheme.plane_bits[p]
+        shift -= b
+        q |= nested._unpack(codes, b, n_in, n_out, n_in) << np.uint8(shift)
+        if sc is not None:
+            scales = sc
+    nb = n_in // 32
+    q = q.reshape(n_out, nb, 32)
+    out = alloc(n_out * nb * 20).reshape(n_out, nb, 20)
+    out[..., 0:2] = scales[0].reshape(n_out, nb).astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    out[..., 2:4] = scales[1].reshape(n_out, nb).astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    out[..., 4:] = q[..., :16] | (q[..., 16:] << np.uint8(4))
+    return out.reshape(n_out, nb * 20)
+
+
+try:
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def _q41_211(p0, p1, p2, s, m, n_out, n_in, out):  # pragma: no cover - compiled
+        """q41_blocks for planes of 2, 1 and 1 bits (matquant 2,3,4), a row at a time: unpack the
+        row-wide slots into 4-bit codes, then write the blocks."""
+        rb0 = n_in // 4
+        rb1 = n_in // 8
+        nb = n_in // 32
+        q = np.empty(n_in, np.uint8)
+        for o in range(n_out):
+            for k in range(rb0):
+                b = p0[o * rb0 + k]
+                for j in range(4):
+                    q[k + j * rb0] = ((b >> (2 * j)) & 3) << 2
+            for k in range(rb1):
+                b1 = p1[o * rb1 + k]
+                b2 = p2[o * rb1 + k]
+                for j in range(8):
+                    q[k + j * rb1] |= (((b1 >> j) & 1) << 1) | ((b2 >> j) & 1)
+            for blk in range(nb):
+                base = (o * nb + blk) * 20
+                g = o * nb + blk
+                out[base] = s[g] & 0xFF
+                out[base + 1] = s[g] >> 8
+                out[base + 2] = m[g] & 0xFF
+                out[base + 3] = m[g] >> 8
+                c = blk * 32
+                for j in range(16):
+                    out[base + 4 + j] = q[c + j] | (q[c + j + 16] << 4)
+except ImportError:  # numba missing: the numpy path above
+    _q41_211 = None
 
 
 def _sum_slots(slots: np.ndarray) -> np.ndarray:

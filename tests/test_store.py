@@ -262,3 +262,36 @@ def test_set_budget_on_a_loaded_model(tiny_store):
             m.set_budget(plan.minimum_budget - 1)
         with pytest.raises(edgemoe.EdgeMoEError, match="quality"):
             m.set_quality("ultra")
+
+
+def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
+    """A Q4_0 source's store at full width is transcoded to Q4_1 blocks that hold the source's
+    exact weights (same bytes), freeing the planes; evicted whole, never downgraded."""
+    from edgemoe import streaming
+
+    src = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
+    st = convert(src, tmp_path / "q4.edgemoe", progress=False)
+    with edgemoe.load(st, kv_type="f32") as m:
+        exp = m._experts
+        assert exp.q41
+        m.logits(random_ids(8, 256, seed=1))
+        ent = next(e for e in exp.cache.entries.values() if e.fast is not None)
+        assert all(p.size == 0 for p in ent.planes) and ent.nbytes == exp.reader.expert_bytes(exp.n_planes)
+        src_t = {t.name: t for t in gguf.GGUFReader(src).tensors}[f"blk.{ent.layer}.ffn_gate_exps.weight"]
+        ref = gguf.quants.dequantize(np.asarray(src_t.data[ent.expert]), gguf.GGMLQuantizationType.Q4_0)
+        got = gguf.quants.dequantize(np.asarray(ent.fast["gate"].data), gguf.GGMLQuantizationType.Q4_1)
+        np.testing.assert_array_equal(got, ref)
+        bufs = [np.empty(exp.reader.plane_size(k), np.uint8) for k in range(exp.reader.n_planes)]
+        exp.reader.read_planes(0, 1, 0, bufs)
+        per = [exp.reader.split_plane(b, p)["up"] for p, b in enumerate(bufs)]
+        fast = streaming.q41_blocks(exp.scheme, per, 256, 256)
+        kernel, streaming._q41_211 = streaming._q41_211, None
+        try:
+            np.testing.assert_array_equal(streaming.q41_blocks(exp.scheme, per, 256, 256), fast)
+        finally:
+            streaming._q41_211 = kernel
+        cache = exp.cache
+        before = sum(s.downgrades for s in cache.layers)
+        cache.capacity = cache.nbytes - 1
+        cache.shrink_to_capacity()
+        assert sum(s.downgrades for s in cache.layers) == before  # fast entries go whole

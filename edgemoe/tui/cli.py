@@ -1,0 +1,83 @@
+"""The `chat` and `monitor` subcommands; cli.build_parser registers them with add_subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def add_subcommands(
+    sub: argparse._SubParsersAction, add_load_options: Callable, add_sampling_options: Callable
+) -> None:
+    c = sub.add_parser("chat", help="chat with a model in a terminal UI, with the live expert-cache panel")
+    add_load_options(c)
+    add_sampling_options(c)
+    if "--profile" not in c._option_string_actions:
+        c.add_argument(
+            "--profile",
+            help="device profile (profiles/NAME.yaml or a path): its default budget "
+            "applies when --budget is not given",
+        )
+    if "--quality" not in c._option_string_actions:
+        c.add_argument("--quality", help="quality preset (default max)")
+    c.add_argument("--system", help="system prompt")
+    c.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("monitor", help="the live expert-cache panel of a running `edgemoe serve`")
+    m.add_argument(
+        "url", nargs="?", default=None, help="server URL (default http://127.0.0.1:8080); polls URL/stats"
+    )
+    m.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
+    m.set_defaults(func=cmd_monitor)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ..api import load
+    from ..errors import EdgeMoEError
+
+    budget = args.budget
+    if budget is None and getattr(args, "profile", None):
+        from ..profiles import load_profile
+
+        budget = load_profile(args.profile).default_budget
+    if args.max_tokens < 1:
+        raise EdgeMoEError(f"--max-tokens must be positive, got {args.max_tokens}")
+    from .app import (
+        ChatApp,  # before load: Textual's own memory is then part of the runtime the budget covers
+    )
+
+    model = load(
+        args.model,
+        memory_budget=budget,
+        quality=getattr(args, "quality", None),
+        n_ctx=args.ctx,
+        kv_type=args.kv_type,
+        bits=args.bits,
+        cache_policy=args.policy,
+    )
+    sampling = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+    try:
+        ChatApp(model, sampling=sampling, system=args.system).run()
+    finally:
+        model.close()
+    return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from ..errors import EdgeMoEError
+    from .monitor import DEFAULT_URL, MonitorApp
+
+    if not args.interval > 0:
+        raise EdgeMoEError(f"--interval must be positive, got {args.interval}")
+    MonitorApp(args.url or DEFAULT_URL, interval=args.interval).run()
+    return 0

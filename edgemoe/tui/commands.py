@@ -1,0 +1,76 @@
+"""Slash commands of the chat app, and /save's atomic writer (no Textual here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import EdgeMoEError
+
+HELP = """\
+/budget SIZE   change the memory budget (e.g. 600MB, 1.5GiB); the expert cache shrinks or grows
+/quality NAME  change the quality preset
+/reset         forget the conversation (the system prompt stays)
+/system TEXT   set the system prompt (/system alone clears it)
+/save [FILE]   write the conversation: FILE.md as markdown, anything else as JSON
+/help          this list
+keys: enter send, up/down history, esc stop generating, ctrl+t panel, ctrl+q quit"""
+
+COMMANDS = ("budget", "quality", "reset", "system", "save", "help")
+
+
+def parse(line: str) -> tuple[str, str]:
+    """ "/budget 600MB" -> ("budget", "600MB"); unknown commands raise EdgeMoEError."""
+    name, _, arg = line[1:].strip().partition(" ")
+    name = name.lower()
+    if name not in COMMANDS:
+        raise EdgeMoEError(f"unknown command /{name}; /help lists them")
+    return name, arg.strip()
+
+
+def default_save_path() -> Path:
+    return Path(f"edgemoe-chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+
+def conversation_document(
+    model_path: str, system: str | None, messages: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {"model": model_path, "system": system, "messages": messages}
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    lines = [f"# edgemoe chat with {Path(doc['model']).name}", ""]
+    if doc.get("system"):
+        lines += ["**system**", "", doc["system"], ""]
+    for m in doc["messages"]:
+        lines += [f"**{m['role']}**", "", m["content"], ""]
+    return "\n".join(lines)
+
+
+def save_conversation(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path:
+    """Write doc as markdown (.md) or JSON, atomically: a temp file in the same folder, then rename."""
+    path = Path(path).expanduser()
+    text = (
+        to_markdown(doc)
+        if path.suffix.lower() in (".md", ".markdown")
+        else json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    )
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise EdgeMoEError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise EdgeMoEError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
