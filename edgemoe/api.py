@@ -105,7 +105,9 @@ def load(
     large for free memory) is converted into a store under ~/.cache/edgemoe/stores on first use.
     options: kv_type ("f16" default, as llama.cpp; "f32" for exact comparisons); bits (read experts
     at this nested width instead of all planes); cache_policy ("lru", "lfu", "score");
-    progress (show the conversion progress bar).
+    progress (show the conversion progress bar); pipeline (background HEBF reads, default on);
+    prefetch (the next layer's predicted experts, default on); preload (fill the expert cache at
+    load, default on).
     """
     return Model(path, memory_budget=memory_budget, quality=quality, n_ctx=n_ctx, **options)
 
@@ -124,6 +126,7 @@ class Model:
         progress: bool = True,
         pipeline: bool = True,
         prefetch: bool = True,
+        preload: bool = True,
     ):
         self.path = Path(path) if path is not None else bundled_model_path()
         self._quality = policy.parse_quality(quality)
@@ -170,6 +173,8 @@ class Model:
             self._closed = False
             if self._experts is not None:
                 self._fit_cache_after_warmup()
+                if preload:
+                    self._experts.preload()
         except BaseException:
             self._closed = False
             self.close()

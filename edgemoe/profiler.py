@@ -244,7 +244,7 @@ def _times(fn, budget_s: float, min_reps: int = 3) -> list[float]:
 
 def _rate(nbytes: int, times: list[float]) -> dict:
     best, median = min(times), statistics.median(times)
-    return dict(gbps=round(nbytes / best / 1e9, 3), gbps_median=round(nbytes / median / 1e9, 3),
+    return dict(gbps=float(f"{nbytes / best / 1e9:.4g}"), gbps_median=float(f"{nbytes / median / 1e9:.4g}"),
                 us=round(best * 1e6, 1), runs=len(times))
 
 
@@ -273,18 +273,24 @@ def measure_kernels(n_out: int = 1024, n_in: int = 2048, budget_s: float = 0.5,
         try:
             from . import nested
 
-            sch = nested.SCHEMES["d2moe"](tuple(nested_bits), 128)
-            w = rng.standard_normal((n_out, n_in)).astype(np.float32) * 0.02
-            planes = sch.encode(w)
-            res: dict = {}
-            for b in nested_bits:
-                k = sch.planes_for(b)
-                fn = (lambda k=k: sch.matmul(planes[:k], n_out, n_in, x))
-                fn()
-                jobs.append((res, int(b), sum(p.nbytes for p in planes[:k]), fn))
-            out["nested"] = dict(scheme="d2moe", widths=res)
+            names = list(nested.SCHEMES)
         except Exception as exc:  # noqa: BLE001 - edgemoe.nested is optional here
             out["nested"] = dict(error=f"{type(exc).__name__}: {exc}")
+            names = []
+        w = rng.standard_normal((n_out, n_in)).astype(np.float32) * 0.02
+        for scheme in names:
+            try:
+                sch = nested.SCHEMES[scheme](tuple(nested_bits), 128)
+                planes = sch.encode(w)
+                res: dict = {}
+                for b in nested_bits:
+                    k = sch.planes_for(b)
+                    fn = (lambda sch=sch, planes=planes, k=k: sch.matmul(planes[:k], n_out, n_in, x))
+                    fn()
+                    jobs.append((res, int(b), sum(p.nbytes for p in planes[:k]), fn))
+                out.setdefault("nested", {})[scheme] = dict(widths=res)
+            except Exception as exc:  # noqa: BLE001 - one scheme failing does not stop the others
+                out.setdefault("nested", {})[scheme] = dict(error=f"{type(exc).__name__}: {exc}")
     times: dict = {id(j): [] for j in jobs}
     for _ in range(rounds):
         for j in jobs:
@@ -358,7 +364,8 @@ def profile_yaml(m: dict, name: str, description: str | None = None) -> str:
         f"memory_bandwidth_gbps: {m['memory_bandwidth_gbps']:.1f}  # threaded numpy copy of {format_size(m.get('mem_bytes', 256 * MiB))}, "
         "best of 5, read + written bytes per second (STREAM copy convention)",
         "storage:",
-        f"  kind: {st['kind']}  # from the sysfs name of {disk}",
+        f"  kind: {st['kind']}  # " + (f"from the sysfs name of {disk}" if st["disk"] else
+                                       "estimate: the disk is not in /sys/block (tmpfs, overlay?); sata assumed"),
         f"  seq_read_mbps: {st['seq_read_mbps']:.1f}  # 4 MiB sequential reads, {st['method']}",
         f"  rand_read_mbps: {st['rand_read_mbps']:.1f}  # 1 MiB reads at random aligned offsets, {st['method']}",
         f"  read_latency_us: {st['read_latency_us']:.1f}  # median of {st['latency_samples']} random 4 KiB reads "
@@ -421,11 +428,17 @@ def summary_table(m: dict, out: Path | None = None) -> str:
         for name, r in k["gguf"].items():
             rows.append((f"kernel {name}", fmt(r, one.get("gguf", {}).get(name))))
         nst = k.get("nested", {})
-        if "widths" in nst:
-            for b, r in nst["widths"].items():
-                rows.append((f"kernel nested {b}-bit", fmt(r, one.get("nested", {}).get("widths", {}).get(b))))
-        elif nst:
+        if "error" in nst:
             rows.append(("kernel nested", f"skipped: {nst['error']}"))
+        for scheme, r_s in nst.items():
+            if scheme == "error":
+                continue
+            if "error" in r_s:
+                rows.append((f"kernel {scheme}", f"skipped: {r_s['error']}"))
+                continue
+            one_s = one.get("nested", {}).get(scheme, {}).get("widths", {})
+            for b, r in r_s["widths"].items():
+                rows.append((f"kernel {scheme} {b}-bit", fmt(r, one_s.get(b))))
     la = m.get("load_average")
     if la is not None and la > m["cores"]:
         rows.append(("note", f"load average {la:.1f} on {m['cores']} cores: other processes competed, "

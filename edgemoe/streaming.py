@@ -15,7 +15,7 @@ from .policy import PRESETS, Calibration, Quality
 import gguf
 
 from . import kernels
-from .cache import ExpertCache, alloc
+from .cache import ExpertCache, LayerStats, alloc
 from .config import ModelArgs
 from .engine import expert_act, expert_biases
 from .gguf_file import GGUFFile
@@ -217,6 +217,24 @@ class StoreExperts:
 
         self.pipeline.run_layer(i, wants, compute, after_submit)
         return _sum_slots(slots)
+
+    def preload(self) -> int:
+        """Fill the cache at load, layer by layer, with experts at the width they are read at,
+        until it is full (as llama.cpp's mmap load reads the file); the counters start after.
+        Returns the bytes read."""
+        c = self.cache
+        size = self.reader.expert_bytes(self.n_planes)
+        read = 0
+        for i, layer in enumerate(self.reader.locations):
+            for e in range(len(layer)):
+                if c.nbytes + size > c.capacity:
+                    break
+                c.get(i, e, self.n_planes)
+                read += size
+        c.layers = [LayerStats() for _ in c.layers]
+        for ent in c.entries.values():
+            ent.uses = 0
+        return read
 
     def close(self) -> None:
         if self.pipeline is not None:

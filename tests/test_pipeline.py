@@ -69,7 +69,7 @@ def test_max_quality_pipeline_equals_plain_cache(store16):
 
 
 def test_compute_starts_before_the_last_read(store16):
-    with edgemoe.load(store16, kv_type="f32") as m:
+    with edgemoe.load(store16, kv_type="f32", preload=False) as m:
         pl = m._experts.pipeline
         m._experts.cache.clear()
         pl.read_delay_s = 0.005  # a slow device: 5 ms per plane
@@ -89,7 +89,7 @@ def test_compute_starts_before_the_last_read(store16):
 
 
 def test_prefetch_is_cancelled_when_wrong(store16):
-    with edgemoe.load(store16, kv_type="f32") as m:
+    with edgemoe.load(store16, kv_type="f32", preload=False) as m:
         pl = m._experts.pipeline
         pl.read_delay_s = 0.02  # keep the prefetches queued
         with pl.cond:
@@ -130,7 +130,7 @@ def test_quality_presets_read_fewer_bytes(store16):
     ids = random_ids(32, 256, seed=2)
     read = {}
     for q in ("max", "balanced", "fast"):
-        with edgemoe.load(store16, kv_type="f32", quality=q, prefetch=False) as m:
+        with edgemoe.load(store16, kv_type="f32", quality=q, prefetch=False, preload=False) as m:
             m.logits(ids)
             c = m.stats().cache
             read[q] = c.bytes_read

@@ -323,6 +323,20 @@ def test_stop_key_stops_a_long_generation():
     run(go())
 
 
+def test_control_characters_do_not_reach_the_terminal():
+    app = ChatApp(FakeModel(reply=["a\x00b", "\x1b[2J", "c\nd"]))
+
+    async def go():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await type_line(pilot, "hi")
+            await wait_idle(pilot)
+            assert app.messages[-1]["content"] == "a\x00b\x1b[2Jc\nd"  # kept as the model wrote it
+            text = screen_text(app)
+            assert "a\ufffdb\ufffd[2Jc" in text
+
+    run(go())
+
+
 def test_generation_error_is_shown_not_raised(model):
     app = ChatApp(model, sampling={"max_tokens": 4})
 

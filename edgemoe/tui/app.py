@@ -51,6 +51,8 @@ class ChatApp(App):
         self.show_rates = show_rates
         self.generating = False
         self._stop = threading.Event()
+        self._idle = threading.Event()  # clear while a worker holds the model's stream
+        self._idle.set()
         self._latest: Any = None  # the newest Response.stats, written by the worker
         self._shown: Any = None
         self.sub_title = Path(str(getattr(model, "path", "model"))).name
@@ -158,6 +160,7 @@ class ChatApp(App):
 
     def start_generation(self) -> None:
         self.generating = True
+        self._idle.clear()
         self._stop.clear()
         self._latest = None
         self.set_status("generating: esc stops")
@@ -194,13 +197,17 @@ class ChatApp(App):
         finally:
             if stream is not None and hasattr(stream, "close"):
                 stream.close()  # releases the model's lock at once when stopped early
+            self._idle.set()
         self._ui(self._finished, view, "".join(parts), finish, error)
 
     def _ui(self, fn: Any, *args: Any) -> None:
         try:
             self.call_from_thread(fn, *args)
-        except RuntimeError:  # the app has exited while generating
+        except Exception:
             self._stop.set()
+            if self.is_running and not self._exit:
+                raise
+            # the app is closing while generating: its widgets are going away
 
     def _append(self, view: MessageView, text: str) -> None:
         view.append(text)
@@ -223,3 +230,8 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         self._stop.set()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """After run(): wait for a generation stopped by quitting to let go of the model."""
+        self._stop.set()
+        return self._idle.wait(timeout)

@@ -66,10 +66,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         "stop": args.stop,
     }
 
+    app = ChatApp(model, sampling=sampling, system=args.system)
     try:
-        ChatApp(model, sampling=sampling, system=args.system).run()
+        app.run()
     finally:
-        model.close()
+        if app.wait_idle(timeout=30):  # a generation cut short by quitting stops at its next token
+            model.close()
     return 0
 
 

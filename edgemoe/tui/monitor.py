@@ -83,7 +83,7 @@ class MonitorApp(App):
         except EdgeMoEError as exc:
             self._ui(self._failed, str(exc))
             return
-        except Exception as exc:  # a monitor outlives one bad poll
+        except Exception as exc:  # noqa: BLE001 -- a monitor outlives one bad poll
             self._ui(self._failed, f"{type(exc).__name__}: {exc}")
             return
         self._ui(self._show, data)
@@ -91,8 +91,10 @@ class MonitorApp(App):
     def _ui(self, fn: Any, *args: Any) -> None:
         try:
             self.call_from_thread(fn, *args)
-        except RuntimeError:  # exiting
-            pass
+        except Exception:
+            if self.is_running and not self._exit:
+                raise
+            # the app is closing: its widgets are going away
 
     def _show(self, data: dict[str, Any]) -> None:
         self.polls += 1
