@@ -140,6 +140,9 @@ class StoreReader:
                 f"{self.root / shard_name(layer)}: read of layer {layer} expert {expert} failed ({exc.strerror})"
             ) from None
         self.bytes_read += got
+        # The planes now live in our buffers: drop the page cache's copy, which would otherwise
+        # count against a memory cgroup and push out the memory-mapped dense weights.
+        os.posix_fadvise(fd, start, want, os.POSIX_FADV_DONTNEED)
         if got != want:
             raise EdgeMoEError(
                 f"{self.root / shard_name(layer)}: truncated shard: layer {layer} expert {expert} planes "
