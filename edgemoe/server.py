@@ -30,6 +30,7 @@ from typing import Any
 
 from . import metrics
 from .errors import EdgeMoEError
+from .tui.snapshot import stats_to_dict  # the one JSON shape of Stats (also the TUI's)
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 8
@@ -39,31 +40,6 @@ ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/stats", 
 
 
 # ---- /stats ----------------------------------------------------------------------------------------
-
-def stats_to_dict(stats: Any) -> dict[str, Any]:
-    """JSON-ready dict of edgemoe.api.Stats: dataclasses.asdict, with the (layer, expert) tuple keys
-    of cache.experts and cache.resident_bits written as "layer,expert" strings, int keys (bit
-    widths: cache.resident_bytes_by_bits, ...) as strings, tuples as lists, and hit_rate added to
-    cache and to every entry of cache.layers."""
-    d = _jsonable(dataclasses.asdict(stats))
-    c = d.get("cache")
-    if c is not None:
-        c["layers"] = [dict(layer, hit_rate=stats.cache.layers[i].hit_rate) for i, layer in enumerate(c["layers"])]
-        c["hit_rate"] = stats.cache.hit_rate
-    return d
-
-
-def _key(k: Any) -> str:
-    return ",".join(map(str, k)) if isinstance(k, tuple) else str(k)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {_key(k): _jsonable(x) for k, x in sorted(v.items())}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
 
 # ---- errors ----------------------------------------------------------------------------------------
 

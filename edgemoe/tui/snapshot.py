@@ -13,8 +13,14 @@ from typing import Any
 
 
 def stats_to_dict(stats: Any) -> dict[str, Any]:
-    """edgemoe.api.Stats -> a plain dict: string keys, lists for tuples; json.loads(json.dumps(d)) == d."""
-    return _plain(dataclasses.asdict(stats))
+    """edgemoe.api.Stats -> a plain dict: string keys, lists for tuples, hit_rate added to cache and
+    to every entry of cache.layers; json.loads(json.dumps(d)) == d."""
+    d = _plain(dataclasses.asdict(stats))
+    c = d.get("cache")
+    if c is not None:
+        c["layers"] = [dict(layer, hit_rate=stats.cache.layers[i].hit_rate) for i, layer in enumerate(c["layers"])]
+        c["hit_rate"] = stats.cache.hit_rate
+    return d
 
 
 def _plain(obj: Any) -> Any:
