@@ -212,6 +212,7 @@ class Model:
         return convert(self.path, dst, progress=progress)
 
     def _open_store(self, bits: int | None, policy: str, pipeline: bool, prefetch: bool) -> None:
+        self._file.load_into_memory()  # the resident part must stay resident under memory pressure
         r = self._reader
         c = self.config
         experts_all = r.all_experts_bytes()
@@ -235,7 +236,7 @@ class Model:
         shrink the expert cache by it, so that the budget covers everything."""
         self.logits([self._tok.bos if self._tok.bos >= 0 else 0])
         cache = self._experts.cache
-        dense = streaming.dense_resident_bytes(self._file.path)
+        dense = self._file.file_size  # copied into anonymous memory at load
         overhead = max(memory.rss() - BASELINE_RSS - dense - cache.nbytes, 0)
         if not self._budget_given:
             experts_all = self._reader.all_experts_bytes()

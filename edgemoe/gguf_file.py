@@ -51,6 +51,7 @@ class GGUFFile:
         except (ValueError, IndexError, TypeError, OverflowError, MemoryError) as exc:
             raise EdgeMoEError(f"{self.path}: truncated or corrupt GGUF file ({exc})") from None
         self.file_size = self.path.stat().st_size
+        self.in_memory = False
         self.metadata: dict[str, Any] = {}
         for name, field in self._reader.fields.items():
             if name.startswith("GGUF."):
@@ -89,6 +90,30 @@ class GGUFFile:
 
     def maybe(self, name: str) -> Tensor | None:
         return self.tensors.get(name)
+
+    def load_into_memory(self) -> None:
+        """Replace the memory-mapped tensor views with views of one anonymous copy of the file.
+        A memory cgroup reclaims clean file pages under pressure and faults them back in from
+        storage every token; anonymous pages stay. Used for an expert store's dense weights."""
+        import mmap as _mmap
+
+        buf = _mmap.mmap(-1, max(self.file_size, 1))
+        with open(self.path, "rb", buffering=0) as f:
+            view = memoryview(buf)
+            pos = 0
+            while pos < self.file_size:
+                n = f.readinto(view[pos : min(pos + (64 << 20), self.file_size)])
+                if not n:
+                    raise EdgeMoEError(f"{self.path}: file shrank while it was being read")
+                pos += n
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        raw = np.frombuffer(buf, dtype=np.uint8)
+        base = self._reader.data
+        for name, t in self.tensors.items():
+            off = t.data.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+            arr = raw[off : off + t.data.nbytes].view(t.data.dtype).reshape(t.data.shape)
+            self.tensors[name] = Tensor(t.name, t.qtype, t.shape, arr)
+        self.in_memory = True
 
     def copy_metadata(self, writer, skip: tuple[str, ...] = ("general.architecture", "general.alignment")) -> None:
         """Copy every metadata key-value of this file into a gguf.GGUFWriter."""

@@ -379,20 +379,3 @@ def refuse(budget: int, fixed: int, min_cache: int, what: str) -> EdgeMoEError:
         f"chosen experts {format_size(min_cache)}; the minimum that works is "
         f"{format_size(fixed + min_cache)}"
     )
-
-
-def dense_resident_bytes(path: Path) -> int:
-    """Resident bytes of a file's memory mapping (from /proc/self/smaps); 0 where unknown."""
-    target = str(path.resolve())
-    total = 0
-    inside = False
-    try:
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                if "-" in line.split(" ", 1)[0] and not line.startswith(("Rss", "Size")):
-                    inside = line.rstrip().endswith(target)
-                elif inside and line.startswith("Rss:"):
-                    total += int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return total
