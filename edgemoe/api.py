@@ -106,7 +106,8 @@ def load(
     options: kv_type ("f16" default, as llama.cpp; "f32" for exact comparisons); bits (read experts
     at this nested width instead of all planes); cache_policy ("lru", "lfu", "score");
     progress (show the conversion progress bar); pipeline (background HEBF reads, default on);
-    prefetch (the next layer's predicted experts, default on); preload (fill the expert cache at
+    prefetch (read the next layer's predicted experts ahead, default off: measured, its wrong
+    guesses cost more reads than its right ones saved, docs/benchmarks.md); preload (fill the expert cache at
     load, default on).
     """
     return Model(path, memory_budget=memory_budget, quality=quality, n_ctx=n_ctx, **options)
@@ -125,7 +126,7 @@ class Model:
         cache_policy: str = "lru",
         progress: bool = True,
         pipeline: bool = True,
-        prefetch: bool = True,
+        prefetch: bool = False,
         preload: bool = True,
     ):
         self.path = Path(path) if path is not None else bundled_model_path()

@@ -41,7 +41,7 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
     base = edgemoe.BASELINE_RSS
     t0 = time.perf_counter()
     m = edgemoe.load(a.model, memory_budget=a.budget, quality=a.quality, n_ctx=a.prompt_tokens + a.decode_tokens + 8,
-                     progress=False)
+                     progress=False, prefetch=a.prefetch)
     load_s = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(0, m.config.n_vocab - 8, size=a.prompt_tokens).tolist()
     r0 = _read_bytes()
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model")
     ap.add_argument("--budget", type=int, default=None, help="edgemoe memory budget (bytes)")
     ap.add_argument("--quality", default=None, help="edgemoe quality preset")
+    ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

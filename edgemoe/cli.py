@@ -26,7 +26,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None,
                    help="device profile (profiles/NAME.yaml or a path): its default budget when --budget is not given")
     p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
-    p.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's predicted experts")
+    p.add_argument("--prefetch", action="store_true",
+                   help="prefetch the next layer's predicted experts (off by default: see docs/benchmarks.md)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -53,7 +54,7 @@ def _load(args: argparse.Namespace):
 
     return load(args.model, memory_budget=_budget(args), quality=args.quality, n_ctx=args.ctx, kv_type=args.kv_type,
                 bits=args.bits, cache_policy=args.policy, pipeline=not args.no_pipeline,
-                prefetch=not args.no_prefetch)
+                prefetch=args.prefetch)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

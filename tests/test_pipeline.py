@@ -59,7 +59,7 @@ def test_max_quality_pipeline_equals_plain_cache(store16):
     with edgemoe.load(store16, kv_type="f32", pipeline=False) as m:
         plain = m.logits(ids)
         plain_tokens = [r.token for r in m.stream(ids[:6], max_tokens=8, temperature=0, ignore_eos=True)]
-    with edgemoe.load(store16, kv_type="f32") as m:
+    with edgemoe.load(store16, kv_type="f32", prefetch=True) as m:
         np.testing.assert_array_equal(m.logits(ids), plain)
         m.set_budget(m.memory_plan.minimum_budget + m.memory_plan.min_cache)  # tight: evictions while piping
         np.testing.assert_array_equal(m.logits(ids), plain)
