@@ -130,10 +130,10 @@ class Model:
         preload: bool = True,
     ):
         self.path = Path(path) if path is not None else bundled_model_path()
-        self._quality = policy.parse_quality(quality)
-        self.quality = self._quality.name
+        self._quality = policy.parse_quality(quality)  # validated now; the default is settled below
         self.budget_bytes = None if memory_budget is None else memory.parse_size(memory_budget)
         self._budget_given = memory_budget is not None
+        self._quality_asked = quality
         if isinstance(n_ctx, bool) or not (n_ctx is None or (isinstance(n_ctx, int) and n_ctx > 0)):
             raise EdgeMoEError(f"n_ctx must be a positive int, got {n_ctx!r}")
         self.store_path: Path | None = None
@@ -144,6 +144,9 @@ class Model:
             self.store_path = self.path
         elif self.path.is_file() and self._needs_store(n_ctx, kv_type, bits):
             self.store_path = self._converted_store(progress)
+        # streamed experts default to the DEFAULT preset; a GGUF in place reads every weight
+        self._quality = policy.parse_quality(quality or (policy.DEFAULT if self.store_path else "max"))
+        self.quality = self._quality.name
         dense_path = self.store_path / store.DENSE if self.store_path else self.path
         self._file = GGUFFile(dense_path)
         try:
@@ -185,7 +188,7 @@ class Model:
 
     def _needs_store(self, n_ctx: int | None, kv_type: str, bits: int | None) -> bool:
         """A GGUF runs in place unless a budget or bits are asked for, or it does not fit in free memory."""
-        if self.budget_bytes is not None or bits is not None or self._quality.name != "max":
+        if self.budget_bytes is not None or bits is not None or self._quality_asked not in (None, "max"):
             return True
         need = self.path.stat().st_size
         avail = memory.available()

@@ -52,6 +52,12 @@ PRESETS: dict[str, Quality] = {
 }
 
 
+# The default for models whose experts stream from a store: the fastest preset whose perplexity on
+# the bundled model stays within 2% of "max" (tools/quality_sweep.py; docs/benchmarks.md). A GGUF
+# that runs in place reads every weight ("max").
+DEFAULT = "fast"
+
+
 def parse_quality(q: str | None) -> Quality:
     """A preset name, or explicit thresholds 'high,low[,naee_scale]' such as '0.6,0.9,1'."""
     if q is None:
@@ -62,10 +68,10 @@ def parse_quality(q: str | None) -> Quality:
         parts = [float(x) for x in q.split(",")]
     except (ValueError, AttributeError):
         parts = []
-    if len(parts) in (2, 3) and 0 <= parts[0] <= parts[1] <= 1 and (len(parts) == 2 or parts[2] >= 0):
+    if len(parts) in (2, 3) and all(0 <= x <= 1 for x in parts[:2]) and (len(parts) == 2 or parts[2] >= 0):
         return Quality(q, parts[0], parts[1], parts[2] if len(parts) == 3 else 0.0, True)
     raise EdgeMoEError(
-        f"quality {q!r} is not one of {', '.join(PRESETS)} nor thresholds 'high,low[,naee]' with 0 <= high <= low <= 1"
+        f"quality {q!r} is not one of {', '.join(PRESETS)} nor thresholds 'high,low[,naee]' with high and low in [0, 1]"
     )
 
 

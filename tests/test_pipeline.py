@@ -44,7 +44,7 @@ def test_skipping_rule_and_renormalisation():
     assert (kept[skip] == 0).all()
     np.testing.assert_allclose(kept[0, :3] / kept[0, 0], w[0, :3] / w[0, 0], rtol=1e-6)  # ratios kept
     with pytest.raises(edgemoe.EdgeMoEError):
-        policy.parse_quality("0.9,0.5")
+        policy.parse_quality("1.5,0.5")
     assert policy.parse_quality("0.5,0.8,1").naee_scale == 1.0
 
 
@@ -56,10 +56,10 @@ def store16(build_model, tmp_path_factory):
 
 def test_max_quality_pipeline_equals_plain_cache(store16):
     ids = random_ids(20, 256, seed=3)
-    with edgemoe.load(store16, kv_type="f32", pipeline=False) as m:
+    with edgemoe.load(store16, quality="max", kv_type="f32", pipeline=False) as m:
         plain = m.logits(ids)
         plain_tokens = [r.token for r in m.stream(ids[:6], max_tokens=8, temperature=0, ignore_eos=True)]
-    with edgemoe.load(store16, kv_type="f32", prefetch=True) as m:
+    with edgemoe.load(store16, quality="max", kv_type="f32", prefetch=True) as m:
         np.testing.assert_array_equal(m.logits(ids), plain)
         m.set_budget(m.memory_plan.minimum_budget + m.memory_plan.min_cache)  # tight: evictions while piping
         np.testing.assert_array_equal(m.logits(ids), plain)

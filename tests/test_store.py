@@ -41,7 +41,7 @@ def test_budget_changes_speed_not_results(tiny_store):
     """Every plane read: the logits are the same whatever the expert cache may hold."""
     _, st = tiny_store
     ids = random_ids(24, 256, seed=4)
-    with edgemoe.load(st, kv_type="f32", n_ctx=128) as m:
+    with edgemoe.load(st, quality="max", kv_type="f32", n_ctx=128) as m:
         full = m.logits(ids)
         cache = m._experts.cache
         total = cache.capacity
@@ -64,12 +64,12 @@ def test_too_small_budget_is_refused_with_the_minimum(tiny_store):
 def test_gguf_with_budget_is_converted_once(build_model, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEMOE_CACHE", str(tmp_path / "cache"))
     src = build_model("olmoe", "F32", n_embd=128, n_ff_exp=128, n_head_kv=4)
-    with edgemoe.load(src, memory_budget="2GB", progress=False) as m:
+    with edgemoe.load(src, memory_budget="2GB", quality="max", progress=False) as m:
         first = m.store_path
         a = m.logits([1, 2, 3])
     assert first.parent == tmp_path / "cache" / "stores" and store.is_store(first)
     mtime = (first / "manifest.json").stat().st_mtime_ns
-    with edgemoe.load(src, memory_budget="2GB", progress=False) as m:
+    with edgemoe.load(src, memory_budget="2GB", quality="max", progress=False) as m:
         assert m.store_path == first
         np.testing.assert_array_equal(m.logits([1, 2, 3]), a)
     assert (first / "manifest.json").stat().st_mtime_ns == mtime
@@ -104,7 +104,7 @@ def test_top_width_reproduces_a_4bit_source(build_model, tmp_path):
         ref_logits = m.logits(ids)
     errs = {}
     for bits in (2, 3, 4):
-        with edgemoe.load(st, kv_type="f32", bits=bits) as m:
+        with edgemoe.load(st, quality="max", kv_type="f32", bits=bits) as m:
             errs[bits] = float(np.abs(m.logits(ids) - ref_logits).max() / ref_logits.std())
     assert errs[4] < errs[3] < errs[2]
     assert errs[4] < 0.05  # same weights; only llama.cpp-style activation rounding differs
@@ -241,7 +241,7 @@ def test_store_runs_every_architecture(build_model, tmp_path, arch, kw):
     ids = random_ids(32, 256, seed=8)
     with edgemoe.load(src, kv_type="f32") as m:
         ref = m.logits(ids)
-    with edgemoe.load(st, kv_type="f32") as m:
+    with edgemoe.load(st, quality="max", kv_type="f32") as m:
         ours = m.logits(ids)
         assert m.stats().cache.hits > 0  # the experts came from the store (preloaded at load)
     assert np.median(kl_per_position(ours, ref)) <= 0.01
@@ -251,7 +251,7 @@ def test_store_runs_every_architecture(build_model, tmp_path, arch, kw):
 def test_set_budget_on_a_loaded_model(tiny_store):
     _, st = tiny_store
     ids = random_ids(16, 256, seed=12)
-    with edgemoe.load(st, kv_type="f32") as m:
+    with edgemoe.load(st, quality="max", kv_type="f32") as m:
         full = m.logits(ids)
         plan = m.memory_plan
         small = m.set_budget(plan.minimum_budget)
@@ -271,7 +271,7 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
 
     src = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
     st = convert(src, tmp_path / "q4.edgemoe", progress=False)
-    with edgemoe.load(st, kv_type="f32", preload=False) as m:  # every resident expert has been used
+    with edgemoe.load(st, quality="max", kv_type="f32", preload=False) as m:  # every resident expert has been used
         exp = m._experts
         assert exp.q41
         m.logits(random_ids(8, 256, seed=1))
