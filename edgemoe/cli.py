@@ -21,8 +21,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=None, help="read experts at this nested width (default: all planes)")
     p.add_argument("--policy", choices=["lru", "lfu", "score"], default="lru", help="expert cache eviction policy")
     p.add_argument("--quality", default=None,
-                   help="max (default: every plane, no skipping), balanced, fast, or thresholds 'high,low[,naee]' "
-                        "(see README: Quality presets)")
+                   help="max (every plane, no skipping; always for a GGUF in place), balanced, fast (the default "
+                        "for experts streamed from a store), or thresholds 'high,low[,naee]' (see README)")
     p.add_argument("--profile", default=None,
                    help="device profile (profiles/NAME.yaml or a path): its default budget when --budget is not given")
     p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
@@ -329,8 +329,6 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
                         "/v1/models, /stats, /metrics)")
     _add_load_options(sv)
-    if not any("--quality" in a.option_strings for a in sv._actions):
-        sv.add_argument("--quality", default=None, help="max (default), balanced, fast, or thresholds 'high,low[,naee]'")
     sv.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; a non-loopback "
                     "address serves beyond this machine, without authentication)")
     sv.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
