@@ -109,7 +109,28 @@ def backends_for(qtype: QT, data: np.ndarray, n_in: int, own: bool = True):
             return y
 
         out.append(("numba-own", own_kernel))
+    if qtype == QT.Q4_0:
+        out += nested_backends(data, n_in)
     return w, out
+
+
+def nested_backends(data: np.ndarray, n_in: int):
+    """The expert store's kernels on the same Q4_0 weights: the matquant 2,3,4 planes a Q4_0
+    source converts to exactly, read at each width by the plane kernel, and the full width after
+    its transcoding to ggml's Q4_1 blocks (what a cached full-width expert runs on)."""
+    from types import SimpleNamespace
+
+    from edgemoe import nested, streaming
+    from edgemoe.convert import _source_codes
+
+    n_out = data.shape[0]
+    sch = nested.SCHEMES["matquant"]((2, 3, 4), 32)
+    planes = sch.from_codes(*_source_codes(SimpleNamespace(data=data[None], qtype=QT.Q4_0), 0))
+    out = [(f"planes-{b}bit", lambda x, k=sch.planes_for(b): sch.matmul(planes[:k], n_out, n_in, x))
+           for b in sch.widths]
+    q41 = kernels.QWeight(streaming.q41_blocks(sch, planes, n_out, n_in), QT.Q4_1, n_in, name="bench")
+    out.append(("planes->Q4_1", lambda x: kernels.matmul(q41, x)))
+    return out
 
 
 def _cycle(fns):
