@@ -23,7 +23,7 @@ from .gguf_file import GGUFFile
 from .sampling import Sampler, SamplingParams
 from .store import StoreReader
 from .streaming import CacheStats, StoreExperts
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, open_tokenizer
 
 from . import BASELINE_RSS  # resident_bytes is counted from the RSS right after `import edgemoe`
 
@@ -128,6 +128,7 @@ class Model:
         pipeline: bool = True,
         prefetch: bool = False,
         preload: bool = True,
+        onnx_experts: bool | dict = False,
     ):
         self.path = Path(path) if path is not None else bundled_model_path()
         self._quality = policy.parse_quality(quality)  # validated now; the default is settled below
@@ -142,7 +143,7 @@ class Model:
         self._reader: StoreReader | None = None
         if store.is_store(self.path):
             self.store_path = self.path
-        elif self.path.is_file() and self._needs_store(n_ctx, kv_type, bits):
+        elif self.path.is_file() and (self.path.suffix.lower() == ".onnx" or self._needs_store(n_ctx, kv_type, bits)):
             self.store_path = self._converted_store(progress)
         # streamed experts default to the DEFAULT preset; a GGUF in place reads every weight
         self._quality = policy.parse_quality(quality or (policy.DEFAULT if self.store_path else "max"))
@@ -159,10 +160,15 @@ class Model:
             self._cache = KVCache(self.config, self.n_ctx, kv_type)
             if self.store_path:
                 self._open_store(bits, cache_policy, pipeline, prefetch)
+                if onnx_experts:  # experts on onnxruntime by the rule of edgemoe.onnx_experts
+                    from .onnx_experts import OnnxExperts
+
+                    self._experts.onnx = OnnxExperts(self._experts.scheme, self._experts.shapes,
+                                                     **(onnx_experts if isinstance(onnx_experts, dict) else {}))
             else:
                 self._check_memory()
             self._engine = Engine(self._file, self.config, self._experts)
-            self._tok = Tokenizer(dense_path)
+            self._tok = open_tokenizer(dense_path, self.store_path, self.config.n_vocab, self._file.metadata)
             if self._tok.n_vocab != self.config.n_vocab:
                 raise EdgeMoEError(
                     f"{self.path}: vocabulary has {self._tok.n_vocab} tokens but token_embd has "

@@ -32,6 +32,8 @@ EXPERT_SUFFIXES = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "
 
 def source_bits(gf: GGUFFile, args: ModelArgs) -> float:
     """Bits per weight of the source's expert tensors (the first MoE layer's)."""
+    if getattr(gf, "expert_bits", None):  # an ONNX source's quantized experts (MatMulNBits, QMoE)
+        return float(gf.expert_bits)
     first = next(i for i in range(args.n_layer) if not args.is_dense(i))
     t = gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}")
     block, size = gguf.GGML_QUANT_SIZES[t.qtype]
@@ -143,7 +145,12 @@ def convert(
     layer and store copies of them for the rest (a large store in seconds; results are not the
     source model's)."""
     src = Path(src)
-    gf = GGUFFile(src)
+    if src.suffix.lower() == ".onnx":  # ONNX MoE decoders: the same tensors, see onnx_import
+        from .onnx_import import OnnxSource
+
+        gf = OnnxSource(src)
+    else:
+        gf = GGUFFile(src)
     try:
         args = ModelArgs.from_gguf(gf)
         sbits = source_bits(gf, args)
@@ -163,6 +170,8 @@ def convert(
         if dst.exists() and not force:
             raise EdgeMoEError(f"{dst}: already exists (use --force to replace it)")
         act = None
+        if calibration is not None and src.suffix.lower() == ".onnx":
+            raise EdgeMoEError(f"{src}: --calibration is not supported for ONNX sources yet (convert without it)")
         if calibration is not None:
             try:
                 text = Path(calibration).read_text(encoding="utf-8")
@@ -174,6 +183,8 @@ def convert(
         tmp.mkdir(parents=True)
         try:
             _write_store(gf, args, sch, tmp, act, progress, src, sbits, distinct_experts)
+            for extra in getattr(gf, "extra_files", ()):  # an ONNX model's tokenizer.json
+                shutil.copyfile(extra, tmp / extra.name)
             _fsync_dir(tmp)
             if dst.exists():
                 old = dst.parent / f".{dst.name}.old-{os.getpid()}"

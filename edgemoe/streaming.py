@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,10 @@ class CacheStats:
     prefetch_hits: int  # prefetched experts the real routing wanted
     prefetch_cancelled: int  # queued prefetches dropped: the routing did not want them
     prefetch_wasted_bytes: int  # prefetched planes dropped before any use
+    # token-expert rows computed by each backend: edgemoe (numba nested planes), ggml (Q4_1),
+    # onnxruntime (onnx_experts); onnx_sessions: sessions created
+    backend_rows: dict[str, int] = field(default_factory=dict)
+    onnx_sessions: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -107,11 +111,21 @@ class StoreExperts:
         self.chosen = 0  # token-expert pairs routed
         self.uses_by_bits: dict[int, int] = {}  # expert computations by width
         self.ratios: list[list[float]] | None = None  # set by calibrate: w_k / w_1 per layer
+        self.onnx = None  # an onnx_experts.OnnxExperts: experts run by onnxruntime (Model(onnx_experts=True))
+        self.backend_rows = {"edgemoe": 0, "ggml": 0, "onnxruntime": 0}  # token rows computed by each
         self.q41 = (self.scheme.name == "matquant" and self.scheme.widths[-1] == 4 and self.scheme.group == 32
                     and self.n_planes == self.scheme.n_planes)
 
     def ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+        if self.onnx is not None and self.bias[i] is None and self.args.expert_act == "silu":
+            from .onnx_experts import codes_for  # the onnxruntime backend (edgemoe.onnx_experts)
+
+            y = self.onnx.ffn((i, e), lambda: codes_for(self, i, e, planes), x)
+            if y is not None:
+                self.backend_rows["onnxruntime"] += x.shape[0]
+                return y
         fast = self._fast_form(i, e, planes)
+        self.backend_rows["ggml" if fast is not None else "edgemoe"] += x.shape[0]
         if fast is not None:  # ggml's Q4_1 kernels on the same weights
             def mm(w, n_out, n_in, xx):
                 return kernels.matmul(w, xx)
@@ -281,6 +295,7 @@ class StoreExperts:
             uses_by_bits=dict(self.uses_by_bits),
             prefetch_issued=pl.prefetch_issued if pl else 0, prefetch_hits=pl.prefetch_hits if pl else 0,
             prefetch_cancelled=pl.prefetch_cancelled if pl else 0, prefetch_wasted_bytes=c.prefetch_wasted_bytes,
+            backend_rows=dict(self.backend_rows), onnx_sessions=self.onnx.created if self.onnx is not None else 0,
         )
 
 

@@ -112,3 +112,133 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)
+
+
+# Names of end-of-generation tokens in HF vocabularies (llama.cpp's EOG list, abridged).
+_HF_EOG = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|end_of_text|>", "</s>", "<|return|>")
+
+
+class HFTokenizer(Tokenizer):
+    """The same interface as Tokenizer, from a Hugging Face tokenizer.json read with `tokenizers`
+    (ONNX models: the tokenizer comes from tokenizer.json beside the model, copied into its store).
+    bos / eos: the GGUF metadata's ids when given (config.json's), else tokenizer_config.json's."""
+
+    def __init__(self, path: str | os.PathLike[str], *, n_vocab: int | None = None,
+                 metadata: dict[str, Any] | None = None):
+        import json
+        from pathlib import Path
+
+        try:
+            from tokenizers import Tokenizer as _HF
+        except ImportError:
+            raise EdgeMoEError(f"{path}: reading tokenizer.json needs the tokenizers package "
+                               "(pip install 'edgemoe[onnx]')") from None
+        path = Path(path)
+        try:
+            self._tk = _HF.from_file(str(path))
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise EdgeMoEError(f"{path}: not a readable tokenizer.json ({exc})") from None
+        cfg: dict = {}
+        cpath = path.parent / "tokenizer_config.json"
+        if cpath.is_file():
+            try:
+                cfg = json.loads(cpath.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise EdgeMoEError(f"{cpath}: unreadable ({exc})") from None
+        size = self._tk.get_vocab_size(with_added_tokens=True)
+        if n_vocab is not None and size > n_vocab:
+            raise EdgeMoEError(f"{path}: vocabulary has {size} tokens but the model's embedding has {n_vocab} rows")
+        self.n_vocab = n_vocab if n_vocab is not None else size
+        meta = metadata or {}
+
+        def token_id(key: str) -> int:
+            v = meta.get(f"tokenizer.ggml.{key}_token_id")
+            if v is not None:
+                return int(v)
+            t = cfg.get(f"{key}_token")
+            t = t.get("content") if isinstance(t, dict) else t
+            i = self._tk.token_to_id(t) if isinstance(t, str) else None
+            return -1 if i is None else int(i)
+
+        self.bos = token_id("bos")
+        self.eos = token_id("eos")
+        self.add_bos = bool(cfg.get("add_bos_token", False)) and self.bos >= 0
+        self.chat_template = cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None
+        self._special = {int(t["id"]) for t in spec.get("added_tokens", []) if t.get("special")}
+        dec = spec.get("decoder") or {}
+        kinds = {dec.get("type")} | {d.get("type") for d in dec.get("decoders", []) or []}
+        self._byte_level = "ByteLevel" in kinds
+        self._byte_dec = {c: b for b, c in _bytes_to_unicode().items()}
+        self._eog = {self.eos} - {-1}
+        for name in _HF_EOG:
+            i = self._tk.token_to_id(name)
+            if i is not None and i in self._special:
+                self._eog.add(int(i))
+        self._m = None
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise EdgeMoEError(f"text to tokenize must be a str, got {type(text).__name__}")
+        ids = self._tk.encode(text, add_special_tokens=False).ids if text else []
+        if add_bos and self.add_bos and (not ids or ids[0] != self.bos):
+            ids = [self.bos, *ids]
+        return list(ids)
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        token = int(token)
+        if token in self._special:
+            return (self._tk.id_to_token(token) or "").encode("utf-8") if special else b""
+        s = self._tk.id_to_token(token)
+        if s is None:
+            return b""
+        if self._byte_level and all(c in self._byte_dec for c in s):
+            return bytes(self._byte_dec[c] for c in s)
+        if len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+            try:
+                return bytes([int(s[3:5], 16)])
+            except ValueError:
+                pass
+        return s.replace("\u2581", " ").encode("utf-8")
+
+    def detokenize(self, ids: list[int], special: bool = False) -> str:
+        for t in ids:
+            if not 0 <= int(t) < self.n_vocab:
+                raise EdgeMoEError(f"token id {t} out of range 0..{self.n_vocab - 1}")
+        return b"".join(self.piece(int(t), special) for t in ids).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return int(token) in self._eog
+
+    def token_text(self, token: int) -> str:
+        return self._tk.id_to_token(int(token)) or ""
+
+    def close(self) -> None:
+        self._tk = None
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (byte-level BPE vocabularies)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def open_tokenizer(dense_path: str | os.PathLike[str], store_path: str | os.PathLike[str] | None = None,
+                   n_vocab: int | None = None, metadata: dict[str, Any] | None = None) -> Tokenizer:
+    """llama.cpp's tokenizer from the GGUF vocabulary, or, for a store that holds a tokenizer.json
+    (converted from ONNX), the `tokenizers` one."""
+    from pathlib import Path
+
+    if store_path is not None and (Path(store_path) / "tokenizer.json").is_file():
+        return HFTokenizer(Path(store_path) / "tokenizer.json", n_vocab=n_vocab, metadata=metadata)
+    if (metadata or {}).get("edgemoe.source_format") == "onnx":
+        raise EdgeMoEError(f"{store_path}: converted from ONNX without a tokenizer.json: put the model's "
+                           "tokenizer.json (and tokenizer_config.json) beside the .onnx file and convert again")
+    return Tokenizer(dense_path)
