@@ -46,7 +46,7 @@ def test_bench_accepts_a_measured_profile(build_model, tmp_path):
     assert p.returncode == 0, p.stderr
     model = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
     out = tmp_path / "results"
-    b = cli("bench", str(model), "--profile", str(prof), "--budgets", "60", "--threads", "1",
+    b = cli("bench", str(model), "--profile", str(prof), "--budgets", "150", "--threads", "1",
             "--prompt-tokens", "8", "--decode-tokens", "4", "--out", str(out))
     assert b.returncode == 0, b.stderr
     assert "edgemoe/llama.cpp decode" in b.stdout and "targets (pipeline issue)" in b.stdout
