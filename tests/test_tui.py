@@ -47,7 +47,7 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(store):
     """A streaming model whose expert cache holds a third of the experts: it evicts."""
-    with edgemoe.load(store) as m:
+    with edgemoe.load(store, quality="max") as m:  # every plane: enough work per token to watch it stream
         plan = m.memory_plan
         m.set_budget(plan.budget - plan.cache_capacity + plan.cache_capacity // 3)
         yield m
@@ -202,7 +202,7 @@ def run(coro):
 
 
 def test_chat_streams_reply_and_panel_updates(model):
-    app = ChatApp(model, sampling={"max_tokens": 300, "seed": 3, "ignore_eos": True}, stats_interval=0.02)
+    app = ChatApp(model, sampling={"max_tokens": 800, "seed": 3, "ignore_eos": True}, stats_interval=0.02)
 
     async def go():
         async with app.run_test(size=(120, 36)) as pilot:
