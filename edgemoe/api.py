@@ -78,13 +78,9 @@ class Response:
 
 
 def bundled_model_path() -> Path:
-    """The small model that ships with edgemoe (models/ in a checkout, edgemoe.bundled installed)."""
-    from importlib import resources
-
-    try:
-        root = Path(str(resources.files("edgemoe.bundled")))
-    except ModuleNotFoundError:  # running from a source checkout
-        root = Path(__file__).resolve().parent.parent / "models"
+    """The small model that ships with edgemoe: edgemoe/bundled/ when installed, models/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    root = here / "bundled" if (here / "bundled").is_dir() else here.parent / "models"
     found = sorted(root.glob("*.gguf"))
     if not found:
         raise EdgeMoEError(f"the bundled model is missing from {root}; pass a model path with -m")

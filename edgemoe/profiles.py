@@ -54,13 +54,9 @@ class Profile:
 
 
 def profiles_dir() -> Path:
-    """profiles/ in a checkout, edgemoe.device_profiles when installed."""
-    from importlib import resources
-
-    try:
-        return Path(str(resources.files("edgemoe.device_profiles")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "profiles"
+    """edgemoe/device_profiles/ when installed, profiles/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    return here / "device_profiles" if (here / "device_profiles").is_dir() else here.parent / "profiles"
 
 
 def available() -> list[str]:
