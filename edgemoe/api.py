@@ -119,7 +119,7 @@ class Model:
         n_ctx: int | None = None,
         kv_type: str = "f16",
         bits: int | None = None,
-        cache_policy: str = "lru",
+        cache_policy: str = "score",
         progress: bool = True,
         pipeline: bool = True,
         prefetch: bool = False,
