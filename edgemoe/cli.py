@@ -19,7 +19,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length (default: min(4096, training context))")
     p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16, as llama.cpp)")
     p.add_argument("--bits", type=int, default=None, help="read experts at this nested width (default: all planes)")
-    p.add_argument("--policy", choices=["lru", "lfu", "score"], default="lru", help="expert cache eviction policy")
+    p.add_argument("--policy", choices=["lru", "lfu", "score"], default="score",
+                   help="expert cache eviction policy (default score: recency, frequency and layer distance)")
     p.add_argument("--quality", default=None,
                    help="max (every plane, no skipping; always for a GGUF in place), balanced, fast (the default "
                         "for experts streamed from a store), or thresholds 'high,low[,naee]' (see README)")
@@ -188,6 +189,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import main as verify_main
+
+    return verify_main(args.store, quiet=args.quiet)
+
+
 def _store_rows(path: Path) -> list[tuple[str, str]]:
     from .memory import format_size
     from .store import StoreReader
@@ -325,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", help="text file: fit scales activation-aware on it")
     c.add_argument("--force", action="store_true", help="replace an existing store")
     c.set_defaults(func=cmd_convert)
+
+    vf = sub.add_parser("verify", help="check an expert store: manifest, shards, every plane's checksum "
+                        "(exit 0 clean, 2 damaged)")
+    vf.add_argument("store", help="expert store directory")
+    vf.add_argument("--quiet", action="store_true", help="print nothing when the store is clean")
+    vf.set_defaults(func=cmd_verify)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
                         "/v1/models, /stats, /metrics)")

@@ -167,6 +167,7 @@ def convert(
         group = _group_for(args, scheme, gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}").qtype, bits)
         sch = nested.SCHEMES[scheme](bits, group)
         dst = Path(dst) if dst is not None else src.with_suffix(".edgemoe")
+        _remove_stale_temps(dst)
         if dst.exists() and not force:
             raise EdgeMoEError(f"{dst}: already exists (use --force to replace it)")
         act = None
@@ -179,7 +180,6 @@ def convert(
                 raise EdgeMoEError(f"{calibration}: cannot read calibration text ({exc})") from None
             act = calibrate_activations(src, text)
         tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-        _remove_stale_temps(dst)
         tmp.mkdir(parents=True)
         try:
             _write_store(gf, args, sch, tmp, act, progress, src, sbits, distinct_experts)
@@ -309,11 +309,19 @@ def _write_store(gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: b
 
 
 def _remove_stale_temps(dst: Path) -> None:
-    """Temp directories of conversions that were killed (their pid is gone)."""
+    """Leftovers of conversions that were killed (their pid is gone): temp directories go; a
+    previous store set aside by a --force conversion killed between its two renames comes back."""
     for p in dst.parent.glob(f".{dst.name}.tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(dst.parent.glob(f".{dst.name}.old-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if not dst.exists() and (p / store.MANIFEST).is_file():
+                os.rename(p, dst)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

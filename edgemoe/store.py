@@ -68,6 +68,10 @@ class StoreReader:
         except (OSError, ValueError) as exc:
             raise EdgeMoEError(f"{mpath}: unreadable manifest ({exc})") from None
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if version == FORMAT_VERSION:
+            from .verify import check_manifest
+
+            check_manifest(manifest, mpath)  # types, ranges and sizes before anything is allocated
         if version != FORMAT_VERSION:
             raise EdgeMoEError(
                 f"{mpath}: store format version {version!r}, this edgemoe reads version {FORMAT_VERSION}; "

@@ -38,7 +38,10 @@ class Tokenizer:
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise EdgeMoEError(f"text to tokenize must be a str, got {type(text).__name__}")
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EdgeMoEError(f"text to tokenize is not valid Unicode ({exc.reason} at position {exc.start})") from None
         if not data:
             return [self.bos] if add_bos and self.add_bos and self.bos >= 0 else []
         return list(self._m.tokenize(data, add_bos, special))
