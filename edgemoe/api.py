@@ -177,6 +177,7 @@ class Model:
             self._prompt_time = 0.0
             self._decode_time = 0.0
             self._closed = False
+            self._warm_up()
             if self._experts is not None:
                 self._fit_cache_after_warmup()
                 if preload:
@@ -236,11 +237,23 @@ class Model:
                                    f"dense weights, KV cache (n_ctx={self.n_ctx}) and scratch")
         self._fixed_bytes = fixed
 
+    def _warm_up(self) -> None:
+        """One token through the whole model at load: compiles the kernels (so the runtime can be
+        measured) and turns tensors whose shapes contradict the configuration into one clear
+        error now rather than a crash mid-generation."""
+        try:
+            self.logits([self._tok.bos if self._tok.bos >= 0 else 0])
+        except EdgeMoEError:
+            raise
+        except (ValueError, TypeError, IndexError) as exc:
+            raise EdgeMoEError(
+                f"{self.path}: the tensors do not fit the model's configuration ({type(exc).__name__}: {exc})"
+            ) from None
+
     def _fit_cache_after_warmup(self) -> None:
-        """Run one token, then measure what the runtime itself holds since `import edgemoe`
+        """After the warm-up token, measure what the runtime itself holds since `import edgemoe`
         (numpy, numba and its compiled kernels, llama.cpp's vocabulary, the interpreter) and
         shrink the expert cache by it, so that the budget covers everything."""
-        self.logits([self._tok.bos if self._tok.bos >= 0 else 0])
         cache = self._experts.cache
         dense = self._file.file_size  # copied into anonymous memory at load
         overhead = max(memory.rss() - BASELINE_RSS - dense - cache.nbytes, 0)

@@ -147,3 +147,13 @@ def test_bad_generation_options(build_model):
             m.logits([0, 10**6])
         with pytest.raises(edgemoe.EdgeMoEError, match="messages"):
             m.chat([{"role": "wizard", "content": "hi"}])
+
+
+def test_tensor_shape_contradicting_the_config(build_model, tmp_path):
+    """A tensor whose shape does not fit the metadata is an error at load, not a crash mid-generation."""
+    bad = tmp_path / "shrunk.gguf"
+    _rewrite(build_model("qwen3moe"), bad,
+             tensor_fn=lambda name, data: (data[:-16], None) if name == "blk.1.attn_k.weight" else None)
+    with pytest.raises(edgemoe.EdgeMoEError, match="do not fit the model's configuration"):
+        edgemoe.load(bad)
+    assert_one_line_error(cli("run", "-m", str(bad), "hi"), "shrunk.gguf", "configuration")
