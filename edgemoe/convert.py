@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -128,7 +129,22 @@ def calibrate_activations(src: Path, text: str, max_tokens: int = 512) -> dict:
     return {k: (v[0] / max(v[1], 1)).astype(np.float32) for k, v in stats.items()}
 
 
-def convert(
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, **options) -> Path:
+    """Write an expert store from a GGUF (or ONNX) model; returns its path. Options: see _convert."""
+    if Path(src).suffix.lower() != ".onnx":
+        return _convert(src, dst, **options)
+    try:
+        return _convert(src, dst, **options)
+    except EdgeMoEError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError, StopIteration,
+            struct.error) as exc:
+        # the ONNX graph and config.json are read field by field: a value of the wrong kind anywhere
+        raise EdgeMoEError(f"{src}: the ONNX model or its config.json has a value edgemoe cannot use "
+                           f"({type(exc).__name__}: {exc})") from None
+
+
+def _convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str] | None = None,
     *,
