@@ -222,6 +222,11 @@ class Model:
         self._file.load_into_memory()  # the resident part must stay resident under memory pressure
         r = self._reader
         c = self.config
+        for i in range(c.n_layer):
+            have = len(r.locations[i]) if i < len(r.locations) else 0
+            if have != (0 if c.is_dense(i) else c.n_expert):
+                raise EdgeMoEError(f"{r.root / store.MANIFEST}: layer {i} has {have} experts in the store, "
+                                   f"the model's configuration has {0 if c.is_dense(i) else c.n_expert}")
         experts_all = r.all_experts_bytes()
         fixed = (self._file.file_size + self._cache.nbytes
                  + streaming.scratch_bytes(c.n_embd, c.n_ff_exp, c.n_head, self.n_ctx, c.n_vocab)

@@ -133,6 +133,10 @@ class StoreReader:
 
     def read_planes(self, layer: int, expert: int, first: int, bufs: list[np.ndarray]) -> None:
         """Read planes first .. first+len(bufs)-1 of one expert into bufs (one contiguous preadv)."""
+        if not (0 <= layer < len(self.locations) and 0 <= expert < len(self.locations[layer])
+                and first + len(bufs) <= len(self.locations[layer][expert].checksums)):
+            raise EdgeMoEError(f"{self.root / MANIFEST}: no planes {first}..{first + len(bufs) - 1} of layer {layer} "
+                               f"expert {expert} in this store")
         loc = self.locations[layer][expert]
         start = loc.offset + loc.plane_offsets[first]
         want = sum(b.nbytes for b in bufs)
