@@ -572,6 +572,21 @@ class MatQuant(Scheme):
         q = np.clip(np.round((W - m) / safe), 0, qmax).reshape(n_out, n_in).astype(np.int64)
         return {"planes": self.from_codes(q, s[..., 0], m[..., 0]), "q": q, "s": s[..., 0], "m": m[..., 0]}
 
+    def codes(self, planes: list[np.ndarray], n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every plane of one matrix -> its B-bit codes uint8 [n_out, n_in] and fp16 s, m [n_out, G]
+        (the inverse of from_codes)."""
+        q = np.zeros((n_out, n_in), dtype=np.uint8)
+        shift = self.B
+        s = m = None
+        for p, plane in enumerate(planes):
+            codes, sc = self._split_plane(plane, p, n_out, n_in)
+            b = self.plane_bits[p]
+            shift -= b
+            q |= _unpack(codes, b, n_in, n_out, n_in) << np.uint8(shift)
+            if sc is not None:
+                s, m = sc[0], sc[1]
+        return q, s, m
+
     def from_codes(self, q: np.ndarray, s: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
         """Planes for given B-bit codes q [n_out, n_in] and per-group fp16 s, m [n_out, G]: the
         full width reconstructs s*q + m. Used directly for Q4_0/Q4_1 sources, whose own codes and

@@ -50,17 +50,8 @@ def supported(scheme: nested.Scheme) -> bool:
 
 def full_codes(scheme: nested.Scheme, planes: list[np.ndarray], n_out: int, n_in: int):
     """All planes of one matrix -> (B-bit codes uint8 [n_out, n_in], s, m float32 [n_out, G])."""
-    q = np.zeros((n_out, n_in), dtype=np.uint8)
-    shift = scheme.widths[-1]
-    s = m = None
-    for p, plane in enumerate(planes):
-        codes, sc = scheme._split_plane(plane, p, n_out, n_in)
-        b = scheme.plane_bits[p]
-        shift -= b
-        q |= nested._unpack(codes, b, n_in, n_out, n_in) << np.uint8(shift)
-        if sc is not None:
-            s, m = sc[0].astype(np.float32), sc[1].astype(np.float32)
-    return q, s, m
+    q, s, m = scheme.codes(planes, n_out, n_in)
+    return q, s.astype(np.float32), m.astype(np.float32)
 
 
 def nbits_inputs(q: np.ndarray, s: np.ndarray, m: np.ndarray, bits: int, group: int):

@@ -311,21 +311,12 @@ def q41_blocks(scheme, planes: list[np.ndarray], n_out: int, n_in: int) -> np.nd
         out = alloc(n_out * n_in // 32 * 20)
         _q41_211(c0, c1, c2, sc[0].view(np.uint16).reshape(-1), sc[1].view(np.uint16).reshape(-1), n_out, n_in, out)
         return out.reshape(n_out, n_in // 32 * 20)
-    q = np.zeros((n_out, n_in), dtype=np.uint8)
-    shift = 4
-    scales = None
-    for p, plane in enumerate(planes):
-        codes, sc = scheme._split_plane(plane, p, n_out, n_in)
-        b = scheme.plane_bits[p]
-        shift -= b
-        q |= nested._unpack(codes, b, n_in, n_out, n_in) << np.uint8(shift)
-        if sc is not None:
-            scales = sc
+    q, s, m = scheme.codes(planes, n_out, n_in)
     nb = n_in // 32
     q = q.reshape(n_out, nb, 32)
     out = alloc(n_out * nb * 20).reshape(n_out, nb, 20)
-    out[..., 0:2] = scales[0].reshape(n_out, nb).astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
-    out[..., 2:4] = scales[1].reshape(n_out, nb).astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    out[..., 0:2] = s.reshape(n_out, nb).astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
+    out[..., 2:4] = m.reshape(n_out, nb).astype(np.float16).view(np.uint8).reshape(n_out, nb, 2)
     out[..., 4:] = q[..., :16] | (q[..., 16:] << np.uint8(4))
     return out.reshape(n_out, nb * 20)
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .tokenizer import bytes_to_unicode  # GPT-2's byte map, as llama.cpp's BPE vocab uses it
+
 ARCHES = ("llama", "olmoe", "qwen2moe", "qwen3moe", "granitemoe", "phimoe", "deepseek2", "gpt-oss")
 
 # dtypes gguf-py can write directly (quants.py has numpy quantizers for these)
@@ -221,18 +223,6 @@ Numbers 0123456789 and 3.14159, 2.71828; emails like user@example.com and URLs h
 _PRE_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what llama.cpp's BPE vocab uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def build_vocab(n_normal: int) -> tuple[list[str], list[str], list[int]]:

@@ -172,7 +172,7 @@ class HFTokenizer(Tokenizer):
         dec = spec.get("decoder") or {}
         kinds = {dec.get("type")} | {d.get("type") for d in dec.get("decoders", []) or []}
         self._byte_level = "ByteLevel" in kinds
-        self._byte_dec = {c: b for b, c in _bytes_to_unicode().items()}
+        self._byte_dec = {c: b for b, c in bytes_to_unicode().items()}
         self._eog = {self.eos} - {-1}
         for name in _HF_EOG:
             i = self._tk.token_to_id(name)
@@ -220,7 +220,7 @@ class HFTokenizer(Tokenizer):
         self._tk = None
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (byte-level BPE vocabularies)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
