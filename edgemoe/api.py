@@ -248,6 +248,7 @@ class Model:
         error now rather than a crash mid-generation."""
         try:
             self.logits([self._tok.bos if self._tok.bos >= 0 else 0])
+            self._ctx_tokens = []  # the warm-up is not a prompt to reuse
         except EdgeMoEError:
             raise
         except (ValueError, TypeError, IndexError) as exc:

@@ -205,6 +205,15 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True) -> Report:
                 got = gf.get(f"{arch}.{key}")
                 if want is not None and got != want:
                     rep.damage(f"{dense}: {arch}.{key} is {got!r}, the manifest says {want}")
+            if lay is not None:  # which layers have experts: the model's configuration decides
+                from .config import ModelArgs
+
+                args = ModelArgs.from_gguf(gf, n_ff_exp=int(raw.get("n_ff_exp") or 1))
+                for i, entries in enumerate(raw["experts"][: args.n_layer]):
+                    want_n = 0 if args.is_dense(i) else args.n_expert
+                    if len(entries) != want_n:
+                        rep.damage(f"{root / store.MANIFEST}: layer {i} has {len(entries)} experts, "
+                                   f"the model's configuration has {want_n}")
         except EdgeMoEError as exc:
             rep.damage(str(exc))
         finally:
