@@ -277,7 +277,6 @@ class Model:
                                    f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime")
         cache.capacity = min(cache.capacity, capacity)
         cache.clear()
-        c = self.config
         self.memory_plan = MemoryPlan(
             budget=self.budget_bytes, dense=self._file.file_size, kv=self._cache.nbytes,
             scratch=self._fixed_bytes - self._file.file_size - self._cache.nbytes, runtime=overhead,

@@ -110,7 +110,6 @@ def _print_stats(s) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .api import load
     from .server import serve
 
     if args.max_queue < 0:

@@ -69,8 +69,7 @@ def llama_cpp_logits_fn(path: str, window: int, threads: int | None = None) -> t
     )
 
     def fn(ids: np.ndarray) -> np.ndarray:
-        llm.reset()
-        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        llm.reset()  # n_tokens = 0: eval then drops the KV cache from position 0 on
         llm.eval([int(t) for t in ids])
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
 

@@ -12,7 +12,6 @@ Model.stats(), see stats_to_dict), GET /metrics (Prometheus text), GET /health.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import math

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe import synth
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

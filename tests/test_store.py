@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe import store, synth
+from edgemoe import store
 from edgemoe.cache import ExpertCache
 from edgemoe.convert import convert
 from conftest import random_ids

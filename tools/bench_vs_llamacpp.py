@@ -13,26 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def run_engine(engine: str, path: str, args: argparse.Namespace, extra: list[str] | None = None,
-               preexec=None) -> dict:
-    cmd = [sys.executable, "-m", "edgemoe.benchrun", engine, path, "--prompt-tokens", str(args.prompt_tokens),
-           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads), *(extra or [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, preexec_fn=preexec)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (proc.stderr or "").strip().splitlines()[-3:]
-    return dict(engine=engine, failed=f"exit {proc.returncode}: {' | '.join(tail)}")
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.node()}"
+from edgemoe.bench import machine, run_engine  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
