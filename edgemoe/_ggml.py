@@ -25,6 +25,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 
+Q4_0, Q8_0 = 2, 8  # enum ggml_type
+
+
 class _CpuTraits(ctypes.Structure):
     # struct ggml_type_traits_cpu (ggml/include/ggml-cpu.h)
     _fields_ = [
@@ -85,6 +88,18 @@ class GGMLLib:
         self.base.ggml_row_size.restype = ctypes.c_size_t
         self.base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         self._cache: dict[int, tuple[int, int, int, int] | None] = {}
+        self.q4_0x8 = self._q4_0x8_funcs()
+
+    def _q4_0x8_funcs(self) -> tuple[int, int, int, int] | None:
+        """(gemv, gemm, quantize_mat, from_float) of ggml's repacked Q4_0 8x8 kernels, the ones
+        llama.cpp's CPU backend runs on x86 for Q4_0 weights; None where this build lacks them."""
+        try:
+            fns = [ctypes.cast(getattr(self.cpu, n), ctypes.c_void_p).value for n in (
+                "ggml_gemv_q4_0_8x8_q8_0", "ggml_gemm_q4_0_8x8_q8_0", "ggml_quantize_mat_q8_0_4x8")]
+        except AttributeError:
+            return None
+        ff = self.cpu.ggml_get_type_traits_cpu(Q8_0).contents.from_float
+        return (*fns, int(ff)) if all(fns) and ff else None
 
     def row_size(self, gtype: int, n: int) -> int:
         return int(self.base.ggml_row_size(gtype, n))
@@ -159,6 +174,74 @@ def matmul_kernel(vec_dot, from_float, w_addr, w_stride, n_out, n_in,
         wr = w_addr + r * w_stride
         for t in range(T):
             _vec_dot(vec_dot, n_in, out_addr + (t * n_out + r) * 4, wr, q_addr + t * q_stride)
+
+
+@intrinsic
+def _gemx(typingctx, fn, n, s, bs, vx, vy, nr, nc):
+    # ggml_gemv_* / ggml_gemm_* (int n, float * s, size_t bs, const void * vx, const void * vy,
+    #                            int nr, int nc)
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64,
+                     types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        fn_, n_, s_, bs_, vx_, vy_, nr_, nc_ = args
+        i8p = ir.IntType(8).as_pointer()
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        fty = ir.FunctionType(ir.VoidType(), [i32, ir.FloatType().as_pointer(), i64, i8p, i8p,
+                                              i32, i32])
+        f = builder.inttoptr(fn_, fty.as_pointer())
+        builder.call(f, [builder.trunc(n_, i32), builder.inttoptr(s_, ir.FloatType().as_pointer()),
+                         bs_, builder.inttoptr(vx_, i8p), builder.inttoptr(vy_, i8p),
+                         builder.trunc(nr_, i32), builder.trunc(nc_, i32)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def q4_0x8_matmul_kernel(gemv, gemm, quant_mat, from_float, w_addr, row_bytes, n_out, n_in,
+                         x_addr, T, q_addr, q_row, out_addr, n_chunks):
+    # Weights in ggml's block_q4_0x8 layout (8 rows interleaved; same bytes per 8 rows as Q4_0).
+    # Activations: groups of 4 rows as block_q8_0x4 (for gemm), the rest as plain Q8_0 rows.
+    T4 = T - T % 4
+    for t in range(0, T4, 4):
+        _convert(quant_mat, x_addr + t * n_in * 4, q_addr + t * q_row, n_in)
+    for t in range(T4, T):
+        _convert(from_float, x_addr + t * n_in * 4, q_addr + t * q_row, n_in)
+    groups = n_out // 8
+    for c in prange(n_chunks):
+        g0 = groups * c // n_chunks
+        g1 = groups * (c + 1) // n_chunks
+        if g1 == g0:
+            continue
+        c0 = g0 * 8
+        nc = (g1 - g0) * 8
+        w = w_addr + c0 * row_bytes
+        if T4 > 0:
+            _gemx(gemm, n_in, out_addr + c0 * 4, n_out, w, q_addr, T4, nc)
+        for t in range(T4, T):
+            _gemx(gemv, n_in, out_addr + (t * n_out + c0) * 4, n_out, w, q_addr + t * q_row, 1, nc)
+
+
+@njit(cache=True, nogil=True)
+def repack_q4_0x8(flat, n_out, row_bytes, tmp):
+    # flat: uint8 [n_out * row_bytes], rows of Q4_0 blocks (18 bytes: f16 d, 16 bytes of nibbles),
+    # n_out a multiple of 8; rewritten in place, 8 rows at a time, into block_q4_0x8: for each
+    # block column, the 8 rows' scales, then their nibbles in 8-byte pieces taken from the rows in
+    # turn, each byte XOR 0x88 (signed nibbles). tmp: uint8 [8 * row_bytes] scratch.
+    nb = row_bytes // 18
+    for g in range(0, n_out, 8):
+        base = g * row_bytes
+        tmp[:] = flat[base:base + 8 * row_bytes]
+        for b in range(nb):
+            o = base + b * 144
+            for r in range(8):
+                flat[o + 2 * r] = tmp[r * row_bytes + b * 18]
+                flat[o + 2 * r + 1] = tmp[r * row_bytes + b * 18 + 1]
+            for i in range(16):
+                src = (i % 8) * row_bytes + b * 18 + 2 + (i // 8) * 8
+                for j in range(8):
+                    flat[o + 16 + i * 8 + j] = tmp[src + j] ^ 0x88
 
 
 @njit(cache=True, nogil=True)

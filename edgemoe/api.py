@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import memory, policy, store, streaming
+from . import kernels, memory, policy, store, streaming
 from .cache import ExpertCache
 from .config import DEFAULT_N_CTX, ModelArgs
 from .engine import Engine, KVCache
@@ -163,6 +163,10 @@ class Model:
                                                      **(onnx_experts if isinstance(onnx_experts, dict) else {}))
             else:
                 self._check_memory()
+                if kernels.packs_any(self._file.tensors.values()):
+                    # as llama.cpp does by default: Q4_0 matrices repacked in RAM for ggml's
+                    # faster kernels; the bytes must be ours to rewrite, so copy the file in
+                    self._file.load_into_memory()
             self._engine = Engine(self._file, self.config, self._experts)
             self._tok = open_tokenizer(dense_path, self.store_path, self.config.n_vocab, self._file.metadata)
             if self._tok.n_vocab != self.config.n_vocab:

@@ -30,19 +30,37 @@ def _vec(t: Tensor | None) -> np.ndarray | None:
     return kernels.dequantize_rows(w, np.array([0]))[0]
 
 
-def _mat(t: Tensor | None) -> kernels.QWeight | None:
-    """A 2-D weight [n_out, n_in] as a zero-copy quantized view."""
+def _mat(t: Tensor | None, gf: GGUFFile | None = None) -> kernels.QWeight | None:
+    """A 2-D weight [n_out, n_in] as a zero-copy quantized view. With gf (weights used for
+    matmul only), repacked for ggml's faster kernels where gf's bytes are in memory we own."""
     if t is None:
         return None
     n_in = t.shape[0]
     data = t.data.reshape(-1, t.data.shape[-1])
-    return kernels.QWeight(data, t.qtype, n_in, t.name)
+    return _packed(gf, t, [kernels.QWeight(data, t.qtype, n_in, t.name)])[0]
 
 
-def _experts(t: Tensor) -> list[kernels.QWeight]:
+def _experts(t: Tensor, gf: GGUFFile | None = None) -> list[kernels.QWeight]:
     """A stacked 3-D expert tensor (GGUF shape [n_in, n_out, E]) as one view per expert."""
     n_in = t.shape[0]
-    return [kernels.QWeight(t.data[e], t.qtype, n_in, f"{t.name}[{e}]") for e in range(t.shape[2])]
+    return _packed(gf, t, [kernels.QWeight(t.data[e], t.qtype, n_in, f"{t.name}[{e}]")
+                           for e in range(t.shape[2])])
+
+
+def _packed(gf: GGUFFile | None, t: Tensor, ws: list[kernels.QWeight]) -> list[kernels.QWeight]:
+    """kernels.pack each weight of tensor t, once per file: the bytes are rewritten in place, so
+    a second Engine over the same GGUFFile only marks its views as packed."""
+    done = getattr(gf, "packed", None)
+    if done is None:
+        return ws
+    if t.name in done:
+        for w in ws:
+            w.packed = True
+    elif all(kernels.can_pack(w) for w in ws):
+        for w in ws:
+            kernels.pack(w)
+        done.add(t.name)
+    return ws
 
 
 @dataclass
@@ -173,7 +191,7 @@ class GGUFExperts:
         def stacked(i: int, what: str) -> list[kernels.QWeight] | None:
             if args.is_dense(i):
                 return None
-            return _experts(gf.tensor(f"blk.{i}.ffn_{what}_exps.weight"))
+            return _experts(gf.tensor(f"blk.{i}.ffn_{what}_exps.weight"), gf)
 
         self.gate = [stacked(i, "gate") for i in range(args.n_layer)]
         self.up = [stacked(i, "up") for i in range(args.n_layer)]
@@ -215,8 +233,9 @@ class Engine:
         self.tok_embd = _mat(gf.tensor("token_embd.weight"))
         self.output_norm = _vec(gf.tensor("output_norm.weight"))
         self.output_norm_b = _vec(gf.maybe("output_norm.bias"))
-        out = gf.maybe("output.weight") or gf.tensor("token_embd.weight")
-        self.output = _mat(out)
+        out = gf.maybe("output.weight")
+        # tied embeddings: token_embd's rows are read back, so it is never repacked
+        self.output = _mat(out, gf) if out is not None else _mat(gf.tensor("token_embd.weight"))
         self.output_b = _vec(gf.maybe("output.bias"))
         n_ctx_orig = args.rope_n_ctx_orig
         self._rope_long = _vec(gf.maybe("rope_factors_long.weight"))
@@ -241,10 +260,10 @@ class Engine:
         return Layer(
             attn_norm=_vec(t(p + "attn_norm.weight")),
             attn_norm_b=_vec(m(p + "attn_norm.bias")),
-            wq=_mat(m(p + "attn_q.weight") if mla else t(p + "attn_q.weight")),
-            wk=None if mla else _mat(t(p + "attn_k.weight")),
-            wv=None if mla else _mat(t(p + "attn_v.weight")),
-            wo=_mat(t(p + "attn_output.weight")),
+            wq=_mat(m(p + "attn_q.weight") if mla else t(p + "attn_q.weight"), gf),
+            wk=None if mla else _mat(t(p + "attn_k.weight"), gf),
+            wv=None if mla else _mat(t(p + "attn_v.weight"), gf),
+            wo=_mat(t(p + "attn_output.weight"), gf),
             bq=_vec(m(p + "attn_q.bias")),
             bk=_vec(m(p + "attn_k.bias")),
             bv=_vec(m(p + "attn_v.bias")),
@@ -255,15 +274,15 @@ class Engine:
             ffn_norm=_vec(m(p + "ffn_norm.weight") or t(p + "post_attention_norm.weight")),
             ffn_norm_b=_vec(m(p + "ffn_norm.bias")),
             router=None if dense else _router(t(p + "ffn_gate_inp.weight")),
-            gate_shexp=_mat(m(p + "ffn_gate_shexp.weight")),
-            up_shexp=_mat(m(p + "ffn_up_shexp.weight")),
-            down_shexp=_mat(m(p + "ffn_down_shexp.weight")),
+            gate_shexp=_mat(m(p + "ffn_gate_shexp.weight"), gf),
+            up_shexp=_mat(m(p + "ffn_up_shexp.weight"), gf),
+            down_shexp=_mat(m(p + "ffn_down_shexp.weight"), gf),
             gate_inp_shexp=_vec(m(p + "ffn_gate_inp_shexp.weight")),
             rope_freqs=_vec(m(p + "rope_freqs.weight")),
-            wq_a=_mat(m(p + "attn_q_a.weight")),
+            wq_a=_mat(m(p + "attn_q_a.weight"), gf),
             q_a_norm=_vec(m(p + "attn_q_a_norm.weight")),
-            wq_b=_mat(m(p + "attn_q_b.weight")),
-            wkv_a=_mat(t(p + "attn_kv_a_mqa.weight")) if mla else None,
+            wq_b=_mat(m(p + "attn_q_b.weight"), gf),
+            wkv_a=_mat(t(p + "attn_kv_a_mqa.weight"), gf) if mla else None,
             kv_a_norm=_vec(t(p + "attn_kv_a_norm.weight")) if mla else None,
             wk_b=_experts(t(p + "attn_k_b.weight")) if mla else None,
             wv_b=_experts(t(p + "attn_v_b.weight")) if mla else None,
@@ -271,9 +290,9 @@ class Engine:
             router_b=_vec(m(p + "ffn_gate_inp.bias")),
             swa=a.is_swa(i),
             exp_probs_b=_vec(m(p + "exp_probs_b.bias")),
-            ffn_gate=_mat(t(p + "ffn_gate.weight")) if dense else None,
-            ffn_up=_mat(t(p + "ffn_up.weight")) if dense else None,
-            ffn_down=_mat(t(p + "ffn_down.weight")) if dense else None,
+            ffn_gate=_mat(t(p + "ffn_gate.weight"), gf) if dense else None,
+            ffn_up=_mat(t(p + "ffn_up.weight"), gf) if dense else None,
+            ffn_down=_mat(t(p + "ffn_down.weight"), gf) if dense else None,
         )
 
     # ---- pieces -------------------------------------------------------------------------------

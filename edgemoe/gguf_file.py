@@ -56,6 +56,7 @@ class GGUFFile:
             raise EdgeMoEError(f"{self.path}: truncated or corrupt GGUF file ({exc})") from None
         self.file_size = self.path.stat().st_size
         self.in_memory = False
+        self.packed: set[str] = set()  # tensors whose in-memory bytes kernels.pack rewrote
         self.metadata: dict[str, Any] = {}
         try:
             for name, field in self._reader.fields.items():

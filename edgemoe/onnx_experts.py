@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import nested
+from . import kernels, nested
 from .errors import EdgeMoEError
 from .store import MATRICES
 
@@ -79,6 +79,18 @@ def codes_from_q41(blocks: np.ndarray, n_out: int, n_in: int):
     return q, s, m
 
 
+def codes_from_fast(w, n_out: int, n_in: int):
+    """(codes, s, m) of an expert matrix in its ggml form (streaming.fast_weight): Q4_1 rows, or
+    Q4_0 blocks (m = -8 d) repacked for ggml's gemv."""
+    if w.qtype.name == "Q4_1":
+        return codes_from_q41(w.data, n_out, n_in)
+    b = kernels.unpack(w).reshape(n_out, n_in // 32, 18)
+    s = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = b[..., 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n_out, n_in)
+    return q, s, np.float32(-8) * s
+
+
 def codes_for(se, i: int, e: int, planes: list[np.ndarray]) -> dict | None:
     """Full-width (codes, s, m) per matrix of a StoreExperts expert: from its planes, or from its
     Q4_1 form once the planes were transcoded (ggml path); None if not at full width."""
@@ -96,7 +108,7 @@ def codes_for(se, i: int, e: int, planes: list[np.ndarray]) -> dict | None:
         fast = ent.fast if ent is not None else None
     if fast is None:
         return None
-    return {m: codes_from_q41(fast[m].data, *se.shapes[m]) for m in MATRICES}
+    return {m: codes_from_fast(fast[m], *se.shapes[m]) for m in MATRICES}
 
 
 def expert_model(scheme: nested.Scheme, codes: dict, shapes: dict[str, tuple[int, int]],

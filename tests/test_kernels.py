@@ -280,3 +280,41 @@ def test_bad_env_var(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(kernels)
+
+
+@pytest.mark.skipif(kernels.BACKEND != "ggml" or kernels._lib.q4_0x8 is None,
+                    reason="ggml's repacked Q4_0 kernels are not in this build")
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 9, 32])
+def test_repacked_q4_0_gives_the_per_row_result(T):
+    """pack() rewrites Q4_0 rows into ggml's block_q4_0x8 layout in place; gemv (T < 4) and
+    gemm (groups of 4 rows, the rest by gemv) give what vec_dot per row gives, up to the order
+    of float sums; the layout is wrong if a single byte lands elsewhere."""
+    n_out, n_in = 136, 512
+    data, ref = make_weight(QT.Q4_0, n_out, n_in, seed=11)
+    plain = kernels.QWeight(data, QT.Q4_0, n_in)
+    packed = kernels.QWeight(data.copy(), QT.Q4_0, n_in)
+    assert kernels.can_pack(packed)
+    kernels.pack(packed)
+    assert packed.packed and not np.array_equal(packed.data, data)
+    x = np.random.default_rng(T).standard_normal((T, n_in)).astype(np.float32)
+    want = kernels.matmul(plain, x)
+    assert rel_err(kernels.matmul(packed, x), want) < 1e-5
+    assert rel_err(want, x @ ref.T) < 1e-2
+    with pytest.raises(EdgeMoEError, match="repacked"):
+        kernels.dequantize_rows(packed, np.array([0]))
+
+
+def test_pack_leaves_what_it_cannot_take():
+    """Read-only bytes (a file mapping), other types and row counts not a multiple of 8 stay as
+    they are."""
+    data, _ = make_weight(QT.Q4_0, 64, 256)
+    ro = data.copy()
+    ro.flags.writeable = False
+    q8, _ = make_weight(QT.Q8_0, 64, 256)
+    odd, _ = make_weight(QT.Q4_0, 60, 256)
+    for d, q, n in ((ro, QT.Q4_0, 64), (q8, QT.Q8_0, 64), (odd, QT.Q4_0, 60)):
+        w = kernels.QWeight(d, q, 256)
+        before = d.copy()
+        assert not kernels.can_pack(w)
+        assert not kernels.pack(w).packed
+        np.testing.assert_array_equal(w.data, before)

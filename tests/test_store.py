@@ -265,10 +265,12 @@ def test_set_budget_on_a_loaded_model(tiny_store):
 
 
 def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
-    """A Q4_0 source's store at full width is transcoded to Q4_1 blocks that hold the source's
-    exact weights (same bytes), freeing the planes; evicted whole, never downgraded."""
-    from edgemoe import streaming
+    """A Q4_0 source's store at full width is transcoded to ggml blocks that hold the source's
+    exact weights: Q4_0 in the repacked layout of ggml's gemv (kernels.pack) where the kernels
+    exist, else Q4_1 (same values); the planes are freed; evicted whole, never downgraded."""
+    from edgemoe import kernels, streaming
 
+    QT = gguf.GGMLQuantizationType
     src = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
     st = convert(src, tmp_path / "q4.edgemoe", progress=False)
     with edgemoe.load(st, quality="max", kv_type="f32", preload=False) as m:  # every resident expert has been used
@@ -278,18 +280,27 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
         ent = next(e for e in exp.cache.entries.values() if e.fast is not None)
         assert all(p.size == 0 for p in ent.planes) and ent.nbytes == exp.reader.expert_bytes(exp.n_planes)
         src_t = {t.name: t for t in gguf.GGUFReader(src).tensors}[f"blk.{ent.layer}.ffn_gate_exps.weight"]
-        ref = gguf.quants.dequantize(np.asarray(src_t.data[ent.expert]), gguf.GGMLQuantizationType.Q4_0)
-        got = gguf.quants.dequantize(np.asarray(ent.fast["gate"].data), gguf.GGMLQuantizationType.Q4_1)
+        ref = gguf.quants.dequantize(np.asarray(src_t.data[ent.expert]), QT.Q4_0)
+        w = ent.fast["gate"]
+        assert w.packed == kernels.can_pack_shape(QT.Q4_0, 256)
+        got = gguf.quants.dequantize(kernels.unpack(w), w.qtype)
         np.testing.assert_array_equal(got, ref)
         bufs = [np.empty(exp.reader.plane_size(k), np.uint8) for k in range(exp.reader.n_planes)]
         exp.reader.read_planes(0, 1, 0, bufs)
         per = [exp.reader.split_plane(b, p)["up"] for p, b in enumerate(bufs)]
-        fast = streaming.q41_blocks(exp.scheme, per, 256, 256)
-        kernel, streaming._q41_211 = streaming._q41_211, None
-        try:
-            np.testing.assert_array_equal(streaming.q41_blocks(exp.scheme, per, 256, 256), fast)
+        q41 = streaming.q41_blocks(exp.scheme, per, 256, 256)
+        fw = streaming.fast_weight(exp.scheme, per, 256, 256, "up")
+        np.testing.assert_array_equal(gguf.quants.dequantize(kernels.unpack(fw), fw.qtype),
+                                      gguf.quants.dequantize(q41, QT.Q4_1))
+        x = np.random.default_rng(2).standard_normal((5, 256)).astype(np.float32)
+        np.testing.assert_allclose(kernels.matmul(fw, x), kernels.matmul(kernels.QWeight(kernels.unpack(fw), fw.qtype, 256), x),
+                                   rtol=1e-5, atol=1e-5)
+        kernel, streaming._q4_211 = streaming._q4_211, None
+        try:  # the numpy route: same Q4_1 bytes
+            np.testing.assert_array_equal(streaming.q41_blocks(exp.scheme, per, 256, 256), q41)
+            assert streaming.fast_weight(exp.scheme, per, 256, 256, "up").qtype == QT.Q4_1
         finally:
-            streaming._q41_211 = kernel
+            streaming._q4_211 = kernel
         cache = exp.cache
         before = sum(s.downgrades for s in cache.layers)
         cache.capacity = cache.nbytes - 1
