@@ -66,6 +66,12 @@ class GGUFFile:
         except (ValueError, IndexError, TypeError) as exc:  # e.g. a string value that is not UTF-8
             raise EdgeMoEError(f"{self.path}: corrupt GGUF metadata ({exc})") from None
         _check_vocab(self.path, self.metadata)
+        # gguf-py keeps a numpy array per vocabulary entry (~100 MB for a 50k vocabulary): drop them
+        # and the long arrays (llama.cpp reads the vocabulary itself; copy_metadata re-reads them)
+        self._reader.fields.clear()
+        for name in [k for k, v in self.metadata.items() if isinstance(v, (list, np.ndarray)) and len(v) > 1024]:
+            del self.metadata[name]
+        _trim_heap()
         self.tensors: dict[str, Tensor] = {}
         for t in self._reader.tensors:
             end = t.data_offset + t.n_bytes
@@ -151,8 +157,9 @@ class GGUFFile:
         self.in_memory = True
 
     def copy_metadata(self, writer, skip: tuple[str, ...] = ("general.architecture", "general.alignment")) -> None:
-        """Copy every metadata key-value of this file into a gguf.GGUFWriter."""
-        for name, field in self._reader.fields.items():
+        """Copy every metadata key-value of this file into a gguf.GGUFWriter (the file's header is
+        parsed again: the long arrays are not kept after opening)."""
+        for name, field in GGUFReader(self.path, "r").fields.items():
             if name.startswith("GGUF.") or name in skip:
                 continue
             vt = field.types[0]
@@ -160,7 +167,7 @@ class GGUFFile:
                 if field.types[-1] == GGUFValueType.STRING:
                     writer.add_array(name, field.contents())
                 else:
-                    writer.add_key_value(name, self.metadata[name].tolist(), vt, sub_type=field.types[-1])
+                    writer.add_key_value(name, _field_value(field).tolist(), vt, sub_type=field.types[-1])
             elif vt == GGUFValueType.STRING:
                 writer.add_string(name, field.contents())
             else:
@@ -195,6 +202,16 @@ def _check_vocab(path: Path, meta: dict[str, Any]) -> None:
         v = meta.get(key)
         if v is not None and len(v) != len(tokens):
             raise EdgeMoEError(f"{path}: {key} has {len(v)} entries, tokenizer.ggml.tokens has {len(tokens)}")
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc); elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _field_value(field: Any) -> Any:
