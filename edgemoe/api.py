@@ -60,6 +60,7 @@ class MemoryPlan:
     runtime: int  # compiled kernels, tokenizer, interpreter growth measured at load
     cache_capacity: int  # what is left for experts
     min_cache: int  # one layer's chosen experts at the lowest width
+    onnx_pool: int = 0  # onnxruntime expert sessions (onnx_experts), outside the expert cache
 
     @property
     def minimum_budget(self) -> int:
@@ -159,8 +160,9 @@ class Model:
                 if onnx_experts:  # experts on onnxruntime by the rule of edgemoe.onnx_experts
                     from .onnx_experts import OnnxExperts
 
-                    self._experts.onnx = OnnxExperts(self._experts.scheme, self._experts.shapes,
-                                                     **(onnx_experts if isinstance(onnx_experts, dict) else {}))
+                    opts = dict(onnx_experts) if isinstance(onnx_experts, dict) else {}
+                    self._onnx_pool = opts.pop("pool", None)
+                    self._experts.onnx = OnnxExperts(self._experts.scheme, self._experts.shapes, **opts)
             else:
                 self._check_memory()
                 if kernels.packs_any(self._file.tensors.values()):
@@ -281,10 +283,19 @@ class Model:
                                    f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime")
         cache.capacity = min(cache.capacity, capacity)
         cache.clear()
+        pool = 0
+        if self._experts.onnx is not None:  # onnxruntime sessions hold weights of their own
+            from .onnx_experts import DEFAULT_POOL_SHARE
+
+            asked = getattr(self, "_onnx_pool", None)
+            pool = int(DEFAULT_POOL_SHARE * cache.capacity) if asked is None else memory.parse_size(asked)
+            pool = max(0, min(pool, cache.capacity - min_cache))
+            cache.capacity -= pool
+            self._experts.onnx.pool_bytes = pool
         self.memory_plan = MemoryPlan(
             budget=self.budget_bytes, dense=self._file.file_size, kv=self._cache.nbytes,
             scratch=self._fixed_bytes - self._file.file_size - self._cache.nbytes, runtime=overhead,
-            cache_capacity=cache.capacity, min_cache=min_cache,
+            cache_capacity=cache.capacity, min_cache=min_cache, onnx_pool=pool,
         )
 
     def set_budget(self, memory_budget: int | str) -> MemoryPlan:

@@ -24,16 +24,27 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels, nested
+from . import nested
 from .errors import EdgeMoEError
 from .store import MATRICES
 
-# From `measure` on this project's shared 2-core x86 box, 1 thread, Qwen3-30B-A3B's expert shape
-# (2048 x 768), docs/onnx.md: a session costs 15-150 ms to build and create (noisy), a 4-bit expert
-# row saves ~1-25 ms against the numba kernel; 8-bit gains only from batches of ~32 rows.
-DEFAULT_MIN_ROWS = 16  # rows an expert must have been routed before it gets a session
-MIN_BATCH_8BIT = 32
+# tools/bench_onnx_experts.py on this project's x86 box, 1 thread, an OLMoE-shaped expert
+# (2048 x 1024, group 32), ms per call of the whole expert for 1 / 16 / 64 rows: onnxruntime 4-bit
+# 0.28 / 1.56 / 3.96, 8-bit 5.29 / 6.40 / 9.02; edgemoe numba planes 2.06 / 6.84 / 23.0 (4-bit),
+# 3.07 / 12.8 / 41.0 (8-bit); ggml Q4_1 0.22 / 3.25 / 12.9; ggml Q4_0 repacked 0.14 / 0.66 / 2.64.
+# A session costs ~17 ms to build and create. Hence onnxruntime for batches of min_batch rows or
+# more (prefill), once an expert has been routed min_rows rows, never for experts in ggml's
+# repacked Q4_0 form (StoreExperts.ffn).
+DEFAULT_MIN_ROWS = 64  # rows (in batches) an expert must have been routed before it gets a session
+DEFAULT_MIN_BATCH = 16
 DEFAULT_MAX_SESSIONS = 64
+# A session holds its graph's initializers and onnxruntime's prepacked copy of the MatMulNBits
+# weights, and creating and dropping sessions leaves freed memory the allocator keeps. Resident
+# bytes per live session over its initializer bytes in a fresh process, 10 live sessions after 200
+# created and dropped (tools/bench_onnx_experts.py --churn): 1.9 at 4 bits, 2.7 at 8 bits on the
+# expert above (2.9-3.1 on 1024 x 1024 experts). Charged against the memory budget at:
+SESSION_OVERHEAD = {4: 3.25, 8: 3.25}
+DEFAULT_POOL_SHARE = 0.25  # of the expert cache, for sessions, when the model has a budget
 
 
 def _ort():
@@ -79,18 +90,6 @@ def codes_from_q41(blocks: np.ndarray, n_out: int, n_in: int):
     return q, s, m
 
 
-def codes_from_fast(w, n_out: int, n_in: int):
-    """(codes, s, m) of an expert matrix in its ggml form (streaming.fast_weight): Q4_1 rows, or
-    Q4_0 blocks (m = -8 d) repacked for ggml's gemv."""
-    if w.qtype.name == "Q4_1":
-        return codes_from_q41(w.data, n_out, n_in)
-    b = kernels.unpack(w).reshape(n_out, n_in // 32, 18)
-    s = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = b[..., 2:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n_out, n_in)
-    return q, s, np.float32(-8) * s
-
-
 def codes_for(se, i: int, e: int, planes: list[np.ndarray]) -> dict | None:
     """Full-width (codes, s, m) per matrix of a StoreExperts expert: from its planes, or from its
     Q4_1 form once the planes were transcoded (ggml path); None if not at full width."""
@@ -108,7 +107,7 @@ def codes_for(se, i: int, e: int, planes: list[np.ndarray]) -> dict | None:
         fast = ent.fast if ent is not None else None
     if fast is None:
         return None
-    return {m: codes_from_fast(fast[m], *se.shapes[m]) for m in MATRICES}
+    return {m: codes_from_q41(fast[m].data, *se.shapes[m]) for m in MATRICES}
 
 
 def expert_model(scheme: nested.Scheme, codes: dict, shapes: dict[str, tuple[int, int]],
@@ -148,7 +147,8 @@ class OnnxExperts:
     """The onnxruntime expert backend of StoreExperts (see the module docstring for the rule)."""
 
     def __init__(self, scheme: nested.Scheme, shapes: dict[str, tuple[int, int]], *,
-                 min_rows: int | None = None, max_sessions: int = DEFAULT_MAX_SESSIONS, threads: int = 1):
+                 min_rows: int | None = None, min_batch: int = DEFAULT_MIN_BATCH,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, threads: int = 1):
         if not supported(scheme):
             raise EdgeMoEError(f"onnxruntime experts need a matquant store with top width 4 or 8 bits, "
                                f"this one is {scheme.name} {','.join(map(str, scheme.widths))}")
@@ -156,6 +156,7 @@ class OnnxExperts:
         self.scheme = scheme
         self.shapes = shapes
         self.min_rows = DEFAULT_MIN_ROWS if min_rows is None else int(min_rows)
+        self.min_batch = int(min_batch)
         self.max_sessions = int(max_sessions)
         self.threads = int(threads)
         self.sessions: OrderedDict[tuple[int, int], object] = OrderedDict()
@@ -164,18 +165,46 @@ class OnnxExperts:
         self.create_s = 0.0
         self.bits = scheme.widths[-1]
         self.lock = threading.Lock()
+        # bytes of the memory budget sessions may hold (set by the model from its expert cache;
+        # None: no limit), and what the live sessions are charged (session_bytes each)
+        self.pool_bytes: int | None = None
+        self.charged: dict[tuple[int, int], int] = {}
+        self.held_bytes = 0
+        self.refused = 0  # sessions not created because the pool was full
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One throwaway session of the real expert shapes: onnxruntime's one-time setup (its
+        environment, thread pool, kernel registry) happens now, inside what the model measures
+        as its runtime at load, not later inside the budget of the expert cache."""
+        codes = {m: (np.zeros(s, np.uint8), np.ones((s[0], s[1] // self.scheme.group), np.float32),
+                     np.zeros((s[0], s[1] // self.scheme.group), np.float32)) for m, s in self.shapes.items()}
+        sess = self._session(expert_model(self.scheme, codes, self.shapes, "warm_up"))
+        sess.run(None, {"x": np.zeros((1, self.shapes["gate"][1]), np.float32)})
+
+    def session_bytes(self, model) -> int:
+        """What a session of this graph is charged against the budget."""
+        init = sum(int(np.prod(t.dims)) * (1 if t.data_type in (2, 3) else 2 if t.data_type == 10 else 4)
+                   for t in model.graph.initializer)
+        return int(init * SESSION_OVERHEAD[self.bits])
+
+    def _drop_lru(self) -> None:
+        key, _ = self.sessions.popitem(last=False)
+        self.held_bytes -= self.charged.pop(key, 0)
 
     def _session(self, model):
         so = self.ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        # no growing arena: memory a dropped session used goes back, so the pool bound holds
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
         return self.ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def wants(self, rows: int) -> bool:
-        """8-bit experts only for batches (onnxruntime's 8-bit CPU kernel with float activations
-        is slower than edgemoe's for a single row, faster from ~32 rows: docs/onnx.md)."""
-        return self.bits == 4 or rows >= MIN_BATCH_8BIT
+        """Batches only: for one row edgemoe's kernels are as fast or faster (see the figures above)."""
+        return rows >= self.min_batch
 
     def ffn(self, key: tuple[int, int], get_codes, x: np.ndarray) -> np.ndarray | None:
         """y for rows x of expert `key` (at full width) on onnxruntime, or None: not (yet) worth
@@ -183,10 +212,13 @@ class OnnxExperts:
         if not self.wants(x.shape[0]):
             return None
         with self.lock:
-            sess = self.sessions.get(key)
-            if sess is not None:
+            if key in self.sessions:
+                sess = self.sessions[key]
                 self.sessions.move_to_end(key)
+                if sess is None:  # another thread is creating it
+                    return None
             else:
+                sess = None
                 n = self.rows.get(key, 0) + x.shape[0]
                 self.rows[key] = n
         if sess is None:
@@ -196,13 +228,36 @@ class OnnxExperts:
             if codes is None:
                 return None
             t0 = time.perf_counter()
-            sess = self._session(expert_model(self.scheme, codes, self.shapes, f"blk.{key[0]}.exp.{key[1]}"))
-            with self.lock:
-                self.create_s += time.perf_counter() - t0
-                self.created += 1
-                self.sessions[key] = sess
-                while len(self.sessions) > self.max_sessions:
-                    self.sessions.popitem(last=False)
+            model = expert_model(self.scheme, codes, self.shapes, f"blk.{key[0]}.exp.{key[1]}")
+            cost = self.session_bytes(model)
+            with self.lock:  # room in the pool first: drop least recently used sessions
+                if key in self.sessions:  # another thread made it (or is making it) meanwhile
+                    sess = self.sessions[key]
+                    if sess is None:
+                        return None
+                else:
+                    while self.sessions and (len(self.sessions) >= self.max_sessions or (
+                            self.pool_bytes is not None and self.held_bytes + cost > self.pool_bytes)):
+                        self._drop_lru()
+                    if self.pool_bytes is not None and self.held_bytes + cost > self.pool_bytes:
+                        self.refused += 1
+                        return None
+                    self.held_bytes += cost  # reserved before the session allocates
+                    self.charged[key] = cost
+                    self.sessions[key] = None
+            if sess is None:
+                try:
+                    sess = self._session(model)
+                except BaseException:
+                    with self.lock:
+                        self.sessions.pop(key, None)
+                        self.held_bytes -= self.charged.pop(key, 0)
+                    raise
+                with self.lock:
+                    self.create_s += time.perf_counter() - t0
+                    self.created += 1
+                    if key in self.sessions:
+                        self.sessions[key] = sess
         return sess.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 

@@ -72,6 +72,7 @@ class CacheStats:
     # onnxruntime (onnx_experts); onnx_sessions: sessions created
     backend_rows: dict[str, int] = field(default_factory=dict)
     onnx_sessions: int = 0
+    onnx_bytes: int = 0  # what the live onnxruntime sessions are charged against the budget
 
     @property
     def hit_rate(self) -> float:
@@ -117,16 +118,19 @@ class StoreExperts:
                     and self.n_planes == self.scheme.n_planes)
 
     def ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:
-        if self.onnx is not None and self.bias[i] is None and self.args.expert_act == "silu":
-            from .onnx_experts import codes_for  # the onnxruntime backend (edgemoe.onnx_experts)
+        fast = self._fast_form(i, e, planes)
+        # onnxruntime (edgemoe.onnx_experts) by its rule, except for experts in ggml's repacked
+        # Q4_0 form, which is faster at every batch size (docs/onnx.md)
+        if (self.onnx is not None and self.bias[i] is None and self.args.expert_act == "silu"
+                and not (fast is not None and fast["gate"].packed)):
+            from .onnx_experts import codes_for
 
             y = self.onnx.ffn((i, e), lambda: codes_for(self, i, e, planes), x)
             if y is not None:
                 self.backend_rows["onnxruntime"] += x.shape[0]
                 return y
-        fast = self._fast_form(i, e, planes)
         self.backend_rows["ggml" if fast is not None else "edgemoe"] += x.shape[0]
-        if fast is not None:  # ggml's Q4_1 kernels on the same weights
+        if fast is not None:  # ggml's kernels on the same weights
             def mm(w, n_out, n_in, xx):
                 return kernels.matmul(w, xx)
 
@@ -297,6 +301,7 @@ class StoreExperts:
             prefetch_issued=pl.prefetch_issued if pl else 0, prefetch_hits=pl.prefetch_hits if pl else 0,
             prefetch_cancelled=pl.prefetch_cancelled if pl else 0, prefetch_wasted_bytes=c.prefetch_wasted_bytes,
             backend_rows=dict(self.backend_rows), onnx_sessions=self.onnx.created if self.onnx is not None else 0,
+            onnx_bytes=self.onnx.held_bytes if self.onnx is not None else 0,
         )
 
 

@@ -66,3 +66,42 @@ def test_peak_rss_stays_within_budget(big_store):
     used = r["hwm"] - r["base"]
     assert used <= 1.05 * budget, f"peak {used / 2**20:.0f} MiB over budget {budget / 2**20:.0f} MiB: {r}"
     assert r["misses"] > 0 and r["evictions"] > 0
+
+
+ONNX_WORKER = r"""
+import json, sys
+import edgemoe
+base = edgemoe.BASELINE_RSS
+m = edgemoe.load(sys.argv[1], memory_budget=int(sys.argv[2]), n_ctx=256, progress=False, quality="max",
+                 onnx_experts=dict(min_rows=2, min_batch=1))
+out = m.generate("The", max_tokens=32, temperature=0.8, seed=1, ignore_eos=True)
+c = m.stats().cache
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps(dict(base=base, hwm=hwm, sessions=c.onnx_sessions, onnx_bytes=c.onnx_bytes,
+                      pool=m.memory_plan.onnx_pool, refused=m._experts.onnx.refused,
+                      ort_rows=c.backend_rows["onnxruntime"], misses=c.misses)))
+"""
+
+
+@pytest.mark.filterwarnings("ignore:.*fewer than the top nested width")
+def test_onnxruntime_sessions_stay_within_budget(tmp_path):
+    """onnxruntime expert sessions hold their own copy of an expert's weights: they live in a pool
+    carved out of the expert cache, so peak RSS still stays within budget + 5% (an 8-bit store:
+    onnxruntime takes its batches; here every call, min_batch=1, so sessions come and go)."""
+    pytest.importorskip("onnxruntime")
+    mb = _bench_module()
+    shape = mb.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=32, n_expert_used=4, n_ff_exp=512,
+                          vocab=1024, n_ctx_train=512)
+    src = mb.write_bench_model(shape, tmp_path / "m.gguf", log=lambda *a, **k: None)
+    st = convert(src, tmp_path / "m.edgemoe", bits=(2, 4, 8), progress=False, distinct_experts=4)
+    man = json.loads((st / "manifest.json").read_text())
+    per_expert = sum(sum(man["plane_bytes"][m]) for m in ("gate", "up", "down"))
+    budget = int(0.45 * per_expert * man["n_layer"] * man["n_expert"]) + (160 << 20)
+    p = subprocess.run([sys.executable, "-c", ONNX_WORKER, str(st), str(budget)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    used = r["hwm"] - r["base"]
+    assert used <= 1.05 * budget, f"peak {used / 2**20:.0f} MiB over budget {budget / 2**20:.0f} MiB: {r}"
+    assert r["sessions"] > 0 and r["ort_rows"] > 0 and r["misses"] > 0
+    assert 0 < r["onnx_bytes"] <= r["pool"]
