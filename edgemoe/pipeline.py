@@ -84,6 +84,7 @@ class Pipeline:
         planes) for each as soon as its planes have landed (hottest first when several have).
         after_submit() runs once the demand reads are queued (the next layer's prefetch goes there)."""
         with self.cond:
+            self.cache.visit(layer)
             queued = {r.expert for r in self.prefetches if r.layer == layer}
             self.prefetches = [r for r in self.prefetches if r.layer != layer]
             self.prefetch_cancelled += len(queued - wants.keys())

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .cache import SCORE_DECAY
 from .errors import EdgeMoEError
 from .memory import format_size, parse_size
 from .profiles import Profile, load_profile, parse_profile
@@ -508,14 +509,17 @@ def trace_requests(trace: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 _POLICY_ID = {"lru": 0, "lfu": 1, "score": 2}
 
 
-def _simulate_py(tok, lay, exp, n_layer, n_expert, slots, policy, T):
+def _simulate_py(tok, lay, exp, n_layer, n_expert, slots, policy, T, decay=SCORE_DECAY):
     """Misses per token of edgemoe.cache.ExpertCache (one plane per expert, as in edgemoe.replay):
-    the same eviction order, i.e. the previous layer's experts first, then the policy key, ties to
-    the entry inserted first. Compiled with numba where available (the cache itself scans every
-    entry per eviction in Python, which takes minutes on a 256-token trace of a real model)."""
+    the same eviction order (the policy key, ties to the entry inserted first) and the same score
+    (use frequency decayed at every visit of the expert's layer; a visit begins at each new
+    (token, layer)). Compiled with numba where available (the cache itself scans every entry per
+    eviction in Python, which takes minutes on a 256-token trace of a real model)."""
     key_of = np.full(n_layer * n_expert, -1, np.int64)
+    heat = np.zeros(n_layer * n_expert, np.float64)
+    heat_at = np.full(n_layer * n_expert, -1, np.int64)
+    visits = np.zeros(n_layer, np.int64)
     keys = np.zeros(slots, np.int64)
-    elay = np.zeros(slots, np.int64)
     last = np.zeros(slots, np.int64)
     uses = np.zeros(slots, np.int64)
     seq = np.zeros(slots, np.int64)
@@ -525,36 +529,39 @@ def _simulate_py(tok, lay, exp, n_layer, n_expert, slots, policy, T):
     seqc = 0
     for i in range(tok.shape[0]):
         l = lay[i]
+        if i == 0 or tok[i] != tok[i - 1] or l != lay[i - 1]:
+            visits[l] += 1
         k = l * n_expert + exp[i]
         clock += 1
+        if heat_at[k] != visits[l]:
+            at = max(heat_at[k], 0)
+            heat[k] = heat[k] * decay ** (visits[l] - at) + (1 - decay)
+            heat_at[k] = visits[l]
         j = key_of[k]
         if j >= 0:
             last[j] = clock
             uses[j] += 1
             continue
         misses[tok[i]] += 1
-        prev = ((l - 1) % n_layer + n_layer) % n_layer
         while used + 1 > slots:
             best = -1
-            bg = 3
             bkey = 0.0
             bseq = 0
             for j in range(used):
-                g = 1 if elay[j] == prev else 2
                 if policy == 0:
                     key = float(last[j])
                 elif policy == 1:
                     key = uses[j] + last[j] / (clock + 1)
                 else:
-                    dist = ((elay[j] - l) % n_layer + n_layer) % n_layer
-                    key = 1.0 / (1 + clock - last[j]) + 0.05 * np.log1p(uses[j]) + 0.5 * (1 - dist / n_layer)
-                if best < 0 or g < bg or (g == bg and (key < bkey or (key == bkey and seq[j] < bseq))):
-                    best, bg, bkey, bseq = j, g, key, seq[j]
+                    kj = keys[j]
+                    lj = kj // n_expert
+                    key = heat[kj] * decay ** (visits[lj] - max(heat_at[kj], 0)) + 1e-9 * last[j] / (clock + 1)
+                if best < 0 or key < bkey or (key == bkey and seq[j] < bseq):
+                    best, bkey, bseq = j, key, seq[j]
             key_of[keys[best]] = -1
             used -= 1
             if best != used:
                 keys[best] = keys[used]
-                elay[best] = elay[used]
                 last[best] = last[used]
                 uses[best] = uses[used]
                 seq[best] = seq[used]
@@ -562,7 +569,6 @@ def _simulate_py(tok, lay, exp, n_layer, n_expert, slots, policy, T):
         j = used
         used += 1
         keys[j] = k
-        elay[j] = l
         last[j] = clock
         uses[j] = 0
         seq[j] = seqc

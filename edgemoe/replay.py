@@ -27,10 +27,16 @@ class CountingReader:
         pass
 
 
-def requests(trace: np.ndarray) -> list[tuple[int, int]]:
-    """(layer, expert) in the order a decoder asks for them: token by token, layer by layer."""
+def requests(trace: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(layer, expert, first of its layer visit) in the order a decoder asks for them: token by
+    token, layer by layer."""
     T, L, K = trace.shape
-    return [(l, int(e)) for t in range(T) for l in range(L) for e in sorted(set(trace[t, l].tolist())) if e >= 0]
+    out = []
+    for t in range(T):
+        for l in range(L):
+            es = sorted(e for e in set(trace[t, l].tolist()) if e >= 0)
+            out += [(l, int(e), j == 0) for j, e in enumerate(es)]
+    return out
 
 
 def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str) -> int:
@@ -40,7 +46,9 @@ def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str
     cache_mod_alloc = cache_mod.alloc
     cache_mod.alloc = lambda n: np.empty(0, dtype=np.uint8)  # count only: no memory per entry
     try:
-        for layer, e in reqs:
+        for layer, e, first in reqs:
+            if first:
+                cache.visit(layer)
             cache.get(layer, e, 1)
     finally:
         cache_mod.alloc = cache_mod_alloc
@@ -48,6 +56,7 @@ def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str
 
 
 def replay_belady(reqs, slots: int) -> int:
+    reqs = [(r[0], r[1]) for r in reqs]
     n = len(reqs)
     next_use = [n] * n
     last: dict = {}

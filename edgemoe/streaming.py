@@ -223,6 +223,7 @@ class StoreExperts:
             slots[rows, slot] = self.ffn(i, e, planes, np.ascontiguousarray(h[rows])) * w[rows, slot][:, None]
 
         if self.pipeline is None:
+            self.cache.visit(i)
             for e in sorted(wants, key=lambda e: (-wants[e][1], e)):
                 compute(e, self.cache.get(i, e, wants[e][0]))
             return _sum_slots(slots)

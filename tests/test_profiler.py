@@ -85,7 +85,7 @@ def test_fast_simulator_matches_replay():
     trace[:, 0, :] = -1  # a dense layer
     reqs = profiler.trace_requests(trace)
     rr = replay.requests(trace)
-    assert list(zip(reqs[1].tolist(), reqs[2].tolist())) == rr
+    assert list(zip(reqs[1].tolist(), reqs[2].tolist())) == [(r[0], r[1]) for r in rr]
     for slots in (3, 4, 7, 12, 20):
         for p in ("lru", "lfu", "score"):
             assert profiler.simulate(reqs, 3, 10, slots, p, 50).sum() == replay.replay_policy(rr, 3, 1, slots, p)

@@ -97,6 +97,9 @@ def backends_for(qtype: QT, data: np.ndarray, n_in: int, own: bool = True):
             vec_dot, from_float, vdt, to_float = funcs
             wg._dot = (vec_dot, from_float, lib.row_size(vdt, n_in), to_float)
             out.append(("ggml-vec_dot", lambda x: kernels._matmul_ggml(wg, x)))
+    if kernels.can_pack_shape(qtype, data.shape[0]):  # llama.cpp's default CPU path for Q4_0
+        wp = kernels.pack(kernels.QWeight(np.array(data), qtype, n_in, name="bench"))
+        out.append(("ggml-repacked", lambda x: kernels.matmul(wp, x)))
     if own and qtype == QT.Q8_0 and kernels.BACKEND == "ggml":
         kern = _numba_q8_0()
         blocks = data.reshape(data.shape[0], -1, 34)
@@ -117,7 +120,8 @@ def backends_for(qtype: QT, data: np.ndarray, n_in: int, own: bool = True):
 def nested_backends(data: np.ndarray, n_in: int):
     """The expert store's kernels on the same Q4_0 weights: the matquant 2,3,4 planes a Q4_0
     source converts to exactly, read at each width by the plane kernel, and the full width after
-    its transcoding to ggml's Q4_1 blocks (what a cached full-width expert runs on)."""
+    its transcoding to ggml blocks (Q4_1, and the repacked Q4_0 a Q4_0 source's cached full-width
+    experts run on)."""
     from types import SimpleNamespace
 
     from edgemoe import nested, streaming
@@ -130,6 +134,9 @@ def nested_backends(data: np.ndarray, n_in: int):
            for b in sch.widths]
     q41 = kernels.QWeight(streaming.q41_blocks(sch, planes, n_out, n_in), QT.Q4_1, n_in, name="bench")
     out.append(("planes->Q4_1", lambda x: kernels.matmul(q41, x)))
+    fast = streaming.fast_weight(sch, planes, n_out, n_in, "bench")  # a Q4_0 source: repacked Q4_0
+    if fast.packed:
+        out.append(("planes->repacked", lambda x: kernels.matmul(fast, x)))
     return out
 
 
