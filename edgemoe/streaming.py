@@ -177,6 +177,9 @@ class StoreExperts:
             if cache.entries.get((i, e)) is ent and ent.fast is None:
                 ent.fast = fast
                 ent.planes = [_EMPTY] * len(ent.planes)  # the bytes now live in `fast`
+                size = sum(w.nbytes for w in fast.values())  # repacked Q4_0: 10% under the planes
+                cache.nbytes -= ent.nbytes - size
+                ent.nbytes = size
         return fast
 
     def _widths(self, i: int, top: np.ndarray, w: np.ndarray, skip: np.ndarray) -> dict[int, tuple[int, float]]:
