@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                         slots = max(mb["top_k"], r["cache_capacity"] // max(mb["expert"], 1))
                         reqs = requests(trace[args.prompt_tokens:])
                         belady = replay_belady(reqs, slots) * mb["expert"] / (len(trace) - args.prompt_tokens)
-                        lru = replay_policy(reqs, trace.shape[1], mb["expert"], slots, "lru")
+                        # the cache's own (default) policy, every expert read whole
+                        own = replay_policy(reqs, trace.shape[1], mb["expert"], slots, "score")
                         r["belady_mb_per_token"] = belady / 1e6
-                        r["predicted_tps"] = predict(prof, mb, lru / (len(trace) - args.prompt_tokens), mb["expert"])
+                        r["predicted_tps"] = predict(prof, mb, own / (len(trace) - args.prompt_tokens), mb["expert"])
                 rows.append(r)
                 print(_row(r), file=sys.stderr, flush=True)
     report = _report(args, prof, size, st, mb, loc, rows)

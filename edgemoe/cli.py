@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="GGUF model file")
     c.add_argument("-o", "--output", help="store directory (default: MODEL with the suffix .edgemoe)")
     c.add_argument("--bits", help="nested widths, e.g. 2,3,4 or 2,4,8 (default: 2,3,4 for sources of <= 5 bits, else 2,4,8)")
-    c.add_argument("--scheme", default="matquant", help="nested quantization scheme: matquant (default) or d2moe")
+    c.add_argument("--scheme", default="matquant", help="nested quantization scheme: matquant (default; all-Q4_0 experts are stored as matquant-sym, their offsets implied) or d2moe")
     c.add_argument("--calibration", help="text file: fit scales activation-aware on it")
     c.add_argument("--force", action="store_true", help="replace an existing store")
     c.set_defaults(func=cmd_convert)

@@ -116,6 +116,8 @@ class ModelArgs:
 
         n_embd = int(key("embedding_length", required=True))
         n_layer = int(key("block_count", required=True))
+        if not 0 < n_layer <= len(f.tensors):  # every block has tensors of its own
+            raise EdgeMoEError(f"{f.path}: {arch}.block_count is {n_layer}, but the file has {len(f.tensors)} tensors")
         n_head = _scalar(key("attention.head_count", required=True), f, "attention.head_count")
         n_head_kv = _scalar(key("attention.head_count_kv", n_head), f, "attention.head_count_kv")
         if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:

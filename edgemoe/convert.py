@@ -70,8 +70,13 @@ def _source_codes(t, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _exact_from_source(sch, t) -> bool:
-    return (sch.name == "matquant" and t.qtype in (Q.Q4_0, Q.Q4_1) and sch.widths[-1] == 4
+    return (isinstance(sch, nested.MatQuant) and t.qtype in (Q.Q4_0, Q.Q4_1) and sch.widths[-1] == 4
             and sch.group == 32)
+
+
+def _all_q4_0(gf, args: ModelArgs) -> bool:
+    return all(gf.tensor(f"blk.{i}.{s}").qtype == Q.Q4_0 for i in range(args.n_layer) if not args.is_dense(i)
+               for s in EXPERT_SUFFIXES.values())
 
 
 def _group_for(args: ModelArgs, scheme: str, qtype, bits: tuple[int, ...]) -> int:
@@ -181,6 +186,8 @@ def _convert(
             raise EdgeMoEError(f"scheme {scheme!r} is not one of {', '.join(nested.SCHEMES)}")
         first = next(i for i in range(args.n_layer) if not args.is_dense(i))
         group = _group_for(args, scheme, gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}").qtype, bits)
+        if scheme == "matquant" and bits[-1] == 4 and group == 32 and _all_q4_0(gf, args):
+            scheme = "matquant-sym"  # Q4_0 is symmetric: the offsets need not be stored
         sch = nested.SCHEMES[scheme](bits, group)
         dst = Path(dst) if dst is not None else src.with_suffix(".edgemoe")
         _remove_stale_temps(dst)

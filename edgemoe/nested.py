@@ -328,7 +328,7 @@ class Scheme:
             y = _nested_matmul(tuple(planes), np.array(self.plane_bits[:len(planes)], np.int64),
                                np.array(self.plane_nscales[:len(planes)], np.int64),
                                self._kind(), self._mult(len(planes)), self._offset(len(planes)),
-                               n_out, n_in, self.group, x2, xs)
+                               n_out, n_in, self.group, x2, xs, self._msym())
         elif use == "numpy":
             y = _matmul_numpy(self, planes, n_out, n_in, x2)
         else:
@@ -336,6 +336,9 @@ class Scheme:
         return y[0] if squeeze else y
 
     def _offset(self, k: int) -> float:
+        return 0.0
+
+    def _msym(self) -> float:
         return 0.0
 
     def encode(self, w: np.ndarray, act_scale: np.ndarray | None = None) -> list[np.ndarray]:
@@ -614,7 +617,73 @@ class MatQuant(Scheme):
         return A, C
 
 
-SCHEMES: dict[str, type[Scheme]] = {"d2moe": D2MoE, "matquant": MatQuant}
+class MatQuantSym(MatQuant):
+    """MatQuant whose offset is always -2^(B-1) times the scale (w = s * (q - 2^(B-1))), so only
+    s is stored: what a Q4_0 (or Q8_0 at 8 bits) source is, exactly. Its planes are smaller: at
+    group 32, 0.5 bit per weight less (the 2-bit width reads 2.5 bits per weight, not 3)."""
+
+    name = "matquant-sym"
+
+    def _layout(self) -> None:
+        super()._layout()
+        self.plane_nscales[0] = 1
+
+    def _kind(self) -> int:
+        return 2
+
+    def _msym(self) -> float:
+        return -float(1 << (self.B - 1))
+
+    def _split_plane(self, plane: np.ndarray, p: int, n_out: int, n_in: int):
+        codes, sc = super()._split_plane(plane, p, n_out, n_in)
+        if sc is None:
+            return codes, None
+        s = sc[0]
+        return codes, np.stack([s, (s.astype(np.float32) * np.float32(self._msym())).astype(np.float16)])
+
+    def encode_parts(self, w: np.ndarray, act_scale: np.ndarray | None = None) -> dict:
+        """Per group, the scale s (offset -2^(B-1) s) among shrinking fractions of the range that
+        minimizes the error summed in log over every width (as MatQuant's fit, with m tied to s)."""
+        w = np.asarray(w, dtype=np.float32)
+        n_out, n_in = w.shape
+        self._check_shape(n_out, n_in)
+        half = float(1 << (self.B - 1))
+        W = w.astype(np.float64).reshape(n_out, n_in // self.group, self.group)
+        a = _weights(act_scale, n_in, self.group)[None]
+        ref = (a * W * W).sum(-1, keepdims=True)
+        top = np.maximum(-W.min(-1, keepdims=True) / half, W.max(-1, keepdims=True) / (half - 1))
+        best_obj = np.full(top.shape, np.inf)
+        best_s = np.zeros(top.shape)
+        for ratio in np.linspace(1.0, 0.5, self.n_grid):
+            s = _f16(top * ratio)
+            safe = np.where(s != 0, s, 1.0)
+            q = np.clip(np.round(W / safe) + half, 0, 2 * half - 1)
+            errs = [(a * (W - s * (self._grid(q, r) - half)) ** 2).sum(-1, keepdims=True) for r in self.widths]
+            obj = _log_objective(errs, ref)
+            better = obj < best_obj
+            best_obj = np.where(better, obj, best_obj)
+            best_s = np.where(better, s, best_s)
+        s = best_s
+        safe = np.where(s != 0, s, 1.0)
+        q = np.clip(np.round(W / safe) + half, 0, 2 * half - 1).reshape(n_out, n_in).astype(np.int64)
+        s = s[..., 0]
+        m = s * -half
+        return {"planes": self.from_codes(q, s, m), "q": q, "s": s, "m": m}
+
+    def from_codes(self, q: np.ndarray, s: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
+        s16 = np.asarray(s, dtype=np.float16)
+        if not np.array_equal(np.asarray(m, np.float32), s16.astype(np.float32) * np.float32(self._msym())):
+            raise ValueError(f"{self.name}: offsets are not -2^(B-1) times the scales")
+        planes = []
+        cum = 0
+        for p, b in enumerate(self.plane_bits):
+            cum += b
+            codes = ((q >> (self.B - cum)) & ((1 << b) - 1)).astype(np.uint8)
+            planes.append(self._build_plane(p, codes, [s16] if p == 0 else []))
+        return planes
+
+
+SCHEMES: dict[str, type[Scheme]] = {"d2moe": D2MoE, "matquant": MatQuant, "matquant-sym": MatQuantSym}
 
 
 # ---- numpy paths ------------------------------------------------------------------------------
@@ -667,7 +736,7 @@ if HAVE_NUMBA:
     _U = np.uint64
 
     @numba.njit(parallel=True, cache=True)
-    def _nested_matmul(planes, nbits, nscales, kind, mult, offset, n_out, n_in, group, x, xs):
+    def _nested_matmul(planes, nbits, nscales, kind, mult, offset, n_out, n_in, group, x, xs, msym):
         """y[t, o] = sum_g C[o,g] xs[t,g] + sum_i x[t,i] * (sum_p A[p,o,g] code_p[o,i]).
 
         Per output row: decode each plane's row into a uint8 code row (long contiguous loops;
@@ -725,7 +794,10 @@ if HAVE_NUMBA:
             for g in range(G):
                 gi = o * G + g
                 s0 = _h2f(p0, soff + 2 * gi)
-                m0 = _h2f(p0, soff + 2 * (n_out * G) + 2 * gi)
+                if kind == 2:  # symmetric matquant: the offset is msym * s, not stored
+                    m0 = np.float32(msym) * s0
+                else:
+                    m0 = _h2f(p0, soff + 2 * (n_out * G) + 2 * gi)
                 if kind == 0:  # d2moe: W = (m0 - sum s_p) + s0*Q0 + sum 2 s_p B_p
                     C = m0
                     Ag[0, g] = s0

@@ -56,7 +56,7 @@ def _ort():
 
 
 def supported(scheme: nested.Scheme) -> bool:
-    return scheme.name == "matquant" and scheme.widths[-1] in (4, 8) and scheme.group in (16, 32, 64, 128, 256)
+    return isinstance(scheme, nested.MatQuant) and scheme.widths[-1] in (4, 8) and scheme.group in (16, 32, 64, 128, 256)
 
 
 def full_codes(scheme: nested.Scheme, planes: list[np.ndarray], n_out: int, n_in: int):

@@ -114,7 +114,7 @@ class StoreExperts:
         self.ratios: list[list[float]] | None = None  # set by calibrate: w_k / w_1 per layer
         self.onnx = None  # an onnx_experts.OnnxExperts: experts run by onnxruntime (Model(onnx_experts=True))
         self.backend_rows = {"edgemoe": 0, "ggml": 0, "onnxruntime": 0}  # token rows computed by each
-        self.q41 = (self.scheme.name == "matquant" and self.scheme.widths[-1] == 4 and self.scheme.group == 32
+        self.q41 = (isinstance(self.scheme, nested.MatQuant) and self.scheme.widths[-1] == 4 and self.scheme.group == 32
                     and self.n_planes == self.scheme.n_planes)
 
     def ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:

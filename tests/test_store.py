@@ -76,8 +76,9 @@ def test_gguf_with_budget_is_converted_once(build_model, tmp_path, monkeypatch):
 
 
 def test_top_width_reproduces_a_4bit_source(build_model, tmp_path):
-    """Q4_0 source into 2,3,4: the 4-bit level gives the source's weights back exactly, and the
-    lower widths are usable (error grows as bits go)."""
+    """Q4_0 source into 2,3,4: stored as matquant-sym (offsets implied, half a bit per weight less
+    than matquant), the 4-bit level gives the source's weights back exactly, and the lower widths
+    are usable (error grows as bits go)."""
     from edgemoe import nested
     from edgemoe.store import StoreReader
 
@@ -85,7 +86,8 @@ def test_top_width_reproduces_a_4bit_source(build_model, tmp_path):
     st = convert(src, tmp_path / "q4.edgemoe", progress=False)
     r = StoreReader(st)
     sch = nested.SCHEMES[r.scheme_name](r.bits, r.group)
-    assert (r.scheme_name, r.bits) == ("matquant", (2, 3, 4))
+    assert (r.scheme_name, r.bits) == ("matquant-sym", (2, 3, 4))
+    assert r.plane_size(0) < nested.SCHEMES["matquant"]((2, 3, 4), 32).plane_nbytes(256, 256)[0] * 3
     g = gguf.GGUFReader(src)
     tensors = {t.name: t for t in g.tensors}
     for layer, e in [(0, 0), (1, 3)]:
