@@ -168,7 +168,7 @@ class Model:
                 if kernels.packs_any(self._file.tensors.values()):
                     # as llama.cpp does by default: Q4_0 matrices repacked in RAM for ggml's
                     # faster kernels; the bytes must be ours to rewrite, so copy the file in
-                    self._file.load_into_memory()
+                    self._file.load_into_memory(self._embedding_on_disk())
             self._engine = Engine(self._file, self.config, self._experts)
             self._tok = open_tokenizer(dense_path, self.store_path, self.config.n_vocab, self._file.metadata)
             if self._tok.n_vocab != self.config.n_vocab:
@@ -224,8 +224,14 @@ class Model:
                   file=sys.stderr)
         return convert(self.path, dst, progress=progress)
 
+    def _embedding_on_disk(self) -> tuple[str, ...]:
+        """The token embedding stays in the file (a few rows read per token) unless the output
+        layer shares it (tied embeddings: every row is used every token)."""
+        return ("token_embd.weight",) if self._file.maybe("output.weight") is not None else ()
+
     def _open_store(self, bits: int | None, policy: str, pipeline: bool, prefetch: bool) -> None:
-        self._file.load_into_memory()  # the resident part must stay resident under memory pressure
+        # the resident part must stay resident under memory pressure
+        self._file.load_into_memory(self._embedding_on_disk())
         r = self._reader
         c = self.config
         for i in range(c.n_layer):
@@ -234,7 +240,7 @@ class Model:
                 raise EdgeMoEError(f"{r.root / store.MANIFEST}: layer {i} has {have} experts in the store, "
                                    f"the model's configuration has {0 if c.is_dense(i) else c.n_expert}")
         experts_all = r.all_experts_bytes()
-        fixed = (self._file.file_size + self._cache.nbytes
+        fixed = (self._file.resident_bytes + self._cache.nbytes
                  + streaming.scratch_bytes(c.n_embd, c.n_ff_exp, c.n_head, self.n_ctx, c.n_vocab)
                  + streaming.SAFETY_BYTES)
         if self.budget_bytes is None:  # no budget: hold every expert if free memory allows
@@ -267,7 +273,7 @@ class Model:
         (numpy, numba and its compiled kernels, llama.cpp's vocabulary, the interpreter) and
         shrink the expert cache by it, so that the budget covers everything."""
         cache = self._experts.cache
-        dense = self._file.file_size  # copied into anonymous memory at load
+        dense = self._file.resident_bytes  # copied into anonymous memory at load
         overhead = max(memory.rss() - BASELINE_RSS - dense - cache.nbytes, 0)
         if not self._budget_given:
             experts_all = self._reader.all_experts_bytes()
@@ -293,8 +299,8 @@ class Model:
             cache.capacity -= pool
             self._experts.onnx.pool_bytes = pool
         self.memory_plan = MemoryPlan(
-            budget=self.budget_bytes, dense=self._file.file_size, kv=self._cache.nbytes,
-            scratch=self._fixed_bytes - self._file.file_size - self._cache.nbytes, runtime=overhead,
+            budget=self.budget_bytes, dense=self._file.resident_bytes, kv=self._cache.nbytes,
+            scratch=self._fixed_bytes - self._file.resident_bytes - self._cache.nbytes, runtime=overhead,
             cache_capacity=cache.capacity, min_cache=min_cache, onnx_pool=pool,
         )
 

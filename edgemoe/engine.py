@@ -553,7 +553,12 @@ class Engine:
         if tokens.min() < 0 or tokens.max() >= a.n_vocab:
             raise EdgeMoEError(f"token id out of range 0..{a.n_vocab - 1}: {tokens.min()}..{tokens.max()}")
         pos = np.arange(cache.n_past, cache.n_past + T)
-        x = kernels.dequantize_rows(self.tok_embd, tokens)  # [T, D]
+        if "token_embd.weight" in getattr(self.file, "on_disk", ()):  # read from the file a row at a time
+            rows = self.file.read_rows("token_embd.weight", tokens)
+            w = self.tok_embd
+            x = kernels.dequantize_rows(kernels.QWeight(rows, w.qtype, w.shape[1], w.name), np.arange(len(rows)))
+        else:
+            x = kernels.dequantize_rows(self.tok_embd, tokens)  # [T, D]
         if a.embedding_scale != 1.0:
             x *= np.float32(a.embedding_scale)
         for i, layer in enumerate(self.layers):

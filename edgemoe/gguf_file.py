@@ -57,6 +57,8 @@ class GGUFFile:
         self.file_size = self.path.stat().st_size
         self.in_memory = False
         self.packed: set[str] = set()  # tensors whose in-memory bytes kernels.pack rewrote
+        self.on_disk: dict[str, int] = {}  # tensors load_into_memory left in the file: offset
+        self._fd: int | None = None
         self.metadata: dict[str, Any] = {}
         try:
             for name, field in self._reader.fields.items():
@@ -132,29 +134,58 @@ class GGUFFile:
     def maybe(self, name: str) -> Tensor | None:
         return self.tensors.get(name)
 
-    def load_into_memory(self) -> None:
+    def load_into_memory(self, on_disk: tuple[str, ...] = ()) -> None:
         """Replace the memory-mapped tensor views with views of one anonymous copy of the file.
         A memory cgroup reclaims clean file pages under pressure and faults them back in from
-        storage every token; anonymous pages stay. Used for an expert store's dense weights."""
+        storage every token; anonymous pages stay. Used for an expert store's dense weights.
+        Tensors named in on_disk are not copied: only rows of them are read, with read_rows
+        (the token embedding: a few rows per token)."""
         import mmap as _mmap
 
-        buf = _mmap.mmap(-1, max(self.file_size, 1))
+        base = self._reader.data
+        start = {name: t.data.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+                 for name, t in self.tensors.items()}
+        skip = sorted((start[n], start[n] + self.tensors[n].data.nbytes) for n in on_disk if n in self.tensors)
+        buf = _mmap.mmap(-1, max(self.file_size, 1))  # pages never written cost no memory
         with open(self.path, "rb", buffering=0) as f:
             view = memoryview(buf)
-            pos = 0
-            while pos < self.file_size:
-                n = f.readinto(view[pos : min(pos + (64 << 20), self.file_size)])
-                if not n:
-                    raise EdgeMoEError(f"{self.path}: file shrank while it was being read")
-                pos += n
+            for a, b in _gaps(skip, self.file_size):
+                pos = a
+                while pos < b:
+                    n = os.preadv(f.fileno(), [view[pos : min(pos + (64 << 20), b)]], pos)
+                    if not n:
+                        raise EdgeMoEError(f"{self.path}: file shrank while it was being read")
+                    pos += n
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         raw = np.frombuffer(buf, dtype=np.uint8)
-        base = self._reader.data
         for name, t in self.tensors.items():
-            off = t.data.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-            arr = raw[off : off + t.data.nbytes].view(t.data.dtype).reshape(t.data.shape)
+            if name in on_disk:
+                self.on_disk[name] = start[name]
+                continue
+            arr = raw[start[name] : start[name] + t.data.nbytes].view(t.data.dtype).reshape(t.data.shape)
             self.tensors[name] = Tensor(t.name, t.qtype, t.shape, arr)
+        if self.on_disk and self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
         self.in_memory = True
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the file held in memory after load_into_memory (all of it before)."""
+        return self.file_size - sum(self.tensors[n].data.nbytes for n in self.on_disk)
+
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows [len(rows), row bytes] of a 2-D tensor left on disk by load_into_memory, by pread."""
+        t = self.tensors[name]
+        n_rows, rb = t.data.shape[0], t.data.shape[-1] * t.data.itemsize
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+            bad = rows[(rows < 0) | (rows >= n_rows)][0]
+            raise EdgeMoEError(f"{self.path}: tensor {name}: row {bad} out of range [0, {n_rows})")
+        out = np.empty((rows.size, rb), np.uint8)
+        for i, r in enumerate(rows.tolist()):
+            if os.preadv(self._fd, [out[i]], self.on_disk[name] + r * rb) != rb:
+                raise EdgeMoEError(f"{self.path}: tensor {name}: row {r} cannot be read (file truncated?)")
+        return out.view(t.data.dtype) if t.data.dtype != np.uint8 else out
 
     def copy_metadata(self, writer, skip: tuple[str, ...] = ("general.architecture", "general.alignment")) -> None:
         """Copy every metadata key-value of this file into a gguf.GGUFWriter (the file's header is
@@ -176,6 +207,9 @@ class GGUFFile:
     def close(self) -> None:
         # Drop every view so the memmap can be unmapped once the last reference goes.
         self.tensors = {}
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         mm = getattr(self._reader, "data", None)
         self._reader = None  # type: ignore[assignment]
         if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:
@@ -183,6 +217,18 @@ class GGUFFile:
                 mm._mmap.close()
             except (BufferError, ValueError):
                 pass  # still referenced by a view somewhere; freed with it
+
+
+def _gaps(skip: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """[0, size) without the sorted ranges in skip."""
+    out, pos = [], 0
+    for a, b in skip:
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    if pos < size:
+        out.append((pos, size))
+    return out
 
 
 def _check_vocab(path: Path, meta: dict[str, Any]) -> None:

@@ -55,6 +55,27 @@ def test_budget_changes_speed_not_results(tiny_store):
         assert s.evictions + s.downgrades > 0  # the small capacities really were tight
 
 
+def test_token_embedding_is_read_from_the_file(tiny_store, monkeypatch):
+    """A store's dense weights are copied into memory except the token embedding (separate from
+    the output layer): its rows are read from dense.gguf per token, not charged to the budget,
+    and the logits are those of the embedding held in memory."""
+    _, st = tiny_store
+    ids = random_ids(12, 256, seed=7)
+    emb = gguf.GGUFReader(st / "dense.gguf")
+    emb_bytes = next(int(t.n_bytes) for t in emb.tensors if t.name == "token_embd.weight")
+    with monkeypatch.context() as mp:
+        mp.setattr(edgemoe.Model, "_embedding_on_disk", lambda self: ())
+        with edgemoe.load(st, quality="max", kv_type="f32", n_ctx=64) as ref:
+            assert not ref._file.on_disk
+            want = ref.logits(ids)
+    with edgemoe.load(st, quality="max", kv_type="f32", n_ctx=64) as m:
+        assert "token_embd.weight" in m._file.on_disk
+        assert m.memory_plan.dense == (st / "dense.gguf").stat().st_size - emb_bytes
+        np.testing.assert_array_equal(m.logits(ids), want)
+        with pytest.raises(edgemoe.EdgeMoEError, match="out of range"):
+            m._file.read_rows("token_embd.weight", np.array([10**6]))
+
+
 def test_too_small_budget_is_refused_with_the_minimum(tiny_store):
     _, st = tiny_store
     with pytest.raises(edgemoe.EdgeMoEError, match="minimum that works is"):

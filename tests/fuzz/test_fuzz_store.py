@@ -4,6 +4,7 @@ reader agree, a damaged plane is always named, nothing but EdgeMoEError escapes.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -48,8 +49,8 @@ def test_fuzz_manifest(seed_store, manifest, tmp_path_factory, data):
     m = json.loads(json.dumps(m0))
     edits = data.draw(st.lists(st.tuples(st.sampled_from(paths), JUNK), min_size=1, max_size=3))
     for p, v in edits:
-        try:
-            m = set_path(m, p, v)
+        try:  # a copy: the same junk object put in twice could be made to contain itself
+            m = set_path(m, p, copy.deepcopy(v))
         except (KeyError, IndexError, TypeError):
             pass
     text = json.dumps(m)
