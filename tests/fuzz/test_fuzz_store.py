@@ -50,7 +50,7 @@ def test_fuzz_manifest(seed_store, manifest, tmp_path_factory, data):
     edits = data.draw(st.lists(st.tuples(st.sampled_from(paths), JUNK), min_size=1, max_size=3))
     for p, v in edits:
         try:  # a copy: the same junk object put in twice could be made to contain itself
-            m = set_path(m, p, copy.deepcopy(v))
+            m = set_path(m, p, v if v is DELETE else copy.deepcopy(v))
         except (KeyError, IndexError, TypeError):
             pass
     text = json.dumps(m)
