@@ -52,15 +52,16 @@ class LayerStats:
 
 
 # score: an expert's use frequency, decayed by SCORE_DECAY at every visit of its layer (one per
-# decoded token), so it mixes frequency and recency. Replaying a 202-token decode trace of the
-# OLMoE-shaped bench model (tools/replay_trace.py), misses per token at 25/33/40% of the experts:
-# decay 0.5 48.8/35.2/24.6, 0.8 44.7/32.9/23.7, 0.9 41.3/29.6/22.1, 0.95 40.0/28.5/20.7,
-# 0.98 40.4/29.0/21.1 (LRU 57.6/37.5/25.8, plain LFU 43.3/31.4/23.2, Belady 24.7/16.5/11.4).
+# decoded token), so it mixes frequency and recency. `tools/replay_trace.py --decays` on a routing
+# trace of the OLMoE-shaped bench model (256 tokens of validation text), misses per token at
+# 25/33/40% of the experts: decay 0.5 48.0/32.3/21.6, 0.9 37.7/25.9/18.7, 0.95 35.7/24.3/16.6,
+# 0.98 35.3/24.0/16.4 (Belady 22.5/14.2/9.4; docs/benchmarks.md).
 SCORE_DECAY = 0.95
 # D2MoE's budget rule: the previous layer's high-bit planes go first (its experts stay usable at
-# fewer bits); whole entries and low-bit planes then by the policy. Evicting the previous layer's
-# experts whole before any other (the rule's second half) cost 20-25% more misses on that trace:
-# they are the ones the next token most often reuses.
+# fewer bits); whole entries and low-bit planes then by the policy. The previous code also evicted
+# the previous layer's experts whole before any other (the rule's second half) with a recency +
+# frequency + layer-distance score: 23-27% more bytes on that trace (docs/benchmarks.md); those
+# are the experts the next token most often reuses.
 
 
 def policy_key(policy: str, e: Entry, clock: int, heat: float) -> float:

@@ -632,12 +632,14 @@ except ImportError:  # pragma: no cover - numba is a dependency; the Python path
     _simulate, _belady = _simulate_py, _belady_py
 
 
-def simulate(reqs, n_layer: int, n_expert: int, slots: int, policy: str, T: int) -> np.ndarray:
-    """Misses per token for a policy ("lru", "lfu", "score") or "belady" at a cache of `slots` experts."""
+def simulate(reqs, n_layer: int, n_expert: int, slots: int, policy: str, T: int,
+             decay: float = SCORE_DECAY) -> np.ndarray:
+    """Misses per token for a policy ("lru", "lfu", "score" with this decay) or "belady" at a cache
+    of `slots` experts."""
     tok, lay, exp = reqs
     if policy == "belady":
         return _belady(tok, lay, exp, n_expert, int(slots), T)
-    return _simulate(tok, lay, exp, n_layer, n_expert, int(slots), _POLICY_ID[policy], T)
+    return _simulate(tok, lay, exp, n_layer, n_expert, int(slots), _POLICY_ID[policy], T, float(decay))
 
 
 def hit_rates(trace: np.ndarray, n_expert: int, slot_counts) -> list[dict]:

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-bytes", type=int, help="bytes of one expert (with --trace)")
     ap.add_argument("--experts", type=int, help="experts per layer (with --trace)")
     ap.add_argument("--fractions", default="0.1,0.25,0.5,0.75", help="cache sizes as fractions of all experts")
+    ap.add_argument("--decays", help="also: misses per token of the score policy at these decays (e.g. 0.5,0.9,0.95)")
     ap.add_argument("--json", help="write the table here")
     args = ap.parse_args(argv)
     if args.trace:
@@ -70,6 +71,15 @@ def main(argv=None) -> int:
         ratio = best / r["belady"] if r["belady"] else 1.0
         print(f"{r['fraction']:>6.0%} {r['slots']:>6} " + " ".join(f"{r[p] / 1e6:>14.3f}" for p in (*POLICIES, "belady"))
               + f" {ratio:>12.2f}")
+    if args.decays:
+        from edgemoe.profiler import simulate, trace_requests
+
+        reqs = trace_requests(trace)
+        T, L = trace.shape[0], trace.shape[1]
+        print("score policy, misses per token by decay (per visit of the expert's layer):")
+        for d in (float(x) for x in args.decays.split(",")):
+            cells = [simulate(reqs, L, n_expert, r["slots"], "score", T, d).sum() / T for r in rows]
+            print(f"  decay {d:<5g} " + "  ".join(f"{r['fraction']:.0%}: {c:.1f}" for r, c in zip(rows, cells)))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(locality=loc, rows=rows), indent=1))
     return 0
