@@ -11,7 +11,9 @@ Recognised layouts (docs/onnx.md):
   node or initializer name, and the HF module names `embed_tokens`, `input_layernorm`,
   `post_attention_layernorm`, `q_proj`, `k_proj`, `v_proj`, `o_proj`, `q_norm`, `k_norm`,
   `gate` / `router` (the router), `experts.E.{gate_proj,up_proj,down_proj}` (or w1, w3, w2),
-  `norm` / `final_norm`, `lm_head`;
+  qwen2_moe's `shared_expert.{gate_proj,up_proj,down_proj}` and `shared_expert_gate`, the q/k/v/o
+  projection biases (a 1-D initializer added to the projection's output), `norm` / `final_norm`,
+  `lm_head`;
 - weights as MatMul initializers ([in, out], transposed here), Gemm (transB), Gather (the
   embedding), MatMulNBits (2/4/8 bits, block-wise, with or without zero points: dequantized here),
   norm weights of (Skip)SimplifiedLayerNormalization / RMSNormalization / Mul;
@@ -44,10 +46,12 @@ Q = gguf.GGMLQuantizationType
 # HF model_type / genai "type" -> llama.cpp architecture
 MODEL_TYPES = {
     "qwen3_moe": "qwen3moe", "qwen3moe": "qwen3moe",
+    "qwen2_moe": "qwen2moe", "qwen2moe": "qwen2moe",
     "mixtral": "llama", "olmoe": "olmoe",
 }
 # llama.cpp's per-architecture RMS epsilon default when the config has none
-_EPS_DEFAULT = {"qwen3moe": 1e-6, "llama": 1e-5, "olmoe": 1e-5}
+_EPS_DEFAULT = {"qwen3moe": 1e-6, "qwen2moe": 1e-6, "llama": 1e-5, "olmoe": 1e-5}
+_BIASED = ("attn_q", "attn_k", "attn_v", "attn_output")  # projections whose Add bias is imported
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _LAYER_RE = re.compile(r"layers?[./_](\d+)(?:[./_]|$)")
 _EXPERT_RE = re.compile(r"experts?[./_](\d+)(?:[./_]|$)")
@@ -267,6 +271,12 @@ class OnnxSource:
         for name in self._inits:
             if name in moe_inputs:
                 continue
+            bias = next((u for u in self._uses.get(name, []) if u.op == "Add"), None)
+            if bias is not None and len(self._inits[name].dims) == 1 and int(self._inits[name].dims[0]) > 1:
+                role = self._role((bias.node + "|" + name).lower())
+                if role is not None and role[1] in _BIASED and role[0] >= 0:  # qwen2's q/k/v biases
+                    self._put(f"blk.{role[0]}.{role[1]}.bias", _float(self._array(name)))
+                    continue
             uses = [u for u in self._uses.get(name, []) if u.op in _WEIGHT_OPS]
             if not uses:
                 continue
@@ -352,6 +362,13 @@ class OnnxSource:
         if m is None:
             return (-1, "output_norm.weight") if re.search(r"(^|[./_|])(final_)?norm", key) else None
         layer = int(m.group(1))
+        if "shared_expert_gate" in key:  # qwen2moe: sigmoid gate of the shared expert
+            return layer, "ffn_gate_inp_shexp"
+        if "shared_expert" in key:
+            for mat in ("gate", "up", "down"):
+                if re.search(rf"[./_]{mat}_proj([./_]|$)", key):
+                    return layer, f"ffn_{mat}_shexp"
+            return None
         ex = _EXPERT_RE.search(key)
         if ex is not None:
             for mat, names in (("gate", ("gate_proj", "w1")), ("up", ("up_proj", "w3")), ("down", ("down_proj", "w2"))):
@@ -502,6 +519,13 @@ class OnnxSource:
             raise self._err(f"rope_scaling {rs!r} is not supported for ONNX import")
         if a == "qwen3moe" and cfg.get("norm_topk_prob") is False:
             raise self._err("qwen3_moe with norm_topk_prob false is not what llama.cpp's qwen3moe computes")
+        if a == "qwen2moe":
+            if cfg.get("norm_topk_prob") is True:
+                raise self._err("qwen2_moe with norm_topk_prob true is not what llama.cpp's qwen2moe computes")
+            sh = self.tensors.get(first + "ffn_gate_shexp.weight")
+            if sh is None:
+                raise self._err("qwen2_moe without shared_expert weights")
+            md[f"{a}.expert_shared_feed_forward_length"] = int(sh.shape[1])
         return md
 
     # ---- the GGUFFile interface ---------------------------------------------------------------

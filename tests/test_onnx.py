@@ -67,6 +67,7 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
     E, K = spec.n_expert, spec.n_expert_used
     eps = synth._RMS_EPS[spec.arch]
     llama = spec.arch == "llama"
+    qwen2 = spec.arch == "qwen2moe"  # q/k/v biases, no qk-norm, a gated shared expert, no renormalisation
     nodes, inits = [], []
     cnt = [0]
 
@@ -131,10 +132,13 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
             q = matmul(h, wq, f"{L}/attn/q_proj/MatMul")
             k = matmul(h, wk, f"{L}/attn/k_proj/MatMul")
             v = matmul(h, wv, f"{L}/attn/v_proj/MatMul")
+            if qwen2:
+                q, k, v = (node("Add", [z, init(f"model.layers.{i}.attn.{w}_proj.bias", t[p + f"attn_{w}.bias"])],
+                                f"{L}/attn/{w}_proj/Add") for z, w in ((q, "q"), (k, "k"), (v, "v")))
         q = node("Reshape", [q, const(np.array([seq, H, hd]))], f"{L}/attn/q_rs")
         k = node("Reshape", [k, const(np.array([seq, KV, hd]))], f"{L}/attn/k_rs")
         v = node("Reshape", [v, const(np.array([seq, KV, hd]))], f"{L}/attn/v_rs")
-        if not llama:
+        if not llama and not qwen2:
             q = rms(q, t[p + "attn_q_norm.weight"], f"{L}/attn/q_norm")
             k = rms(k, t[p + "attn_k_norm.weight"], f"{L}/attn/k_norm")
         q, k = rope(q, f"{L}/attn/q_rot"), rope(k, f"{L}/attn/k_rot")
@@ -163,7 +167,9 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
         else:
             probs = node("Softmax", [logits], f"{L}/moe/probs", axis=-1)
             tv, ti = node("TopK", [probs, const(np.array([K]))], f"{L}/moe/topk", n_out=2, axis=-1)
-            tv = node("Div", [tv, node("ReduceSum", [tv, const(np.array([-1]))], f"{L}/moe/sum", keepdims=1)], f"{L}/moe/norm")
+            if not qwen2:
+                tv = node("Div", [tv, node("ReduceSum", [tv, const(np.array([-1]))], f"{L}/moe/sum", keepdims=1)],
+                          f"{L}/moe/norm")
             wts = node("ScatterElements", [const(np.zeros((seq, E), np.float32)), ti, tv], f"{L}/moe/scatter", axis=1)
             y = None
             for e in range(E):
@@ -175,6 +181,15 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
                 we = node("Slice", [wts, const(np.array([e])), const(np.array([e + 1])), const(np.array([1]))], pe + "/w")
                 o = node("Mul", [o, we], pe + "/weighted")
                 y = o if y is None else node("Add", [y, o], pe + "/sum")
+        if qwen2:
+            ps = f"{L}/mlp/shared_expert"
+            g = matmul(h, t[p + "ffn_gate_shexp.weight"], f"{ps}/gate_proj/MatMul")
+            u = matmul(h, t[p + "ffn_up_shexp.weight"], f"{ps}/up_proj/MatMul")
+            act = node("Mul", [node("Mul", [g, node("Sigmoid", [g], ps + "/sig")], ps + "/silu"), u], ps + "/act")
+            o = matmul(act, t[p + "ffn_down_shexp.weight"], f"{ps}/down_proj/MatMul")
+            gate = node("Sigmoid", [matmul(h, t[p + "ffn_gate_inp_shexp.weight"], f"{L}/mlp/shared_expert_gate/MatMul")],
+                        f"{L}/mlp/shared_expert_gate/Sigmoid")
+            y = node("Add", [y, node("Mul", [o, gate], ps + "/gated")], ps + "/sum")
         x = node("Add", [x, y], f"{L}/moe_residual")
     x = rms(x, t["output_norm.weight"], f"/model/layers.{spec.n_layer}/final_norm_layernorm")
     out_w = t.get("output.weight", t["token_embd.weight"])
@@ -187,10 +202,11 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
     path = out / "model.onnx"
     onnx.save(model, str(path))
     (out / "config.json").write_text(json.dumps(dict(
-        model_type="mixtral" if llama else "qwen3_moe", num_local_experts=E, hidden_size=D, num_attention_heads=H, num_key_value_heads=KV, head_dim=hd,
+        model_type="mixtral" if llama else "qwen2_moe" if qwen2 else "qwen3_moe", num_local_experts=E, hidden_size=D, num_attention_heads=H, num_key_value_heads=KV, head_dim=hd,
         num_hidden_layers=spec.n_layer, vocab_size=spec.n_vocab, max_position_embeddings=spec.n_ctx_train,
         num_experts=E, num_experts_per_tok=K, moe_intermediate_size=spec.n_ff_exp, rms_norm_eps=eps,
-        rope_theta=spec.rope_theta, norm_topk_prob=True, tie_word_embeddings="output.weight" not in t,
+        rope_theta=spec.rope_theta, norm_topk_prob=not qwen2, tie_word_embeddings="output.weight" not in t,
+        shared_expert_intermediate_size=spec.n_ff_shexp,
         bos_token_id=spec.bos_id, eos_token_id=spec.eos_id)))
     write_tokenizer(spec, out)
     return path
@@ -261,6 +277,21 @@ def test_onnx_store_matches_gguf_store(spec, gguf_store, tmp_path, experts):
     np.testing.assert_allclose(in_place, ref, atol=2e-3, rtol=1e-3)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
     assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.99
+
+
+def test_onnx_qwen2moe_shared_expert(tmp_path):
+    """Qwen2-MoE (q/k/v biases, a sigmoid-gated shared expert, top-k weights not renormalised)
+    imports into the same store as its GGUF, and onnxruntime on the graph agrees with the GGUF."""
+    spec = synth.SynthSpec.tiny("qwen2moe", **SPEC)
+    src, gstore = _gguf_store(spec, tmp_path)
+    path = build_onnx(spec, tmp_path / "q2", "matmul")
+    ostore = convert(path, tmp_path / "o.edgemoe", progress=False)
+    om, gm = (json.loads((s / "manifest.json").read_text()) for s in (ostore, gstore))
+    assert om["experts"] == gm["experts"]
+    dense = {t.name for t in gguf.GGUFReader(ostore / "dense.gguf").tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.ffn_gate_inp_shexp.weight", "blk.1.ffn_down_shexp.weight"} <= dense
+    np.testing.assert_array_equal(_logits(ostore), _logits(gstore))
+    np.testing.assert_allclose(_logits(src), _ort_logits(path), atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("experts", ["matmul", "moe"])
