@@ -2,6 +2,7 @@
 """onnxruntime expert sessions against edgemoe's own kernels, for one expert shape.
 
     python tools/bench_onnx_experts.py [--n-embd 2048] [--n-ff 1024] [--threads 1] [--churn]
+    python tools/bench_onnx_experts.py --e2e STORE [--prompt-tokens 256] [--budget 3GB]
 
 For the matquant families 2,3,4 and 2,4,8 (group 32), random weights:
 - `onnx_experts.measure`: graph build and session creation time, one call of the SwiGLU expert for
@@ -12,6 +13,8 @@ For the matquant families 2,3,4 and 2,4,8 (group 32), random weights:
 - with --churn: resident bytes per live session (10 kept, 200 created and dropped, as an LRU pool
   does) over the session's initializer bytes, the figure onnx_experts.SESSION_OVERHEAD charges.
 Best of --reps calls each; prints a table and the break-even rows of a session.
+With --e2e STORE: the model end to end, quality max, with and without onnxruntime experts: prefill
+of a random prompt (twice: the first pass creates the sessions), greedy decode, rows per backend.
 """
 
 from __future__ import annotations
@@ -102,6 +105,27 @@ def _churn(sch, shapes, live: int, created: int) -> float:
     return (_rss() - r0) / live / init
 
 
+def e2e(store: str, prompt_tokens: int, decode_tokens: int, budget: str | None) -> None:
+    import edgemoe
+
+    for on in (False, True):
+        with edgemoe.load(store, quality="max", memory_budget=budget, onnx_experts=on, progress=False) as m:
+            ids = [int(i) for i in np.random.default_rng(0).integers(10, m.config.n_vocab - 10, prompt_tokens)]
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                m.logits(ids)
+                times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            n = len(list(m.stream(ids[:16], max_tokens=decode_tokens, temperature=0, ignore_eos=True)))
+            dec = time.perf_counter() - t0
+            c = m.stats().cache
+            print(f"onnx_experts={on!s:<5}  prefill {prompt_tokens} tokens: {prompt_tokens / times[0]:7.1f} tok/s "
+                  f"(first pass), {prompt_tokens / times[1]:7.1f} tok/s (second);  16-token prompt + {n} decoded: "
+                  f"{n / dec:6.2f} tok/s;  rows {c.backend_rows}, sessions {c.onnx_sessions}, "
+                  f"charged {c.onnx_bytes / 2**20:.1f} MiB of a {m.memory_plan.onnx_pool / 2**20:.0f} MiB pool")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-embd", type=int, default=2048)
@@ -109,7 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--churn", action="store_true", help="also measure resident bytes per session")
+    ap.add_argument("--e2e", metavar="STORE", help="end to end on this store instead (see above)")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--budget", default=None)
     args = ap.parse_args(argv)
+    if args.e2e:
+        e2e(args.e2e, args.prompt_tokens, args.decode_tokens, args.budget)
+        return 0
     shapes = {"gate": (args.n_ff, args.n_embd), "up": (args.n_ff, args.n_embd), "down": (args.n_embd, args.n_ff)}
     print(f"expert {args.n_embd}x{args.n_ff} (gate, up, down), group 32; onnxruntime "
           f"{onnx_experts._ort().__version__}, {args.threads} thread(s); edgemoe kernels: {kernels.BACKEND}, "
