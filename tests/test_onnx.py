@@ -68,6 +68,7 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
     eps = synth._RMS_EPS[spec.arch]
     llama = spec.arch == "llama"
     qwen2 = spec.arch == "qwen2moe"  # q/k/v biases, no qk-norm, a gated shared expert, no renormalisation
+    olmoe = spec.arch == "olmoe"  # qk-norm over the whole projection, no renormalisation
     nodes, inits = [], []
     cnt = [0]
 
@@ -135,10 +136,13 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
             if qwen2:
                 q, k, v = (node("Add", [z, init(f"model.layers.{i}.attn.{w}_proj.bias", t[p + f"attn_{w}.bias"])],
                                 f"{L}/attn/{w}_proj/Add") for z, w in ((q, "q"), (k, "k"), (v, "v")))
+        if olmoe:
+            q = rms(q, t[p + "attn_q_norm.weight"], f"{L}/attn/q_norm")
+            k = rms(k, t[p + "attn_k_norm.weight"], f"{L}/attn/k_norm")
         q = node("Reshape", [q, const(np.array([seq, H, hd]))], f"{L}/attn/q_rs")
         k = node("Reshape", [k, const(np.array([seq, KV, hd]))], f"{L}/attn/k_rs")
         v = node("Reshape", [v, const(np.array([seq, KV, hd]))], f"{L}/attn/v_rs")
-        if not llama and not qwen2:
+        if spec.arch == "qwen3moe":  # per head
             q = rms(q, t[p + "attn_q_norm.weight"], f"{L}/attn/q_norm")
             k = rms(k, t[p + "attn_k_norm.weight"], f"{L}/attn/k_norm")
         q, k = rope(q, f"{L}/attn/q_rot"), rope(k, f"{L}/attn/k_rot")
@@ -167,7 +171,7 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
         else:
             probs = node("Softmax", [logits], f"{L}/moe/probs", axis=-1)
             tv, ti = node("TopK", [probs, const(np.array([K]))], f"{L}/moe/topk", n_out=2, axis=-1)
-            if not qwen2:
+            if not (qwen2 or olmoe):
                 tv = node("Div", [tv, node("ReduceSum", [tv, const(np.array([-1]))], f"{L}/moe/sum", keepdims=1)],
                           f"{L}/moe/norm")
             wts = node("ScatterElements", [const(np.zeros((seq, E), np.float32)), ti, tv], f"{L}/moe/scatter", axis=1)
@@ -202,10 +206,11 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
     path = out / "model.onnx"
     onnx.save(model, str(path))
     (out / "config.json").write_text(json.dumps(dict(
-        model_type="mixtral" if llama else "qwen2_moe" if qwen2 else "qwen3_moe", num_local_experts=E, hidden_size=D, num_attention_heads=H, num_key_value_heads=KV, head_dim=hd,
+        model_type="mixtral" if llama else "qwen2_moe" if qwen2 else "olmoe" if olmoe else "qwen3_moe",
+        num_local_experts=E, hidden_size=D, num_attention_heads=H, num_key_value_heads=KV, head_dim=hd,
         num_hidden_layers=spec.n_layer, vocab_size=spec.n_vocab, max_position_embeddings=spec.n_ctx_train,
         num_experts=E, num_experts_per_tok=K, moe_intermediate_size=spec.n_ff_exp, rms_norm_eps=eps,
-        rope_theta=spec.rope_theta, norm_topk_prob=not qwen2, tie_word_embeddings="output.weight" not in t,
+        rope_theta=spec.rope_theta, norm_topk_prob=not (qwen2 or olmoe), tie_word_embeddings="output.weight" not in t,
         shared_expert_intermediate_size=spec.n_ff_shexp,
         bos_token_id=spec.bos_id, eos_token_id=spec.eos_id)))
     write_tokenizer(spec, out)
@@ -290,6 +295,18 @@ def test_onnx_qwen2moe_shared_expert(tmp_path):
     assert om["experts"] == gm["experts"]
     dense = {t.name for t in gguf.GGUFReader(ostore / "dense.gguf").tensors}
     assert {"blk.0.attn_q.bias", "blk.0.ffn_gate_inp_shexp.weight", "blk.1.ffn_down_shexp.weight"} <= dense
+    np.testing.assert_array_equal(_logits(ostore), _logits(gstore))
+    np.testing.assert_allclose(_logits(src), _ort_logits(path), atol=2e-3, rtol=1e-3)
+
+
+def test_onnx_olmoe(tmp_path):
+    """OLMoE (q/k RMS-normed over the whole projection, top-k weights not renormalised)."""
+    spec = synth.SynthSpec.tiny("olmoe", **SPEC)
+    src, gstore = _gguf_store(spec, tmp_path)
+    path = build_onnx(spec, tmp_path / "ol", "matmul")
+    ostore = convert(path, tmp_path / "o.edgemoe", progress=False)
+    om, gm = (json.loads((s / "manifest.json").read_text()) for s in (ostore, gstore))
+    assert om["experts"] == gm["experts"]
     np.testing.assert_array_equal(_logits(ostore), _logits(gstore))
     np.testing.assert_allclose(_logits(src), _ort_logits(path), atol=2e-3, rtol=1e-3)
 
