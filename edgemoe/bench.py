@@ -73,20 +73,23 @@ def model_bytes(model: Path) -> dict:
         dense += f.tensor("token_embd.weight").nbytes  # tied output: the whole table is read
     n_moe = sum(not c.is_dense(i) for i in range(c.n_layer))
     expert = sum(f.tensor(n).nbytes for n in experts) // (n_moe * c.n_expert)
-    out = dict(dense=dense, expert=expert, n_moe=n_moe, top_k=c.n_expert_used, n_expert=c.n_expert,
+    out = dict(dense=dense, expert=expert, n_moe=n_moe, top_k=c.n_expert_used, n_expert=c.n_expert, n_vocab=c.n_vocab,
                active=dense + n_moe * c.n_expert_used * expert)
     f.close()
     return out
 
 
-def routing(model: Path, n_tokens: int) -> tuple:
-    """A decode routing trace of the GGUF's own routers on the bench's prompt tokens."""
+def routing(model: Path, n_tokens: int, ids: list[int] | None = None) -> tuple:
+    """A routing trace of the GGUF's own routers, tokens evaluated one at a time as in decoding:
+    on `ids` (the tokens a run processed), or on n_tokens random ones (the bench's prompt, then
+    more of the same generator)."""
     import numpy as np
 
     from .api import load
 
     with load(model, n_ctx=n_tokens + 1) as m:
-        ids = np.random.default_rng(0).integers(0, m.config.n_vocab - 8, size=n_tokens).tolist()
+        if ids is None:
+            ids = np.random.default_rng(0).integers(0, m.config.n_vocab - 8, size=n_tokens).tolist()
         return m.routing_trace(ids)
 
 
@@ -129,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     bps = None if args.no_throttle else int(prof.storage.seq_read_mbps * 1e6)
     mb = model_bytes(args.model)
     trace = routing(args.model, args.prompt_tokens + args.decode_tokens)
+    import numpy as np
+
+    trace_ids = np.random.default_rng(0).integers(0, mb["n_vocab"] - 8, size=args.prompt_tokens).tolist()
+    run_traces: dict[tuple, object] = {}
     from .replay import locality, replay_belady, replay_policy, requests
 
     loc = locality(trace[args.prompt_tokens:], mb["n_expert"])
@@ -152,13 +159,19 @@ def main(argv: list[str] | None = None) -> int:
                     r["s_mbu"] = smbu(mb["active"], r["decode_tps"], prof)
                     r["peak_over_budget"] = (r["peak_rss"] - r["base_rss"]) / budget
                     if engine == "edgemoe" and "cache_capacity" in r:
+                        # the same trace as the run: its prompt, then the tokens it generated and fed back
+                        seq = tuple(trace_ids[: args.prompt_tokens] + r["tokens"][:-1])
+                        if seq not in run_traces:
+                            run_traces[seq] = routing(args.model, len(seq), list(seq))
+                        dec = run_traces[seq][args.prompt_tokens:]
                         slots = max(mb["top_k"], r["cache_capacity"] // max(mb["expert"], 1))
-                        reqs = requests(trace[args.prompt_tokens:])
-                        belady = replay_belady(reqs, slots) * mb["expert"] / (len(trace) - args.prompt_tokens)
+                        reqs = requests(dec)
+                        belady = replay_belady(reqs, slots) * mb["expert"] / len(dec)
                         # the cache's own (default) policy, every expert read whole
-                        own = replay_policy(reqs, trace.shape[1], mb["expert"], slots, "score")
+                        own = replay_policy(reqs, dec.shape[1], mb["expert"], slots, "score")
                         r["belady_mb_per_token"] = belady / 1e6
-                        r["predicted_tps"] = predict(prof, mb, own / (len(trace) - args.prompt_tokens), mb["expert"])
+                        r["run_locality"] = locality(dec, mb["n_expert"])
+                        r["predicted_tps"] = predict(prof, mb, own / len(dec), mb["expert"])
                 rows.append(r)
                 print(_row(r), file=sys.stderr, flush=True)
     report = _report(args, prof, size, st, mb, loc, rows)
@@ -219,7 +232,9 @@ def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows:
             f"peak RSS <= budget + 5%: {r['peak_over_budget']:.2f}x; bytes/token <= 1.25x Belady: "
             f"{r['cache_bytes_read'] / max(len(r['tokens']), 1) / 1e6 / max(r.get('belady_mb_per_token', 0), 1e-9):.2f}x "
             f"(cache reads {r['cache_bytes_read'] / max(len(r['tokens']), 1) / 1e6:.1f} MB/token incl. prompt, Belady "
-            f"{r.get('belady_mb_per_token', 0):.1f} MB/token at full width)")
+            f"{r.get('belady_mb_per_token', 0):.1f} MB/token at full width on this run's decode routing"
+            + (f": top-1/8 experts {r['run_locality']['top_eighth_share']:.1%} of picks, consecutive reuse "
+               f"{r['run_locality']['consecutive_reuse']:.1%})" if "run_locality" in r else ")"))
     return "\n".join(lines)
 
 
