@@ -90,13 +90,20 @@ def table(trace: np.ndarray, expert_bytes: int, n_expert: int, fractions) -> lis
 
 
 def locality(trace: np.ndarray, n_expert: int) -> dict:
-    """Popularity skew (share of picks of the top 1/8 of experts) and token-to-token reuse."""
+    """Popularity skew (share of picks of the top 1/8 of experts; entropy of the picks in bits, mean
+    over MoE layers) and token-to-token reuse."""
     T, L, K = trace.shape
-    top_share = []
+    top_share, entropy = [], []
     for l in range(L):
+        if (trace[:, l] < 0).all():  # a dense layer
+            continue
         counts = np.bincount(trace[:, l].ravel(), minlength=n_expert)
         top = np.sort(counts)[::-1][: max(1, n_expert // 8)]
         top_share.append(top.sum() / counts.sum())
-    reuse = [len(set(trace[t, l]) & set(trace[t - 1, l])) / K for t in range(1, T) for l in range(L)]
+        p = counts[counts > 0] / counts.sum()
+        entropy.append(float(-(p * np.log2(p)).sum()))
+    moe = [l for l in range(L) if not (trace[:, l] < 0).all()]
+    reuse = [len(set(trace[t, l]) & set(trace[t - 1, l])) / K for t in range(1, T) for l in moe]
     return dict(top_eighth_share=float(np.mean(top_share)), uniform_share=1 / 8,
+                entropy_bits=float(np.mean(entropy)), uniform_entropy_bits=float(np.log2(n_expert)),
                 consecutive_reuse=float(np.mean(reuse)) if reuse else 0.0, uniform_reuse=K / n_expert)
