@@ -105,5 +105,6 @@ def locality(trace: np.ndarray, n_expert: int) -> dict:
     moe = [l for l in range(L) if not (trace[:, l] < 0).all()]
     reuse = [len(set(trace[t, l]) & set(trace[t - 1, l])) / K for t in range(1, T) for l in moe]
     return dict(top_eighth_share=float(np.mean(top_share)), uniform_share=1 / 8,
-                entropy_bits=float(np.mean(entropy)), uniform_entropy_bits=float(np.log2(n_expert)),
+                entropy_bits=float(np.mean(entropy)), entropy_bits_first_layer=entropy[0] if entropy else 0.0,
+                uniform_entropy_bits=float(np.log2(n_expert)),
                 consecutive_reuse=float(np.mean(reuse)) if reuse else 0.0, uniform_reuse=K / n_expert)
