@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from . import cgroup, store, streaming
+from .benchrun import prompt_ids
 from .errors import EdgeMoEError
 from .profiles import Profile, load_profile
 
@@ -79,18 +80,13 @@ def model_bytes(model: Path) -> dict:
     return out
 
 
-def routing(model: Path, n_tokens: int, ids: list[int] | None = None) -> tuple:
-    """A routing trace of the GGUF's own routers, tokens evaluated one at a time as in decoding:
-    on `ids` (the tokens a run processed), or on n_tokens random ones (the bench's prompt, then
-    more of the same generator)."""
-    import numpy as np
-
+def routings(model: Path, seqs: list[list[int]]) -> list:
+    """Routing traces of the GGUF's own routers on each token sequence, the tokens evaluated one at
+    a time as in decoding; one load of the model for all of them."""
     from .api import load
 
-    with load(model, n_ctx=n_tokens + 1) as m:
-        if ids is None:
-            ids = np.random.default_rng(0).integers(0, m.config.n_vocab - 8, size=n_tokens).tolist()
-        return m.routing_trace(ids)
+    with load(model, n_ctx=max(len(s) for s in seqs) + 1) as m:
+        return [m.routing_trace(s) for s in seqs]
 
 
 def predict(prof: Profile, mb: dict, misses_per_token: float, expert_read_bytes: int, tps_bound_compute: bool = True) -> float:
@@ -131,14 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     device, disk = cgroup.block_device_of(st)
     bps = None if args.no_throttle else int(prof.storage.seq_read_mbps * 1e6)
     mb = model_bytes(args.model)
-    trace = routing(args.model, args.prompt_tokens + args.decode_tokens)
-    import numpy as np
-
-    trace_ids = np.random.default_rng(0).integers(0, mb["n_vocab"] - 8, size=args.prompt_tokens).tolist()
-    run_traces: dict[tuple, object] = {}
     from .replay import locality, replay_belady, replay_policy, requests
 
-    loc = locality(trace[args.prompt_tokens:], mb["n_expert"])
     rows = []
     with cgroup.readahead(disk, prof.storage.readahead_kb):
         for frac in (float(f) for f in args.budgets.split(",")):
@@ -158,22 +148,26 @@ def main(argv: list[str] | None = None) -> int:
                     r["mb_read_per_token"] = r["decode_read"] / n_dec / 1e6
                     r["s_mbu"] = smbu(mb["active"], r["decode_tps"], prof)
                     r["peak_over_budget"] = (r["peak_rss"] - r["base_rss"]) / budget
-                    if engine == "edgemoe" and "cache_capacity" in r:
-                        # the same trace as the run: its prompt, then the tokens it generated and fed back
-                        seq = tuple(trace_ids[: args.prompt_tokens] + r["tokens"][:-1])
-                        if seq not in run_traces:
-                            run_traces[seq] = routing(args.model, len(seq), list(seq))
-                        dec = run_traces[seq][args.prompt_tokens:]
-                        slots = max(mb["top_k"], r["cache_capacity"] // max(mb["expert"], 1))
-                        reqs = requests(dec)
-                        belady = replay_belady(reqs, slots) * mb["expert"] / len(dec)
-                        # the cache's own (default) policy, every expert read whole
-                        own = replay_policy(reqs, dec.shape[1], mb["expert"], slots, "score")
-                        r["belady_mb_per_token"] = belady / 1e6
-                        r["run_locality"] = locality(dec, mb["n_expert"])
-                        r["predicted_tps"] = predict(prof, mb, own / len(dec), mb["expert"])
                 rows.append(r)
                 print(_row(r), file=sys.stderr, flush=True)
+    # routing traces, after the runs (the model is loaded once, outside the capped runs): the
+    # model's own on random tokens, and for each edgemoe run the same trace as the run (its
+    # prompt, then the tokens it generated and fed back) for the Belady oracle and the prediction
+    prompt = prompt_ids(mb["n_vocab"], args.prompt_tokens)
+    runs = [r for r in rows if r["engine"] == "edgemoe" and "cache_capacity" in r]
+    own_seq = tuple(prompt_ids(mb["n_vocab"], args.prompt_tokens + args.decode_tokens))
+    seqs = list(dict.fromkeys([own_seq] + [tuple(prompt + r["tokens"][:-1]) for r in runs]))
+    traces = dict(zip(seqs, routings(args.model, [list(q) for q in seqs])))
+    loc = locality(traces[own_seq][args.prompt_tokens:], mb["n_expert"])
+    for r in runs:
+        dec = traces[tuple(prompt + r["tokens"][:-1])][args.prompt_tokens:]
+        slots = max(mb["top_k"], r["cache_capacity"] // max(mb["expert"], 1))
+        reqs = requests(dec)
+        r["belady_mb_per_token"] = replay_belady(reqs, slots) * mb["expert"] / len(dec) / 1e6
+        r["run_locality"] = locality(dec, mb["n_expert"])
+        # the cache's own (default) policy, every expert read whole
+        own = replay_policy(reqs, dec.shape[1], mb["expert"], slots, "score")
+        r["predicted_tps"] = predict(prof, mb, own / len(dec), mb["expert"])
     report = _report(args, prof, size, st, mb, loc, rows)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,11 @@ import time
 import numpy as np
 
 
+def prompt_ids(n_vocab: int, n: int) -> list[int]:
+    """The bench's prompt: the same n random token ids for every engine and every run."""
+    return np.random.default_rng(0).integers(0, n_vocab - 8, size=n).tolist()
+
+
 def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -43,7 +48,7 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
     m = edgemoe.load(a.model, memory_budget=a.budget, quality=a.quality, n_ctx=a.prompt_tokens + a.decode_tokens + 8,
                      progress=False, prefetch=a.prefetch)
     load_s = time.perf_counter() - t0
-    ids = np.random.default_rng(0).integers(0, m.config.n_vocab - 8, size=a.prompt_tokens).tolist()
+    ids = prompt_ids(m.config.n_vocab, a.prompt_tokens)
     r0 = _read_bytes()
     t0 = time.perf_counter()
     it = m.stream(ids, max_tokens=a.decode_tokens + 1, temperature=0, ignore_eos=True)
@@ -86,7 +91,7 @@ def run_llama_cpp(a: argparse.Namespace) -> dict:
                           n_threads_batch=a.threads, n_batch=max(a.prompt_tokens, 8), verbose=False)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
-    ids = np.random.default_rng(0).integers(0, n_vocab - 8, size=a.prompt_tokens).tolist()
+    ids = prompt_ids(n_vocab, a.prompt_tokens)
 
     def last_logits() -> np.ndarray:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))

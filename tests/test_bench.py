@@ -55,3 +55,6 @@ def test_bench_accepts_a_measured_profile(build_model, tmp_path):
     assert set(rows) == {"llama.cpp", "edgemoe"} and all("failed" not in r for r in rows.values())
     assert rows["edgemoe"]["peak_over_budget"] <= 1.05
     assert rows["edgemoe"]["tokens"] and rows["llama.cpp"]["s_mbu"] > 0
+    # the oracle and the prediction replay the routing of the very tokens the run processed
+    e = rows["edgemoe"]
+    assert e["belady_mb_per_token"] > 0 and e["predicted_tps"] > 0 and 0 < e["run_locality"]["consecutive_reuse"] <= 1
