@@ -594,13 +594,18 @@ class MatQuant(Scheme):
         """Planes for given B-bit codes q [n_out, n_in] and per-group fp16 s, m [n_out, G]: the
         full width reconstructs s*q + m. Used directly for Q4_0/Q4_1 sources, whose own codes and
         block scales then come back exactly at 4 bits."""
+        scales = self._stored_scales(s, m)
         planes = []
         cum = 0
         for p, b in enumerate(self.plane_bits):
             cum += b
             codes = ((q >> (self.B - cum)) & ((1 << b) - 1)).astype(np.uint8)
-            planes.append(self._build_plane(p, codes, [s, m] if p == 0 else []))
+            planes.append(self._build_plane(p, codes, scales if p == 0 else []))
         return planes
+
+    def _stored_scales(self, s: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
+        """What plane 0 stores of the per-group scale and offset."""
+        return [s, m]
 
     def reconstruct(self, parts: dict, k: int) -> np.ndarray:
         """The scheme definition: W^_r = s * (S(q, r) + (d-1)/2) + m with the slice
@@ -670,17 +675,11 @@ class MatQuantSym(MatQuant):
         m = s * -half
         return {"planes": self.from_codes(q, s, m), "q": q, "s": s, "m": m}
 
-    def from_codes(self, q: np.ndarray, s: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
+    def _stored_scales(self, s: np.ndarray, m: np.ndarray) -> list[np.ndarray]:
         s16 = np.asarray(s, dtype=np.float16)
         if not np.array_equal(np.asarray(m, np.float32), s16.astype(np.float32) * np.float32(self._msym())):
             raise ValueError(f"{self.name}: offsets are not -2^(B-1) times the scales")
-        planes = []
-        cum = 0
-        for p, b in enumerate(self.plane_bits):
-            cum += b
-            codes = ((q >> (self.B - cum)) & ((1 << b) - 1)).astype(np.uint8)
-            planes.append(self._build_plane(p, codes, [s16] if p == 0 else []))
-        return planes
+        return [s16]
 
 
 SCHEMES: dict[str, type[Scheme]] = {"d2moe": D2MoE, "matquant": MatQuant, "matquant-sym": MatQuantSym}
