@@ -184,7 +184,9 @@ class OnnxExperts:
 
     def session_bytes(self, model) -> int:
         """What a session of this graph is charged against the budget."""
-        init = sum(int(np.prod(t.dims)) * (1 if t.data_type in (2, 3) else 2 if t.data_type == 10 else 4)
+        from onnx.helper import tensor_dtype_to_np_dtype
+
+        init = sum(int(np.prod(t.dims)) * tensor_dtype_to_np_dtype(t.data_type).itemsize
                    for t in model.graph.initializer)
         return int(init * SESSION_OVERHEAD[self.bits])
 
