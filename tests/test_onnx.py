@@ -284,40 +284,25 @@ def test_onnx_store_matches_gguf_store(spec, gguf_store, tmp_path, experts):
     assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.99
 
 
-def test_onnx_qwen2moe_shared_expert(tmp_path):
-    """Qwen2-MoE (q/k/v biases, a sigmoid-gated shared expert, top-k weights not renormalised)
-    imports into the same store as its GGUF, and onnxruntime on the graph agrees with the GGUF."""
-    spec = synth.SynthSpec.tiny("qwen2moe", **SPEC)
-    src, gstore = _gguf_store(spec, tmp_path)
-    path = build_onnx(spec, tmp_path / "q2", "matmul")
-    ostore = convert(path, tmp_path / "o.edgemoe", progress=False)
-    om, gm = (json.loads((s / "manifest.json").read_text()) for s in (ostore, gstore))
-    assert om["experts"] == gm["experts"]
-    dense = {t.name for t in gguf.GGUFReader(ostore / "dense.gguf").tensors}
-    assert {"blk.0.attn_q.bias", "blk.0.ffn_gate_inp_shexp.weight", "blk.1.ffn_down_shexp.weight"} <= dense
-    np.testing.assert_array_equal(_logits(ostore), _logits(gstore))
-    np.testing.assert_allclose(_logits(src), _ort_logits(path), atol=2e-3, rtol=1e-3)
-
-
-def test_onnx_olmoe(tmp_path):
-    """OLMoE (q/k RMS-normed over the whole projection, top-k weights not renormalised)."""
-    spec = synth.SynthSpec.tiny("olmoe", **SPEC)
-    src, gstore = _gguf_store(spec, tmp_path)
-    path = build_onnx(spec, tmp_path / "ol", "matmul")
-    ostore = convert(path, tmp_path / "o.edgemoe", progress=False)
-    om, gm = (json.loads((s / "manifest.json").read_text()) for s in (ostore, gstore))
-    assert om["experts"] == gm["experts"]
-    np.testing.assert_array_equal(_logits(ostore), _logits(gstore))
-    np.testing.assert_allclose(_logits(src), _ort_logits(path), atol=2e-3, rtol=1e-3)
-
-
-@pytest.mark.parametrize("experts", ["matmul", "moe"])
-def test_onnx_mixtral(tmp_path, experts):
-    """Mixtral (HF rotate_half q/k rows) -> llama.cpp's `llama` with the converter's q/k permutation."""
-    spec = synth.SynthSpec.tiny("llama", **SPEC)
+@pytest.mark.parametrize("arch,experts,tensors", [
+    # Mixtral (HF rotate_half q/k rows) -> llama.cpp's `llama` with the converter's q/k permutation
+    ("llama", "matmul", ()),
+    ("llama", "moe", ()),
+    # Qwen2-MoE: q/k/v biases, a sigmoid-gated shared expert, top-k weights not renormalised
+    ("qwen2moe", "matmul", ("blk.0.attn_q.bias", "blk.0.ffn_gate_inp_shexp.weight", "blk.1.ffn_down_shexp.weight")),
+    # OLMoE: q/k RMS-normed over the whole projection, top-k weights not renormalised
+    ("olmoe", "matmul", ()),
+])
+def test_onnx_families(tmp_path, arch, experts, tensors):
+    """Each family imports into the same store as its GGUF (same planes, same logits), and
+    onnxruntime on the graph agrees with the GGUF run in place."""
+    spec = synth.SynthSpec.tiny(arch, **SPEC)
     src, gstore = _gguf_store(spec, tmp_path)
     path = build_onnx(spec, tmp_path / experts, experts)
     ostore = convert(path, tmp_path / "o.edgemoe", progress=False)
+    om, gm = (json.loads((s / "manifest.json").read_text()) for s in (ostore, gstore))
+    assert om["experts"] == gm["experts"]
+    assert set(tensors) <= {t.name for t in gguf.GGUFReader(ostore / "dense.gguf").tensors}
     np.testing.assert_array_equal(_logits(ostore), _logits(gstore))
     np.testing.assert_allclose(_logits(src), _ort_logits(path), atol=2e-3, rtol=1e-3)
 
