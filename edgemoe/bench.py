@@ -26,6 +26,7 @@ from pathlib import Path
 from . import cgroup, store, streaming
 from .benchrun import prompt_ids
 from .errors import EdgeMoEError
+from .fileio import write_text_atomic
 from .profiles import Profile, load_profile
 
 
@@ -174,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"bench-{args.model.stem}-{prof.name}"
     data = dict(model=str(args.model), file_bytes=size, profile=prof.name, machine=machine(), when=time.time(),
                 locality=loc, model_bytes=mb, rows=rows, throttle_bps=bps)
-    tmp = args.out / (stem + ".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, args.out / (stem + ".json"))
+    write_text_atomic(args.out / (stem + ".json"), json.dumps(data, indent=1))
     (args.out / (stem + ".txt")).write_text(report + "\n")
     _plot(rows, args.out / (stem + ".png"), f"{args.model.name} on {prof.name}")
     return 0

@@ -17,13 +17,13 @@ upgraded (no stall for it).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import EdgeMoEError
+from .fileio import write_text_atomic
 
 CALIBRATION = "calibration.json"
 
@@ -122,11 +122,7 @@ class Calibration:
             raise EdgeMoEError(f"{path}: bad calibration file ({exc}); run edgemoe calibrate again") from None
 
     def save(self, store_root: Path, meta: dict) -> Path:
-        path = store_root / CALIBRATION
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(dict(meta, betas=self.betas), indent=1))
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(store_root / CALIBRATION, json.dumps(dict(meta, betas=self.betas), indent=1))
 
 
 def betas_from_ratios(ratios: list[list[float]]) -> list[float | None]:

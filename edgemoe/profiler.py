@@ -33,6 +33,7 @@ import yaml
 
 from .cache import SCORE_DECAY
 from .errors import EdgeMoEError
+from .fileio import write_text_atomic
 from .memory import format_size, parse_size
 from .profiles import Profile, load_profile, parse_profile
 
@@ -391,16 +392,7 @@ def write_profile(text: str, out: Path) -> Profile:
     """Validate with edgemoe.profiles.parse_profile, then write atomically (temp file, rename)."""
     prof = parse_profile(yaml.safe_load(text), out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(out, text)
     return prof
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeMoEError
+from ..fileio import write_text_atomic
 
 HELP = """\
 /budget SIZE   change the memory budget (e.g. 600MB, 1.5GiB); the expert cache shrinks or grows
@@ -59,18 +59,7 @@ def save_conversation(path: str | os.PathLike[str], doc: dict[str, Any]) -> Path
         if path.suffix.lower() in (".md", ".markdown")
         else json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
     )
-    parent = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        return write_text_atomic(path, text)
     except OSError as exc:
         raise EdgeMoEError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise EdgeMoEError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    return path
