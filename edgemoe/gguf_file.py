@@ -219,6 +219,19 @@ class GGUFFile:
                 pass  # still referenced by a view somewhere; freed with it
 
 
+def add_scalar_kv(writer, key: str, value: Any) -> None:
+    """One metadata key-value into a gguf.GGUFWriter, typed from the Python value (bool, int as
+    uint32, float as float32, anything else as a string)."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        writer.add_string(key, str(value))
+
+
 def _gaps(skip: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
     """[0, size) without the sorted ranges in skip."""
     out, pos = [], 0

@@ -39,7 +39,7 @@ import gguf
 import numpy as np
 
 from .errors import EdgeMoEError
-from .gguf_file import Tensor
+from .gguf_file import Tensor, add_scalar_kv
 
 Q = gguf.GGMLQuantizationType
 
@@ -558,16 +558,8 @@ class OnnxSource:
 
     def copy_metadata(self, writer, skip: tuple[str, ...] = ("general.architecture", "general.alignment")) -> None:
         for k, v in self.metadata.items():
-            if k in skip:
-                continue
-            if isinstance(v, bool):
-                writer.add_bool(k, v)
-            elif isinstance(v, int):
-                writer.add_uint32(k, v)
-            elif isinstance(v, float):
-                writer.add_float32(k, v)
-            else:
-                writer.add_string(k, str(v))
+            if k not in skip:
+                add_scalar_kv(writer, k, v)
 
     def close(self) -> None:
         self.tensors = {}

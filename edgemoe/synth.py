@@ -27,6 +27,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .gguf_file import add_scalar_kv
 from .tokenizer import bytes_to_unicode  # GPT-2's byte map, as llama.cpp's BPE vocab uses it
 
 ARCHES = ("llama", "olmoe", "qwen2moe", "qwen3moe", "granitemoe", "phimoe", "deepseek2", "gpt-oss")
@@ -541,14 +542,7 @@ def _add_hparams(w: gguf.GGUFWriter, spec: SynthSpec) -> None:
         w.add_rope_scaling_attn_factors(spec.rope_attn_factor)
         w.add_rope_scaling_orig_ctx_len(spec.n_ctx_train)
     for k, v in spec.extra_kv:
-        if isinstance(v, bool):
-            w.add_bool(k, v)
-        elif isinstance(v, int):
-            w.add_uint32(k, v)
-        elif isinstance(v, float):
-            w.add_float32(k, v)
-        else:
-            w.add_string(k, str(v))
+        add_scalar_kv(w, k, v)
 
 
 def write_model(spec: SynthSpec, path: str | os.PathLike) -> Path:
