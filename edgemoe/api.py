@@ -479,11 +479,13 @@ class Model:
             return it
         return "".join(r.text for r in it).strip() if extra_stops else "".join(r.text for r in it)
 
-    def routing_trace(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
-        """The experts every layer chooses for each token, [tokens, layers, top_k], evaluating the
-        tokens one at a time as decoding does (for cache studies: tools/replay_trace.py)."""
+    def routing_trace(self, token_ids: list[int] | np.ndarray, weights: bool = False):
+        """The experts every layer chooses for each token, [tokens, layers, top_k] (-1 in dense
+        layers), evaluating the tokens one at a time as decoding does (for cache studies:
+        tools/replay_trace.py); with weights=True also their gate weights, as (experts, weights)."""
         self._check_open()
         ids = _as_ids(token_ids, self.config.n_vocab)
+        L = self.config.n_layer
         with self._lock:
             self._cache.reset()
             self._ctx_tokens = []
@@ -491,12 +493,13 @@ class Model:
             try:
                 for t in ids:
                     self._engine.forward(np.asarray([t]), self._cache, all_logits=False)
-                trace = np.stack([np.concatenate(self._engine.trace[i :: self.config.n_layer])
-                                  for i in range(self.config.n_layer)], axis=1)
+                rec = self._engine.trace
+                top, w = (np.stack([np.concatenate([r[j] for r in rec[i::L]]) for i in range(L)], axis=1)
+                          for j in (0, 1))
             finally:
                 self._engine.trace = None
                 self._cache.reset()
-        return trace  # [T, L, K]
+        return (top, w) if weights else top  # [T, L, K]
 
     # ---- stats and lifetime -------------------------------------------------------------------
 

@@ -23,14 +23,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import cgroup, store, streaming
 from .benchrun import prompt_ids
 from .errors import EdgeMoEError
 from .fileio import write_text_atomic
+from .policy import Calibration, parse_quality
 from .profiles import Profile, load_profile
 
 
 CAP_SLACK = 64 * 1024 * 1024
+OWN_SEQS = 8  # random-token sequences whose routing the bench reports as the model's own
 
 
 def ensure_store(model: Path, progress: bool = True) -> Path:
@@ -77,26 +81,32 @@ def model_bytes(model: Path) -> dict:
     expert = sum(f.tensor(n).nbytes for n in experts) // (n_moe * c.n_expert)
     out = dict(dense=dense, expert=expert, n_moe=n_moe, top_k=c.n_expert_used, n_expert=c.n_expert, n_vocab=c.n_vocab,
                active=dense + n_moe * c.n_expert_used * expert)
+    for key in ("reuse_target", "reuse_calibrated"):  # written by tools/make_bench_model.py
+        if f.get("edgemoe.bench." + key) is not None:
+            out[key] = [float(x) for x in f.get("edgemoe.bench." + key)]
     f.close()
     return out
 
 
-def routings(model: Path, seqs: list[list[int]]) -> list:
-    """Routing traces of the GGUF's own routers on each token sequence, the tokens evaluated one at
-    a time as in decoding; one load of the model for all of them."""
+def routings(model: Path, seqs: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Routing traces of the GGUF's own routers on each token sequence, (experts, gate weights)
+    [T, L, K] each, the tokens evaluated one at a time as in decoding; one load of the model."""
     from .api import load
 
     with load(model, n_ctx=max(len(s) for s in seqs) + 1) as m:
-        return [m.routing_trace(s) for s in seqs]
+        return [m.routing_trace(s, weights=True) for s in seqs]
 
 
-def predict(prof: Profile, mb: dict, misses_per_token: float, expert_read_bytes: int, tps_bound_compute: bool = True) -> float:
-    """Performance model: time per token = compute (bytes touched / memory bandwidth) + reads
-    (missed experts' bytes / storage sequential bandwidth + one latency per missed expert).
-    Nothing in it is fitted to a measured run."""
-    compute = mb["active"] / (prof.memory_bandwidth_gbps * 1e9)
-    io = misses_per_token * (expert_read_bytes / (prof.storage.seq_read_mbps * 1e6) + prof.storage.read_latency_us * 1e-6)
-    return 1.0 / (compute + io)
+def predict(prof: Profile, mb: dict, replay: dict) -> float:
+    """Performance model: decoded tokens per second from a replay of the run's routing through the
+    expert cache (replay.replay_run: the quality's skipping and widths, the store's plane sizes, the
+    run's cache capacity). Time per token = compute (the dense bytes and the used experts' bytes at
+    their widths, over the profile's memory bandwidth) + reads (the bytes read over its sequential
+    read bandwidth, plus one read latency per read). Nothing in it is fitted to a measured run."""
+    n = max(replay["tokens"], 1)
+    compute = (n * mb["dense"] + replay["expert_bytes_used"]) / (prof.memory_bandwidth_gbps * 1e9)
+    io = replay["read_bytes"] / (prof.storage.seq_read_mbps * 1e6) + replay["reads"] * prof.storage.read_latency_us * 1e-6
+    return n / (compute + io)
 
 
 def smbu(active_bytes: float, tps: float, prof: Profile) -> float:
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     device, disk = cgroup.block_device_of(st)
     bps = None if args.no_throttle else int(prof.storage.seq_read_mbps * 1e6)
     mb = model_bytes(args.model)
-    from .replay import locality, replay_belady, replay_policy, requests
+    from .replay import locality, replay_belady, replay_run, requests
 
     rows = []
     with cgroup.readahead(disk, prof.storage.readahead_kb):
@@ -152,23 +162,31 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(_row(r), file=sys.stderr, flush=True)
     # routing traces, after the runs (the model is loaded once, outside the capped runs): the
-    # model's own on random tokens, and for each edgemoe run the same trace as the run (its
-    # prompt, then the tokens it generated and fed back) for the Belady oracle and the prediction
+    # model's own on OWN_SEQS sequences of random tokens as long as a run's, and for each edgemoe
+    # run the same trace as the run (its prompt, then the tokens it generated and fed back) for the
+    # Belady oracle and the prediction
     prompt = prompt_ids(mb["n_vocab"], args.prompt_tokens)
     runs = [r for r in rows if r["engine"] == "edgemoe" and "cache_capacity" in r]
-    own_seq = tuple(prompt_ids(mb["n_vocab"], args.prompt_tokens + args.decode_tokens))
-    seqs = list(dict.fromkeys([own_seq] + [tuple(prompt + r["tokens"][:-1]) for r in runs]))
+    own = [tuple(prompt_ids(mb["n_vocab"], args.prompt_tokens + args.decode_tokens, seed)) for seed in range(OWN_SEQS)]
+    seqs = list(dict.fromkeys(own + [tuple(prompt + r["tokens"][:-1]) for r in runs]))
     traces = dict(zip(seqs, routings(args.model, [list(q) for q in seqs])))
-    loc = locality(traces[own_seq][args.prompt_tokens:], mb["n_expert"])
+    loc = locality([traces[q][0] for q in own], mb["n_expert"])
+    reader = store.StoreReader(st)
+    planes = [reader.plane_size(p) for p in range(reader.n_planes)]
+    low_planes = int(reader.manifest["scheme"]["planes_for"][str(reader.bits[0])])
+    cal = Calibration.load(st, reader.n_layer)  # NAEE's betas, as the engine loads them
+    betas = cal.betas if cal is not None else None
+    reader.close()
     for r in runs:
-        dec = traces[tuple(prompt + r["tokens"][:-1])][args.prompt_tokens:]
+        top, w = traces[tuple(prompt + r["tokens"][:-1])]
+        dec = top[args.prompt_tokens:]
         slots = max(mb["top_k"], r["cache_capacity"] // max(mb["expert"], 1))
-        reqs = requests(dec)
-        r["belady_mb_per_token"] = replay_belady(reqs, slots) * mb["expert"] / len(dec) / 1e6
+        r["belady_mb_per_token"] = replay_belady(requests(dec), slots) * mb["expert"] / len(dec) / 1e6
         r["run_locality"] = locality(dec, mb["n_expert"])
-        # the cache's own (default) policy, every expert read whole
-        own = replay_policy(reqs, dec.shape[1], mb["expert"], slots, "score")
-        r["predicted_tps"] = predict(prof, mb, own / len(dec), mb["expert"])
+        rep = replay_run(top, w, planes, low_planes, r["cache_capacity"], parse_quality(r["quality"]), betas,
+                         args.prompt_tokens)
+        r["predicted_tps"] = predict(prof, mb, rep)
+        r["predicted_mb_per_token"] = rep["read_bytes"] / max(rep["tokens"], 1) / 1e6
     report = _report(args, prof, size, st, mb, loc, rows)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / (stem + ".txt")).write_text(report + "\n")
     _plot(rows, args.out / (stem + ".png"), f"{args.model.name} on {prof.name}")
     return 0
+
+
+def _calibration(mb: dict) -> str:
+    """What tools/make_bench_model.py calibrated the file's routing to, when it did."""
+    target = mb.get("reuse_target")
+    if not target:
+        return ""
+    return (f"; the file was calibrated to a trained model's reuse (tools/make_bench_model.py): target "
+            f"{np.mean(target):.1%} averaged over layers, {np.mean(mb['reuse_calibrated']):.1%} reached on its "
+            f"calibration tokens")
 
 
 def _row(r: dict) -> str:
@@ -199,8 +227,11 @@ def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows:
         f"reads {'unthrottled' if args.no_throttle else f'{prof.storage.seq_read_mbps:g} MB/s'}, readahead "
         f"{prof.storage.readahead_kb} KB, memory bandwidth {prof.memory_bandwidth_gbps:g} GB/s (profile); "
         f"{args.threads} threads; prompt {args.prompt_tokens}, decode {args.decode_tokens} tokens; machine {machine()}",
-        f"routing of this GGUF (decode): top-1/8 experts take {loc['top_eighth_share']:.1%} of picks (uniform 12.5%), "
-        f"consecutive-token reuse {loc['consecutive_reuse']:.1%} (uniform {loc['uniform_reuse']:.1%})",
+        f"routing of this GGUF ({loc['tokens']} random tokens in {OWN_SEQS} sequences): top-1/8 experts take "
+        f"{loc['top_eighth_share']:.1%} of picks (uniform picks of as many tokens: {loc['sampled_uniform_share']:.1%}), "
+        f"entropy {loc['entropy_bits']:.2f} bits ({loc['sampled_uniform_entropy_bits']:.2f}), busiest expert "
+        f"{loc['busiest_vs_uniform']:.2f}x uniform ({loc['sampled_uniform_busiest']:.2f}x); consecutive-token reuse "
+        f"{loc['consecutive_reuse']:.1%} (independent picks {loc['uniform_reuse']:.1%})" + _calibration(mb),
         f"{'budget':>15} {'engine':<10} {'dec t/s':>8} {'pre t/s':>8} {'TTFT s':>7} {'MB/token':>9} "
         f"{'peak MiB':>8} {'/budg':>6} {'hits':>7} {'skipped':>7} {'S-MBU':>6} {'pred.':>7}",
     ]

@@ -16,9 +16,10 @@ import time
 import numpy as np
 
 
-def prompt_ids(n_vocab: int, n: int) -> list[int]:
-    """The bench's prompt: the same n random token ids for every engine and every run."""
-    return np.random.default_rng(0).integers(0, n_vocab - 8, size=n).tolist()
+def prompt_ids(n_vocab: int, n: int, seed: int = 0) -> list[int]:
+    """The bench's prompt: the same n random token ids for every engine and every run (seed 0;
+    other seeds: more sequences of the same kind, for the routing statistics)."""
+    return np.random.default_rng(seed).integers(0, n_vocab - 8, size=n).tolist()
 
 
 def _status(key: str) -> int:

@@ -243,7 +243,7 @@ class Engine:
         self.n_ctx_orig = n_ctx_orig
         self.layers = [self._load_layer(i) for i in range(args.n_layer)]
         self.expert_src = experts if experts is not None else GGUFExperts(gf, args)
-        self.trace: list[np.ndarray] | None = None  # when a list: routing [T, K] of each layer call
+        self.trace: list[tuple[np.ndarray, np.ndarray]] | None = None  # when a list: (top, w) [T, K] of each layer call
         # the arch-specific pieces of the layer step
         self._attend = {"standard": self.attention, "mla": self.attention_mla}[args.attention]
         self._route = {"softmax": self.route_softmax, "deepseek": self.route_deepseek,
@@ -514,7 +514,7 @@ class Engine:
     def moe(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
         top, w = self.route(layer, h)
         if self.trace is not None:
-            self.trace.append(top.copy())
+            self.trace.append((top.copy(), w.copy()))
         out = self.experts(i, layer, h, top, w)
         if layer.gate_shexp is not None:
             sh = _swiglu_ffn(layer.gate_shexp, layer.up_shexp, layer.down_shexp, h)
@@ -527,7 +527,8 @@ class Engine:
     def dense_ffn(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
         """deepseek2's leading dense layers: one SwiGLU FFN (ffn_gate/up/down), no routing."""
         if self.trace is not None:  # keep one entry per layer: no experts here
-            self.trace.append(np.full((h.shape[0], self.args.n_expert_used), -1, dtype=np.int64))
+            k = (h.shape[0], self.args.n_expert_used)
+            self.trace.append((np.full(k, -1, dtype=np.int64), np.zeros(k, dtype=np.float32)))
         return _swiglu_ffn(layer.ffn_gate, layer.ffn_up, layer.ffn_down, h)
 
     # ---- the whole pass -----------------------------------------------------------------------

@@ -97,6 +97,27 @@ def skip_mask(w: np.ndarray, q: Quality, beta: float | None) -> np.ndarray:
     return skip
 
 
+def plan_widths(top: np.ndarray, w: np.ndarray, skip: np.ndarray, q: Quality, n_planes: int, low_planes: int,
+                resident) -> dict[int, tuple[int, float]]:
+    """{expert: (planes to use, hotness)} for the kept experts of one layer's tokens [T, K]: every
+    plane when the expert's most important use has s <= high_mass, else the lowest width's planes;
+    with prefer_resident, a non-first expert resident with at least the lowest width's planes is
+    used as it is (resident(e) -> planes held). Hotness: the gate weight in decode, the number of
+    tokens that chose the expert in prefill."""
+    s = mass_before(w)
+    wants = {}
+    for e in np.unique(top[~skip]):
+        use = (top == e) & ~skip
+        smin = float(s[use].min())
+        n = n_planes if smin <= q.high_mass else min(low_planes, n_planes)
+        if q.prefer_resident and smin > 0 and n > low_planes:
+            have = resident(int(e))
+            if have >= low_planes:
+                n = min(n, have)
+        wants[int(e)] = (n, float(w[use].max()) if top.shape[0] == 1 else float(use.sum()))
+    return wants
+
+
 def renormalise(w: np.ndarray, skip: np.ndarray) -> np.ndarray:
     kept = np.where(skip, 0.0, w)
     scale = w.sum(axis=1, keepdims=True) / np.maximum(kept.sum(axis=1, keepdims=True), 1e-30)

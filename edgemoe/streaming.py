@@ -184,23 +184,13 @@ class StoreExperts:
 
     def _widths(self, i: int, top: np.ndarray, w: np.ndarray, skip: np.ndarray) -> dict[int, tuple[int, float]]:
         """{expert: (planes to use, hotness)} for the kept experts of one layer."""
-        q = self.quality
-        s = policy.mass_before(w)
-        T = top.shape[0]
-        wants = {}
-        for e in np.unique(top[~skip]):
-            use = (top == e) & ~skip
-            smin = float(s[use].min())
-            n = self.n_planes if smin <= q.high_mass else min(self.low_planes, self.n_planes)
-            if q.prefer_resident and smin > 0 and n > self.low_planes:
-                with self.cache.cond:
-                    ent = self.cache.entries.get((i, int(e)))
-                    have = len(ent.planes) if ent else 0
-                if have >= self.low_planes:
-                    n = min(n, have)
-            hot = float(w[use].max()) if T == 1 else float(use.sum())
-            wants[int(e)] = (n, hot)
-        return wants
+
+        def resident(e: int) -> int:
+            with self.cache.cond:
+                ent = self.cache.entries.get((i, e))
+                return len(ent.planes) if ent else 0
+
+        return policy.plan_widths(top, w, skip, self.quality, self.n_planes, self.low_planes, resident)
 
     def moe_layer(self, i: int, h: np.ndarray, top: np.ndarray, w: np.ndarray, predict=None) -> np.ndarray:
         q = self.quality

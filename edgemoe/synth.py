@@ -83,7 +83,6 @@ class SynthSpec:
     dtype: str = "F32"                   # one of WRITE_DTYPES
     logit_std: float = 3.0               # target std of the output logits over the vocabulary
     router_scale: float = 2.0            # std of the router logits (higher: peakier routing)
-    router_skew: float = 0.0             # >0: uneven expert popularity (not with tied output)
     tied_output: bool | None = None      # None: tied for granitemoe, separate output otherwise
     # granitemoe multipliers (non-trivial on purpose)
     attention_scale: float = 0.09
@@ -309,11 +308,6 @@ def _tensors(spec: SynthSpec) -> dict[str, np.ndarray]:
     logit_div = spec.logit_scale if a == "granitemoe" else 1.0
     out_std = spec.logit_std * logit_div / np.sqrt(D)
     t["token_embd.weight"] = randn(V, D, std=out_std if spec.is_tied else 1.0)
-    shared = rng.standard_normal(D)
-    shared /= np.linalg.norm(shared)
-    if spec.router_skew > 0 and not spec.is_tied:
-        # a component every hidden state carries, along which routers get per-expert biases
-        t["token_embd.weight"] += (_EMBD_OFFSET * np.sqrt(D) * shared).astype(np.float32)
     t["output_norm.weight"] = norm_w(D)
     if a == "phimoe":
         t["output_norm.bias"] = randn(D, std=0.1)
@@ -325,10 +319,10 @@ def _tensors(spec: SynthSpec) -> dict[str, np.ndarray]:
     for i in range(spec.n_layer):
         p = f"blk.{i}."
         if a == "deepseek2":
-            _deepseek2_layer(t, p, i, spec, randn, norm_w, lambda: _router(rng, spec, shared))
+            _deepseek2_layer(t, p, i, spec, randn, norm_w, lambda: _router(rng, spec))
             continue
         if a == "gpt-oss":
-            _gpt_oss_layer(t, p, spec, randn, norm_w, lambda: _router(rng, spec, shared))
+            _gpt_oss_layer(t, p, spec, randn, norm_w, lambda: _router(rng, spec))
             continue
         t[p + "attn_norm.weight"] = norm_w(D)
         if a == "phimoe":
@@ -352,7 +346,7 @@ def _tensors(spec: SynthSpec) -> dict[str, np.ndarray]:
         t[p + "ffn_norm.weight"] = norm_w(D)
         if a == "phimoe":
             t[p + "ffn_norm.bias"] = randn(D, std=0.1)
-        t[p + "ffn_gate_inp.weight"] = _router(rng, spec, shared)
+        t[p + "ffn_gate_inp.weight"] = _router(rng, spec)
         t[p + "ffn_gate_exps.weight"] = randn(E, F, D, std=1 / np.sqrt(D))
         t[p + "ffn_up_exps.weight"] = randn(E, F, D, std=1 / np.sqrt(D))
         t[p + "ffn_down_exps.weight"] = randn(E, D, F, std=1 / np.sqrt(F))
@@ -434,29 +428,11 @@ def _gpt_oss_layer(t, p, spec: SynthSpec, randn, norm_w, router) -> None:
     t[p + "ffn_down_exps.bias"] = randn(E, D, std=0.1)
 
 
-_EMBD_OFFSET = 0.5  # per-element size of the shared embedding component (router_skew > 0)
-
-
-def _router(rng: np.random.Generator, spec: SynthSpec, shared: np.ndarray) -> np.ndarray:
-    """Router rows (n_expert, n_embd): logits std ~router_scale on unit-RMS input.
-
-    router_skew > 0 makes popularity uneven (same scheme as tools/make_bench_model.py): every
-    embedding carries a shared component along `shared`; router rows are made orthogonal to it
-    and then get a bias of router_skew * pop_e logit-stds along it (pop_e ~ N(0,1)), and row
-    norms grow with pop_e.
-    """
-    E, D = spec.n_expert, spec.n_embd
-    g = rng.standard_normal((E, D))
-    if spec.router_skew > 0:
-        g -= (g @ shared)[:, None] * shared[None, :]
-    g /= np.linalg.norm(g, axis=1, keepdims=True)
-    r = g * spec.router_scale
-    if spec.router_skew > 0:
-        proj = _EMBD_OFFSET * np.sqrt(D) / np.sqrt(1 + _EMBD_OFFSET**2)
-        pop = np.sort(rng.standard_normal(E))[::-1]            # expert 0 most popular
-        r *= np.exp(0.2 * spec.router_skew * pop)[:, None]
-        r += (spec.router_skew * spec.router_scale / proj) * pop[:, None] * shared[None, :]
-    return r.astype(np.float32)
+def _router(rng: np.random.Generator, spec: SynthSpec) -> np.ndarray:
+    """Router rows (n_expert, n_embd): logits std ~router_scale on unit-RMS input."""
+    g = rng.standard_normal((spec.n_expert, spec.n_embd))
+    g *= spec.router_scale / np.linalg.norm(g, axis=1, keepdims=True)
+    return g.astype(np.float32)
 
 
 _KEEP_F32 = ("_norm.weight", ".bias", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight",

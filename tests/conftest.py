@@ -14,6 +14,15 @@ from edgemoe import synth
 _BUILT: dict[tuple, Path] = {}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Stores converted on first use (and other cached files) go to a folder of the test session,
+    not the user's ~/.cache/edgemoe."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEMOE_CACHE", str(tmp_path_factory.mktemp("edgemoe-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -146,12 +146,45 @@ def test_bench_writer_small_shape_runs_in_llama_cpp(tmp_path):
     mb = _bench_module()
     shape = mb.BenchShape(n_layer=2, n_embd=256, n_head=4, n_expert=8, n_expert_used=2,
                           n_ff_exp=256, vocab=400)
-    p = mb.write_bench_model(shape, tmp_path / "b.gguf", router_skew=1.0, locality=0.5,
-                             log=lambda *_: None)
+    p = mb.write_bench_model(shape, tmp_path / "b.gguf", log=lambda *_: None)
     types = tensor_types(p)
     assert types["blk.0.ffn_up_exps.weight"] == "Q4_0"
     assert types["output.weight"] == "Q8_0"
-    stats = mb.routing_stats(p, n_tokens=64)
-    assert stats["top8_share"] <= 1.0
     scores, _ = _logits(p, [400] + list(range(20, 40)))
     _check(scores)
+
+
+def test_bench_reuse_targets_follow_the_measured_profile():
+    mb = _bench_module()
+    t = mb.reuse_targets(16, 8, 64)
+    # near independent picks (k/E) at the first layer, most reuse in the middle, less at the end
+    assert 8 / 64 < t[0] < 0.15
+    assert int(np.argmax(t)) in (7, 8) and t.max() > 0.25
+    assert t[0] < t[-1] < t.max()
+    # a model with Mixtral's own top-2 of 8 gets back about the repetition the table gives
+    m = mb.reuse_targets(32, 2, 8)
+    any_repeat = 1 - (1 - m) ** 2
+    assert abs(any_repeat[15] - 0.64) < 0.05 and abs(any_repeat[0] - 0.48) < 0.05
+
+
+def test_bench_writer_calibration_matches_the_engine(tmp_path):
+    """The writer's numpy forward pass (which chose each layer's attention gain) routes its
+    calibration tokens as edgemoe's engine does on the written file, and reaches the targets."""
+    import edgemoe
+    from edgemoe.replay import locality
+
+    mb = _bench_module()
+    shape = mb.BenchShape(n_layer=4, n_embd=256, n_head=4, n_expert=16, n_expert_used=4,
+                          n_ff_exp=128, vocab=400)
+    p = mb.write_bench_model(shape, tmp_path / "c.gguf", seed=3, log=lambda *_: None)
+    r = gguf.GGUFReader(str(p))
+    field = lambda k: [float(r.fields[k].parts[i][0]) for i in r.fields[k].data]  # noqa: E731
+    target, reached, gains = (field("edgemoe.bench." + k) for k in ("reuse_target", "reuse_calibrated", "attn_gain"))
+    for t, got, g in zip(target, reached, gains):
+        if mb.GAIN_RANGE[0] + 1e-6 < g < mb.GAIN_RANGE[1] - 1e-6:  # not held at a bound
+            assert abs(got - t) < 0.02
+    ids = mb.Calibration(shape, seed=3).ids
+    with edgemoe.load(p) as m:
+        traces = [m.routing_trace(list(seq)) for seq in ids]
+    engine = locality(traces, shape.n_expert)["reuse_per_layer"]
+    assert np.allclose(engine, reached, atol=0.02), (engine, reached)

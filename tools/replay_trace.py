@@ -61,9 +61,10 @@ def main(argv=None) -> int:
     loc = locality(trace, n_expert)
     print(f"trace: {trace.shape[0]} tokens x {trace.shape[1]} layers x top-{trace.shape[2]}, "
           f"{n_expert} experts/layer, {expert_bytes} bytes/expert")
-    print(f"locality: top-1/8 experts take {loc['top_eighth_share']:.1%} of picks (uniform 12.5%), entropy "
-          f"{loc['entropy_bits']:.2f} bits (first MoE layer {loc['entropy_bits_first_layer']:.2f}; uniform "
-          f"{loc['uniform_entropy_bits']:.2f}); "
+    print(f"locality: top-1/8 experts take {loc['top_eighth_share']:.1%} of picks (uniform 12.5%; uniform picks "
+          f"of {loc['tokens']} tokens {loc['sampled_uniform_share']:.1%}), entropy {loc['entropy_bits']:.2f} bits "
+          f"(first MoE layer {loc['entropy_bits_first_layer']:.2f}; uniform {loc['uniform_entropy_bits']:.2f}), busiest "
+          f"expert {loc['busiest_vs_uniform']:.2f}x uniform ({loc['sampled_uniform_busiest']:.2f}x by chance); "
           f"consecutive-token reuse {loc['consecutive_reuse']:.1%} (uniform {loc['uniform_reuse']:.1%})")
     rows = table(trace, expert_bytes, n_expert, fractions)
     print(f"{'cache':>6} {'slots':>6} " + " ".join(f"{p + ' MB/tok':>14}" for p in (*POLICIES, "belady"))
