@@ -128,6 +128,10 @@ class StoreReader:
                 fd = os.open(path, os.O_RDONLY)
             except OSError as exc:
                 raise EdgeMoEError(f"{path}: cannot open expert shard ({exc.strerror})") from None
+            # every read is a whole run of planes: readahead past it would only read bytes nobody
+            # asked for (measured on the OLMoE-shaped bench model at a 40% budget: 10-15% more bytes
+            # read than the cache asked for)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[layer] = fd
         return fd
 
