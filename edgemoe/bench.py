@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         top, w = traces[tuple(prompt + r["tokens"][:-1])]
         dec = top[args.prompt_tokens:]
         slots = max(mb["top_k"], r["cache_capacity"] // max(mb["expert"], 1))
-        r["belady_mb_per_token"] = replay_belady(requests(dec), slots) * mb["expert"] / len(dec) / 1e6
+        # Belady on the run's whole routing, warmed by the prompt, counted over the decode as the run is
+        warm = len(requests(top[: args.prompt_tokens]))
+        r["belady_mb_per_token"] = replay_belady(requests(top), slots, warm) * mb["expert"] / len(dec) / 1e6
         r["run_locality"] = locality(dec, mb["n_expert"])
         rep = replay_run(top, w, planes, low_planes, r["cache_capacity"], parse_quality(r["quality"]), betas,
                          args.prompt_tokens)
@@ -254,9 +256,9 @@ def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows:
             f"  budget {r['fraction']:.0%}: decode vs llama.cpp >= 3x: "
             f"{'n/a (llama.cpp ' + l['failed'] + ')' if l and 'failed' in l else f'{ratio:.2f}x' if ratio else 'n/a'}; "
             f"peak RSS <= budget + 5%: {r['peak_over_budget']:.2f}x; bytes/token <= 1.25x Belady: "
-            f"{r['cache_bytes_read'] / max(len(r['tokens']), 1) / 1e6 / max(r.get('belady_mb_per_token', 0), 1e-9):.2f}x "
-            f"(cache reads {r['cache_bytes_read'] / max(len(r['tokens']), 1) / 1e6:.1f} MB/token incl. prompt, Belady "
-            f"{r.get('belady_mb_per_token', 0):.1f} MB/token at full width on this run's decode routing"
+            f"{r['mb_read_per_token'] / max(r.get('belady_mb_per_token', 0), 1e-9):.2f}x "
+            f"(decode reads {r['mb_read_per_token']:.1f} MB/token, Belady {r.get('belady_mb_per_token', 0):.1f} MB/token: "
+            f"a cache of the same size reading every expert whole, on this run's routing, warmed by its prompt"
             + (f": top-1/8 experts {r['run_locality']['top_eighth_share']:.1%} of picks, consecutive reuse "
                f"{r['run_locality']['consecutive_reuse']:.1%})" if "run_locality" in r else ")"))
     return "\n".join(lines)

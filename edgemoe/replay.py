@@ -109,7 +109,9 @@ def replay_run(trace: np.ndarray, weights: np.ndarray, plane_sizes: list[int], l
                 expert_bytes_used=used)
 
 
-def replay_belady(reqs, slots: int) -> int:
+def replay_belady(reqs, slots: int, count_from: int = 0) -> int:
+    """Misses of an offline Belady cache of `slots` experts on the requests, counted from request
+    `count_from` on (the ones before only warm the cache)."""
     reqs = [(r[0], r[1]) for r in reqs]
     n = len(reqs)
     next_use = [n] * n
@@ -121,7 +123,7 @@ def replay_belady(reqs, slots: int) -> int:
     misses = 0
     for i, key in enumerate(reqs):
         if key not in resident:
-            misses += 1
+            misses += i >= count_from
             if len(resident) >= slots:
                 victim = max(resident, key=resident.get)
                 del resident[victim]

@@ -31,3 +31,40 @@ def test_belady_is_a_lower_bound_and_figures_are_per_token():
     assert rows[1]["belady"] < rows[0]["belady"]
     loc = rt.locality(trace, 16)
     assert 0 < loc["consecutive_reuse"] < 0.5
+
+
+def test_belady_warm_up_requests_are_not_counted():
+    rt = _tool()
+    trace = np.array([[[e]] for e in [0, 1, 0, 1, 0, 1]])
+    reqs = rt.requests(trace)
+    assert rt.replay_belady(reqs, 2) == 2  # the two cold misses
+    assert rt.replay_belady(reqs, 2, count_from=2) == 0  # warmed by the first two tokens
+
+
+def test_locality_counts_reuse_within_each_sequence_and_the_chance_baseline():
+    rt = _tool()
+    a = np.zeros((10, 2, 2), dtype=np.int64)
+    a[..., 1] = 1  # every token of sequence a picks experts 0 and 1
+    b = a + 2  # sequence b: experts 2 and 3
+    loc = rt.locality([a, b], 8)
+    assert loc["consecutive_reuse"] == 1.0 and loc["reuse_per_layer"] == [1.0, 1.0]  # no pair spans a and b
+    assert loc["tokens"] == 20 and loc["busiest_vs_uniform"] == 2.0
+    # independent uniform picks of as many tokens look a little skewed by chance, never below uniform
+    assert 1 / 8 <= loc["sampled_uniform_share"] < loc["top_eighth_share"]
+
+
+def test_replay_run_reads_fewer_bytes_at_lower_quality():
+    from edgemoe.policy import PRESETS
+
+    rt = _tool()
+    rng = np.random.default_rng(1)
+    T, L, K, E = 40, 3, 4, 16
+    top = np.argsort(rng.random((T, L, E)), -1)[..., :K]
+    w = rng.dirichlet(np.ones(K) * 0.5, size=(T, L)).astype(np.float32)
+    planes = [1000, 500, 500]
+    runs = {q: rt.replay_run(top, w, planes, 1, 20 * 2000, PRESETS[q], None, 8) for q in ("max", "fast")}
+    assert runs["max"]["tokens"] == 32
+    assert runs["fast"]["read_bytes"] < runs["max"]["read_bytes"]
+    assert runs["fast"]["expert_bytes_used"] < runs["max"]["expert_bytes_used"]
+    # at max every chosen expert is used whole
+    assert runs["max"]["expert_bytes_used"] == 32 * L * K * 2000
