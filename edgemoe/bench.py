@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     low_planes = int(reader.manifest["scheme"]["planes_for"][str(reader.bits[0])])
     cal = Calibration.load(st, reader.n_layer)  # NAEE's betas, as the engine loads them
     betas = cal.betas if cal is not None else None
+    full_bytes = streaming.transcoded_bytes(reader)
     reader.close()
     for r in runs:
         top, w = traces[tuple(prompt + r["tokens"][:-1])]
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         r["belady_mb_per_token"] = replay_belady(requests(top), slots, warm) * mb["expert"] / len(dec) / 1e6
         r["run_locality"] = locality(dec, mb["n_expert"])
         rep = replay_run(top, w, planes, low_planes, r["cache_capacity"], parse_quality(r["quality"]), betas,
-                         args.prompt_tokens)
+                         args.prompt_tokens, full_bytes=full_bytes)
         r["predicted_tps"] = predict(prof, mb, rep)
         r["predicted_mb_per_token"] = rep["read_bytes"] / max(rep["tokens"], 1) / 1e6
     report = _report(args, prof, size, st, mb, loc, rows)

@@ -70,11 +70,13 @@ def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str
 
 
 def replay_run(trace: np.ndarray, weights: np.ndarray, plane_sizes: list[int], low_planes: int, capacity: int,
-               quality: Quality, betas: list | None, prompt: int, policy: str = "score") -> dict:
+               quality: Quality, betas: list | None, prompt: int, policy: str = "score",
+               full_bytes: int | None = None) -> dict:
     """A run replayed through the expert cache as the engine runs it: the first `prompt` tokens as
     one prefill batch, then one token at a time. Each MoE layer's chosen experts (trace [T, L, K])
     and gate weights go through the quality's skipping and widths (policy.skip_mask, plan_widths)
-    and the cache (its capacity and policy; the store's plane sizes). Counted over the decoded
+    and the cache (its capacity and policy; the store's plane sizes; full_bytes: what a full-width
+    expert is charged once transcoded, streaming.transcoded_bytes). Counted over the decoded
     tokens: tokens, bytes read, reads, and the bytes of the experts used at their widths."""
     T, L, K = trace.shape
     counter = PlaneCounter(L, plane_sizes)
@@ -103,6 +105,11 @@ def replay_run(trace: np.ndarray, weights: np.ndarray, plane_sizes: list[int], l
                 cache.visit(layer)
                 for e in sorted(wants, key=lambda e: (-wants[e][1], e)):
                     cache.get(layer, e, wants[e][0])
+                    ent = cache.entries[(layer, e)]
+                    if full_bytes and len(ent.planes) == n_planes and ent.fast is None:  # as _fast_form does
+                        ent.fast = {}
+                        cache.nbytes += full_bytes - ent.nbytes
+                        ent.nbytes = full_bytes
                 if step.start >= prompt:
                     used += sum(sum(plane_sizes[:n]) for n, _ in wants.values())
     return dict(tokens=T - prompt, read_bytes=counter.bytes - start[0], reads=counter.reads - start[1],

@@ -322,6 +322,17 @@ def q41_blocks(scheme, planes: list[np.ndarray], n_out: int, n_in: int) -> np.nd
     return out.reshape(n_out, nb * 20)
 
 
+def transcoded_bytes(reader) -> int | None:
+    """The bytes a full-width expert of this store is charged once StoreExperts._fast_form has
+    transcoded it into ggml blocks (repacked Q4_0 for matquant-sym, else Q4_1), or None when the
+    store's experts stay as planes."""
+    scheme = nested.SCHEMES[reader.scheme_name](reader.bits, reader.group)
+    if not (isinstance(scheme, nested.MatQuant) and scheme.widths[-1] == 4 and scheme.group == 32):
+        return None
+    blocks = 3 * reader.n_ff_exp * reader.n_embd // 32
+    return blocks * (18 if isinstance(scheme, nested.MatQuantSym) else 20)
+
+
 def fast_weight(scheme, planes: list[np.ndarray], n_out: int, n_in: int, name: str) -> kernels.QWeight:
     """Full-width matquant planes of one matrix as the fastest ggml weight holding the same values.
     Where every group's offset is -8 times its scale (a Q4_0 source) these are Q4_0 blocks,
