@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.model.stem}-{prof.name}"
     data = dict(model=str(args.model), file_bytes=size, profile=prof.name, machine=machine(), when=time.time(),
+                prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                 locality=loc, model_bytes=mb, rows=rows, throttle_bps=bps)
     write_text_atomic(args.out / (stem + ".json"), json.dumps(data, indent=1))
     (args.out / (stem + ".txt")).write_text(report + "\n")

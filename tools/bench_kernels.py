@@ -121,7 +121,8 @@ def nested_backends(data: np.ndarray, n_in: int):
     """The expert store's kernels on the same Q4_0 weights: the matquant 2,3,4 planes a Q4_0
     source converts to exactly, read at each width by the plane kernel, and the full width after
     its transcoding to ggml blocks (Q4_1, and the repacked Q4_0 a Q4_0 source's cached full-width
-    experts run on)."""
+    experts run on), and the time of that transcoding ("transcode", a fresh buffer each time as in
+    the cache)."""
     from types import SimpleNamespace
 
     from edgemoe import nested, streaming
@@ -137,6 +138,8 @@ def nested_backends(data: np.ndarray, n_in: int):
     fast = streaming.fast_weight(sch, planes, n_out, n_in, "bench")  # a Q4_0 source: repacked Q4_0
     if fast.packed:
         out.append(("planes->repacked", lambda x: kernels.matmul(fast, x)))
+        # what a cache miss at full width costs before that: the transcoding itself (T-independent)
+        out.append(("transcode", lambda x: streaming.fast_weight(sch, planes, n_out, n_in, "bench")))
     return out
 
 

@@ -3,6 +3,7 @@
 
     python tools/replay_trace.py --model MODEL.gguf --text FILE [--tokens 256] [--save trace.npy]
     python tools/replay_trace.py --trace trace.npy --expert-bytes N --layers L --experts E
+    python tools/replay_trace.py --bench BENCH.json     # each policy on an `edgemoe bench` run's routing
 
 The trace is what each layer's router chose for each token, decoded one token at a time
 (Model.routing_trace). Every expert is read whole (all planes), so the figures are bytes read
@@ -38,7 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", default="0.1,0.25,0.5,0.75", help="cache sizes as fractions of all experts")
     ap.add_argument("--decays", help="also: misses per token of the score policy at these decays (e.g. 0.5,0.9,0.95)")
     ap.add_argument("--json", help="write the table here")
+    ap.add_argument("--bench", help="an `edgemoe bench` JSON: replay each edgemoe run's routing (its prompt as one "
+                                    "batch, then its tokens) through the cache with each policy, as the engine runs it")
     args = ap.parse_args(argv)
+    if args.bench:
+        return replay_bench(Path(args.bench))
     if args.trace:
         trace = np.load(args.trace)
         expert_bytes, n_expert = args.expert_bytes, args.experts
@@ -85,6 +90,40 @@ def main(argv=None) -> int:
             print(f"  decay {d:<5g} " + "  ".join(f"{r['fraction']:.0%}: {c:.1f}" for r, c in zip(rows, cells)))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(locality=loc, rows=rows), indent=1))
+    return 0
+
+
+def replay_bench(path: Path) -> int:
+    """MB read per decoded token of each cache policy on the routing of each edgemoe run of a bench
+    (edgemoe.replay.replay_run: the run's quality, cache capacity, store), next to what the run
+    read and the warmed Belady oracle of the bench."""
+    from edgemoe import bench, store, streaming
+    from edgemoe.benchrun import prompt_ids
+    from edgemoe.policy import Calibration, parse_quality
+    from edgemoe.replay import replay_run
+
+    d = json.loads(path.read_text())
+    model, mb = Path(d["model"]), d["model_bytes"]
+    st = bench.ensure_store(model)
+    runs = [r for r in d["rows"] if r["engine"] == "edgemoe" and "cache_capacity" in r]
+    prompt = prompt_ids(mb["n_vocab"], d.get("prompt_tokens", 16))
+    traces = bench.routings(model, [prompt + r["tokens"][:-1] for r in runs])
+    reader = store.StoreReader(st)
+    planes = [reader.plane_size(p) for p in range(reader.n_planes)]
+    low = int(reader.manifest["scheme"]["planes_for"][str(reader.bits[0])])
+    cal = Calibration.load(st, reader.n_layer)
+    full = streaming.transcoded_bytes(reader)
+    reader.close()
+    print(f"{'budget':>6} {'quality':>8} {'run MB/tok':>11} " + " ".join(f"{p + ' MB/tok':>14}" for p in POLICIES)
+          + f" {'belady MB/tok':>14}")
+    for r, (top, w) in zip(runs, traces):
+        cells = []
+        for pol in POLICIES:
+            rep = replay_run(top, w, planes, low, r["cache_capacity"], parse_quality(r["quality"]),
+                             cal.betas if cal else None, len(prompt), pol, full)
+            cells.append(rep["read_bytes"] / rep["tokens"] / 1e6)
+        print(f"{r['fraction']:>6.0%} {r['quality']:>8} {r['mb_read_per_token']:>11.1f} "
+              + " ".join(f"{c:>14.1f}" for c in cells) + f" {r['belady_mb_per_token']:>14.1f}")
     return 0
 
 
