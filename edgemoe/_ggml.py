@@ -89,6 +89,11 @@ class GGMLLib:
         self.base.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         self._cache: dict[int, tuple[int, int, int, int] | None] = {}
         self.q4_0x8 = self._q4_0x8_funcs()
+        # ggml's float16 -> float32 row conversion (F16C/AVX-512 where the CPU has them)
+        self.fp16_to_fp32 = getattr(self.cpu, "ggml_cpu_fp16_to_fp32", None)
+        if self.fp16_to_fp32 is not None:
+            self.fp16_to_fp32.restype = None
+            self.fp16_to_fp32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
 
     def _q4_0x8_funcs(self) -> tuple[int, int, int, int] | None:
         """(gemv, gemm, quantize_mat, from_float) of ggml's repacked Q4_0 8x8 kernels, the ones

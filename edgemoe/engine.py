@@ -211,6 +211,11 @@ def combine(h: np.ndarray, top: np.ndarray, w: np.ndarray, ffn, order=None) -> n
     """sum_k w[t, k] * ffn(top[t, k], h[t]) [T, D], each expert run once on all its tokens;
     slots with weight 0 (skipped) are left out."""
     out = np.zeros_like(h)
+    if top.shape[0] == 1 and order is None:  # decode: one token, each expert once (same order)
+        for e, gw in sorted(zip(top[0].tolist(), w[0].tolist())):
+            if gw != 0:
+                out += ffn(e, h) * np.float32(gw)
+        return out
     for e in (order if order is not None else np.unique(top)):
         rows, slot = np.nonzero((top == e) & (w != 0))
         if len(rows):
@@ -414,8 +419,8 @@ class Engine:
         S = p0 + T
         cache.k[i, p0:S] = k
         cache.v[i, p0:S] = v
-        K = cache.k[i, :S].astype(np.float32)  # [S, Hk, Dh]
-        Vv = cache.v[i, :S].astype(np.float32)  # [S, Hk, Dhv]
+        K = kernels.to_f32(cache.k[i, :S])  # [S, Hk, Dh]
+        Vv = kernels.to_f32(cache.v[i, :S])  # [S, Hk, Dhv]
         out = self._sdpa(q, K, Vv, p0, layer).reshape(T, a.n_head * a.head_dim_v)
         o = kernels.matmul(layer.wo, np.ascontiguousarray(out, dtype=np.float32))
         if layer.bo is not None:
@@ -452,7 +457,7 @@ class Engine:
         S = p0 + T
         cache.k[i, p0:S, 0, :L] = kv_c
         cache.k[i, p0:S, 0, L:] = k_pe[:, 0]
-        K = cache.k[i, :S].astype(np.float32)  # [S, 1, L + R]
+        K = kernels.to_f32(cache.k[i, :S])  # [S, 1, L + R]
         lat = self._sdpa(Q, K, K[..., :L], p0, layer)  # [T, H, L]
         o = np.stack([kernels.matmul(layer.wv_b[hh], np.ascontiguousarray(lat[:, hh]))
                       for hh in range(H)], axis=1)  # [T, H, Dv]

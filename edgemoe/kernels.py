@@ -115,7 +115,7 @@ class QWeight:
     quants) -> uint8 [n_out, row_bytes]. Rows must be contiguous; the row stride may be anything.
     """
 
-    __slots__ = ("data", "qtype", "shape", "nbytes", "name", "row_bytes", "_dot", "packed")
+    __slots__ = ("data", "qtype", "shape", "nbytes", "name", "row_bytes", "_dot", "packed", "addr")
 
     def __init__(self, data: np.ndarray, qtype, n_in: int, name: str = ""):
         self.name = name
@@ -146,6 +146,7 @@ class QWeight:
         if data.strides[1] != data.itemsize:
             raise EdgeMoEError(f"tensor {name}: weight rows are not contiguous in memory")
         self.data = data
+        self.addr = int(data.__array_interface__["data"][0])  # for the ggml kernels, every call
         self.shape = (int(data.shape[0]), n_in)
         self.nbytes = int(data.shape[0]) * self.row_bytes
         self.packed = False  # True once `pack` rewrote the rows into block_q4_0x8
@@ -168,6 +169,19 @@ class QWeight:
 
     def __repr__(self) -> str:
         return f"QWeight({self.name!r}, {self.qtype.name}, shape={self.shape})"
+
+
+def to_f32(x: np.ndarray) -> np.ndarray:
+    """x as float32: float16 through ggml's SIMD row conversion when the ggml backend is loaded
+    (the KV cache each token: 24x numpy's astype on 64 positions of 2048 values here), a float32
+    array as it is."""
+    if x.dtype == np.float32:
+        return x
+    if x.dtype == np.float16 and BACKEND == "ggml" and _lib.fp16_to_fp32 is not None and x.flags.c_contiguous:
+        out = np.empty(x.shape, np.float32)
+        _lib.fp16_to_fp32(x.ctypes.data, out.ctypes.data, x.size)
+        return out
+    return x.astype(np.float32)
 
 
 def can_pack_shape(qtype, n_out: int) -> bool:
@@ -262,7 +276,7 @@ def _matmul_ggml(w: QWeight, x: np.ndarray) -> np.ndarray:
     q = np.empty(T * q_row, dtype=np.uint8)  # activations in vec_dot_type
     out = np.empty((T, n_out), dtype=np.float32)
     addr = _ggml_mod.addr
-    _launch(_ggml_mod.matmul_kernel, (vec_dot, from_float, addr(w.data), w.data.strides[0], n_out,
+    _launch(_ggml_mod.matmul_kernel, (vec_dot, from_float, w.addr, w.data.strides[0], n_out,
                                       n_in, addr(x), T, addr(q), q_row, addr(out)))
     return out
 
@@ -275,7 +289,7 @@ def _matmul_q4_0x8(w: QWeight, x: np.ndarray) -> np.ndarray:
     out = np.empty((T, n_out), dtype=np.float32)
     addr = _ggml_mod.addr
     chunks = 1 if THREADS == 1 else min(n_out // 8, 2 * THREADS)
-    _launch(_ggml_mod.q4_0x8_matmul_kernel, (*_lib.q4_0x8, addr(w.data), w.row_bytes, n_out, n_in,
+    _launch(_ggml_mod.q4_0x8_matmul_kernel, (*_lib.q4_0x8, w.addr, w.row_bytes, n_out, n_in,
                                              addr(x), T, addr(q), q_row, addr(out), chunks))
     return out
 
