@@ -173,7 +173,7 @@ class QWeight:
 
 def to_f32(x: np.ndarray) -> np.ndarray:
     """x as float32: float16 through ggml's SIMD row conversion when the ggml backend is loaded
-    (the KV cache each token: 24x numpy's astype on 64 positions of 2048 values here), a float32
+    (the KV cache, every token and layer; numpy's astype converts element by element), a float32
     array as it is."""
     if x.dtype == np.float32:
         return x
