@@ -106,11 +106,12 @@ def dequant(x: np.ndarray, qtype: Q) -> np.ndarray:
 # ---- routing calibration -----------------------------------------------------------------------
 
 # Token-to-token reuse of a trained MoE: Mixtral of Experts (Jiang et al. 2024, arXiv 2401.04088,
-# section 5 "Routing analysis", Table 5): the share of consecutive tokens whose top-2 sets (of 8
-# experts) share an expert ("first or second choice" repetition), over eight domains of The Pile,
-# at layers 0, 15 and 31 of 32: about 48%, 64% and 51%, where independent picks give 46.4%
-# (1 - C(6,2)/C(8,2)). Rounded means over the domains, as read from the paper; not re-checked
-# against it here, since the tools of this project reach only its abstract.
+# section 5 "Routing analysis", its table of repeated consecutive assignments): the share of
+# consecutive tokens whose top-2 sets (of 8 experts) share an expert ("first or second choice"
+# repetition), over eight domains of The Pile, at layers 0, 15 and 31 of 32: about 48%, 64% and
+# 51%, where independent picks give 46.4% (1 - C(6,2)/C(8,2)). Rounded means over the domains, as
+# read from the paper; not re-checked here, since the copies of it that this project's tools
+# reach stop before that table.
 MIXTRAL_ANY_REPEAT = ((0.0, 0.48), (15 / 31, 0.64), (1.0, 0.51))   # (relative depth, share)
 MIXTRAL_K, MIXTRAL_E = 2, 8
 # Popularity of trained MoEs with load-balancing losses, what the random routers are checked
