@@ -97,6 +97,22 @@ def routings(model: Path, seqs: list[list[int]]) -> list[tuple[np.ndarray, np.nd
         return [m.routing_trace(s, weights=True) for s in seqs]
 
 
+def replay_setup(st: Path) -> dict:
+    """What replay.replay_run needs of a store, as the engine reads it: plane sizes, the planes of
+    the lowest width, NAEE's betas (calibration.json) and the transcoded size of a full-width expert."""
+    from .nested import SCHEMES
+
+    reader = store.StoreReader(st)
+    try:
+        scheme = SCHEMES[reader.scheme_name](reader.bits, reader.group)
+        cal = Calibration.load(st, reader.n_layer)
+        return dict(plane_sizes=[reader.plane_size(p) for p in range(reader.n_planes)],
+                    low_planes=scheme.planes_for(scheme.widths[0]), betas=cal.betas if cal is not None else None,
+                    full_bytes=streaming.transcoded_bytes(reader))
+    finally:
+        reader.close()
+
+
 def predict(prof: Profile, mb: dict, replay: dict) -> float:
     """Performance model: decoded tokens per second from a replay of the run's routing through the
     expert cache (replay.replay_run: the quality's skipping and widths, the store's plane sizes, the
@@ -171,13 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     seqs = list(dict.fromkeys(own + [tuple(prompt + r["tokens"][:-1]) for r in runs]))
     traces = dict(zip(seqs, routings(args.model, [list(q) for q in seqs])))
     loc = locality([traces[q][0] for q in own], mb["n_expert"])
-    reader = store.StoreReader(st)
-    planes = [reader.plane_size(p) for p in range(reader.n_planes)]
-    low_planes = int(reader.manifest["scheme"]["planes_for"][str(reader.bits[0])])
-    cal = Calibration.load(st, reader.n_layer)  # NAEE's betas, as the engine loads them
-    betas = cal.betas if cal is not None else None
-    full_bytes = streaming.transcoded_bytes(reader)
-    reader.close()
+    setup = replay_setup(st)
     for r in runs:
         top, w = traces[tuple(prompt + r["tokens"][:-1])]
         dec = top[args.prompt_tokens:]
@@ -186,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         warm = len(requests(top[: args.prompt_tokens]))
         r["belady_mb_per_token"] = replay_belady(requests(top), slots, warm) * mb["expert"] / len(dec) / 1e6
         r["run_locality"] = locality(dec, mb["n_expert"])
-        rep = replay_run(top, w, planes, low_planes, r["cache_capacity"], parse_quality(r["quality"]), betas,
-                         args.prompt_tokens, full_bytes=full_bytes)
+        rep = replay_run(top, w, capacity=r["cache_capacity"], quality=parse_quality(r["quality"]),
+                         prompt=args.prompt_tokens, **setup)
         r["predicted_tps"] = predict(prof, mb, rep)
         r["predicted_mb_per_token"] = rep["read_bytes"] / max(rep["tokens"], 1) / 1e6
     report = _report(args, prof, size, st, mb, loc, rows)

@@ -97,30 +97,24 @@ def replay_bench(path: Path) -> int:
     """MB read per decoded token of each cache policy on the routing of each edgemoe run of a bench
     (edgemoe.replay.replay_run: the run's quality, cache capacity, store), next to what the run
     read and the warmed Belady oracle of the bench."""
-    from edgemoe import bench, store, streaming
+    from edgemoe import bench
     from edgemoe.benchrun import prompt_ids
-    from edgemoe.policy import Calibration, parse_quality
+    from edgemoe.policy import parse_quality
     from edgemoe.replay import replay_run
 
     d = json.loads(path.read_text())
     model, mb = Path(d["model"]), d["model_bytes"]
-    st = bench.ensure_store(model)
+    setup = bench.replay_setup(bench.ensure_store(model))
     runs = [r for r in d["rows"] if r["engine"] == "edgemoe" and "cache_capacity" in r]
     prompt = prompt_ids(mb["n_vocab"], d.get("prompt_tokens", 16))
     traces = bench.routings(model, [prompt + r["tokens"][:-1] for r in runs])
-    reader = store.StoreReader(st)
-    planes = [reader.plane_size(p) for p in range(reader.n_planes)]
-    low = int(reader.manifest["scheme"]["planes_for"][str(reader.bits[0])])
-    cal = Calibration.load(st, reader.n_layer)
-    full = streaming.transcoded_bytes(reader)
-    reader.close()
     print(f"{'budget':>6} {'quality':>8} {'run MB/tok':>11} " + " ".join(f"{p + ' MB/tok':>14}" for p in POLICIES)
           + f" {'belady MB/tok':>14}")
     for r, (top, w) in zip(runs, traces):
         cells = []
         for pol in POLICIES:
-            rep = replay_run(top, w, planes, low, r["cache_capacity"], parse_quality(r["quality"]),
-                             cal.betas if cal else None, len(prompt), pol, full)
+            rep = replay_run(top, w, capacity=r["cache_capacity"], quality=parse_quality(r["quality"]),
+                             prompt=len(prompt), policy=pol, **setup)
             cells.append(rep["read_bytes"] / rep["tokens"] / 1e6)
         print(f"{r['fraction']:>6.0%} {r['quality']:>8} {r['mb_read_per_token']:>11.1f} "
               + " ".join(f"{c:>14.1f}" for c in cells) + f" {r['belady_mb_per_token']:>14.1f}")
