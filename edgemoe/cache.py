@@ -54,14 +54,16 @@ class LayerStats:
 # score: an expert's use frequency, decayed by SCORE_DECAY at every visit of its layer (one per
 # decoded token), so it mixes frequency and recency. `tools/replay_trace.py --decays` on a routing
 # trace of the OLMoE-shaped bench model (256 tokens of validation text), misses per token at
-# 25/33/40% of the experts: decay 0.5 48.0/32.3/21.6, 0.9 37.7/25.9/18.7, 0.95 35.7/24.3/16.6,
-# 0.98 35.3/24.0/16.4 (Belady 22.5/14.2/9.4; docs/benchmarks.md).
+# 25/33/40% of the experts: decay 0.5 79.6/64.7/52.7, 0.9 65.9/53.1/43.6, 0.95 62.2/49.2/39.8,
+# 0.98 60.4/47.6/38.2 (docs/benchmarks.md). 0.95 was chosen on the previous bench model's traces,
+# where 0.98 was within 1.5%; here 0.98 is 3-4% better.
 SCORE_DECAY = 0.95
 # D2MoE's budget rule: the previous layer's high-bit planes go first (its experts stay usable at
 # fewer bits); whole entries and low-bit planes then by the policy. The previous code also evicted
 # the previous layer's experts whole before any other (the rule's second half) with a recency +
-# frequency + layer-distance score: 23-27% more bytes on that trace (docs/benchmarks.md); those
-# are the experts the next token most often reuses.
+# frequency + layer-distance score: 1.70 tok/s against 3.27 with this one on the previous bench
+# model's eMMC bench at 40% (docs/benchmarks.md); those are the experts the next token most often
+# reuses.
 
 
 def policy_key(policy: str, e: Entry, clock: int, heat: float) -> float:

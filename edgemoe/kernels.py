@@ -199,9 +199,7 @@ def can_pack(w: QWeight) -> bool:
 
 def packs_any(tensors) -> bool:
     """Whether a model with these GGUF tensors (gguf_file.Tensor) has matrices `pack` would take."""
-    if BACKEND != "ggml" or _lib.q4_0x8 is None:
-        return False
-    return any(t.qtype == QT.Q4_0 and len(t.shape) >= 2 and t.shape[1] % 8 == 0 for t in tensors)
+    return any(len(t.shape) >= 2 and can_pack_shape(t.qtype, t.shape[1]) for t in tensors)
 
 
 def pack(w: QWeight) -> QWeight:

@@ -114,8 +114,7 @@ class StoreExperts:
         self.ratios: list[list[float]] | None = None  # set by calibrate: w_k / w_1 per layer
         self.onnx = None  # an onnx_experts.OnnxExperts: experts run by onnxruntime (Model(onnx_experts=True))
         self.backend_rows = {"edgemoe": 0, "ggml": 0, "onnxruntime": 0}  # token rows computed by each
-        self.q41 = (isinstance(self.scheme, nested.MatQuant) and self.scheme.widths[-1] == 4 and self.scheme.group == 32
-                    and self.n_planes == self.scheme.n_planes)
+        self.q41 = transcodes(self.scheme) and self.n_planes == self.scheme.n_planes
 
     def ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:
         fast = self._fast_form(i, e, planes)
@@ -322,12 +321,18 @@ def q41_blocks(scheme, planes: list[np.ndarray], n_out: int, n_in: int) -> np.nd
     return out.reshape(n_out, nb * 20)
 
 
+def transcodes(scheme) -> bool:
+    """Whether full-width experts of a store in this scheme are transcoded into ggml blocks
+    (4-bit group-32 matquant: the planes hold Q4_0/Q4_1 blocks' exact codes and scales)."""
+    return isinstance(scheme, nested.MatQuant) and scheme.widths[-1] == 4 and scheme.group == 32
+
+
 def transcoded_bytes(reader) -> int | None:
     """The bytes a full-width expert of this store is charged once StoreExperts._fast_form has
     transcoded it into ggml blocks (repacked Q4_0 for matquant-sym, else Q4_1), or None when the
     store's experts stay as planes."""
     scheme = nested.SCHEMES[reader.scheme_name](reader.bits, reader.group)
-    if not (isinstance(scheme, nested.MatQuant) and scheme.widths[-1] == 4 and scheme.group == 32):
+    if not transcodes(scheme):
         return None
     blocks = 3 * reader.n_ff_exp * reader.n_embd // 32
     return blocks * (18 if isinstance(scheme, nested.MatQuantSym) else 20)
