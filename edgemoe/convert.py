@@ -244,6 +244,9 @@ def _write_store(gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: b
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    for name, t in gf.tensors.items():  # read once: out of the process's memory (the budget)
+        if name not in expert_names:
+            gf.release(t.data)
 
     shapes = {"gate": (args.n_ff_exp, args.n_embd), "up": (args.n_ff_exp, args.n_embd), "down": (args.n_embd, args.n_ff_exp)}
     plane_bytes = {m: sch.plane_nbytes(*shapes[m]) for m in store.MATRICES}
@@ -286,6 +289,8 @@ def _write_store(gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: b
                 if act is not None:
                     scale = act.get((i, "in")) if m != "down" else act.get((i, e))
                 planes[m] = sch.encode(_expert_matrix(tensors[m], e), scale)
+            for t in tensors.values():
+                gf.release(t.data[e])
             blob = np.empty(expert_nbytes, dtype=np.uint8)
             pos = 0
             cks = []

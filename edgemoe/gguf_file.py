@@ -168,6 +168,25 @@ class GGUFFile:
             self._fd = os.open(self.path, os.O_RDONLY)
         self.in_memory = True
 
+    def release(self, arr: np.ndarray) -> None:
+        """Hand back the pages of a memory-mapped tensor view that has been read: they leave this
+        process's resident set and the page cache, and a later access reads them from storage
+        again. For one pass over a file larger than the memory budget (conversion), where mapped
+        pages that were read once would otherwise count against the budget until the end."""
+        if self.in_memory or self._reader is None:
+            return
+        base = self._reader.data
+        mm = getattr(base, "_mmap", None)
+        if mm is None or arr.nbytes == 0:
+            return
+        first = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+        start = first - first % mmap.PAGESIZE
+        length = first + arr.nbytes - start
+        mm.madvise(mmap.MADV_DONTNEED, start, length)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_DONTNEED)
+
     @property
     def resident_bytes(self) -> int:
         """Bytes of the file held in memory after load_into_memory (all of it before)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import resource
+import sys
 
 import psutil
 
@@ -51,3 +53,27 @@ def rss() -> int:
 
 def available() -> int:
     return psutil.virtual_memory().available
+
+
+def peak_rss() -> int:
+    """Peak RSS of this process so far: VmHWM on Linux (psutil has no peak figure). Not getrusage's
+    ru_maxrss: Linux carries the peak of the process that forked across exec into it, so a worker
+    started by a large parent would report the parent's peak. Elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(peak if sys.platform == "darwin" else peak * 1024, rss())
+
+
+def read_bytes() -> int:
+    """Bytes this process has read from storage so far (Linux /proc/self/io read_bytes, by psutil);
+    0 where the OS does not count them."""
+    try:
+        return psutil.Process().io_counters().read_bytes
+    except (AttributeError, psutil.Error, OSError):
+        return 0

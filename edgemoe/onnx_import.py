@@ -561,6 +561,10 @@ class OnnxSource:
             if k not in skip:
                 add_scalar_kv(writer, k, v)
 
+    def release(self, arr: np.ndarray) -> None:
+        """GGUFFile.release's counterpart: nothing to hand back (weights inside the .onnx file are
+        parsed into memory with the graph; external data is mapped by each expert's reads)."""
+
     def close(self) -> None:
         self.tensors = {}
         self._consts = {}

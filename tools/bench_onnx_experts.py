@@ -28,17 +28,12 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from edgemoe import kernels, nested, onnx_experts, streaming
+    from edgemoe import kernels, memory, nested, onnx_experts, streaming
 except ImportError:  # run from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from edgemoe import kernels, nested, onnx_experts, streaming
+    from edgemoe import kernels, memory, nested, onnx_experts, streaming
 from edgemoe.store import MATRICES
 from gguf import GGMLQuantizationType as QT
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def best(fn, reps: int) -> float:
@@ -93,7 +88,7 @@ def _churn(sch, shapes, live: int, created: int) -> float:
     model = onnx_experts.expert_model(sch, codes, shapes)
     init = be.session_bytes(model) / onnx_experts.SESSION_OVERHEAD[be.bits]
     gc.collect()
-    r0 = _rss()
+    r0 = memory.rss()
     pool = []
     x = rng.standard_normal((1, shapes["gate"][1])).astype(np.float32)
     for _ in range(created):
@@ -102,7 +97,7 @@ def _churn(sch, shapes, live: int, created: int) -> float:
         if len(pool) > live:
             pool.pop(0)
     gc.collect()
-    return (_rss() - r0) / live / init
+    return (memory.rss() - r0) / live / init
 
 
 def e2e(store: str, prompt_tokens: int, decode_tokens: int, budget: str | None) -> None:
