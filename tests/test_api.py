@@ -69,13 +69,31 @@ def test_stop_strings_cut_the_output(build_model):
         assert cut == free[: free.index(stop)]
 
 
+def _greedy_by_logits(m, prompt: str, n: int, stop: str) -> str:
+    """Greedy decoding token by token through Model.logits (a fresh context per step, no sampler,
+    no stream): the reference for what temperature 0 must produce."""
+    ids = m.tokenize(prompt)
+    out: list[int] = []
+    for _ in range(n):
+        tok = int(m.logits(ids + out)[-1].argmax())
+        if m._tok.is_eog(tok):
+            break
+        out.append(tok)
+    text = m.detokenize(out)
+    return text[: text.index(stop)] if stop in text else text
+
+
 def test_chat_uses_a_transcript_for_base_models(build_model):
-    with edgemoe.load(build_model("qwen3moe")) as m:
-        reply = m.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
-                       max_tokens=8, temperature=0)
-        assert isinstance(reply, str)
-        pieces = list(m.chat([{"role": "user", "content": "Hello"}], stream=True, max_tokens=8, temperature=0))
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    with edgemoe.load(build_model("qwen3moe"), kv_type="f32") as m:
+        reply = m.chat(msgs, max_tokens=8, temperature=0)
+        # a base model (no chat template) gets the plain transcript and stops at the next "User:"
+        want = _greedy_by_logits(m, "Be brief.\nUser: Hello\nAssistant:", 8, "\nUser:").strip()
+        assert want, "the reference greedy reply is empty: pick another prompt"
+        assert reply == want
+        pieces = list(m.chat(msgs, stream=True, max_tokens=8, temperature=0))
         assert pieces and all(isinstance(p, edgemoe.Response) for p in pieces)
+        assert "".join(p.text for p in pieces).strip() == reply
 
 
 def test_close_and_context_manager(build_model):

@@ -32,16 +32,31 @@ SPEC = dict(n_embd=64, n_ff_exp=64, n_expert=8, n_layer=2)
 IDS = [5, 17, 99, 250, 3, 42, 77, 8]
 
 
-def quant_nbits(w: np.ndarray, bits: int = 4, block: int = 32):
-    """[N, K] float -> MatMulNBits B [N, K/block, block*bits/8], scales [N*K/block], packed zp."""
+def nbits_codes(w: np.ndarray, bits: int = 4, block: int = 32):
+    """[N, K] float -> asymmetric block codes q [N, K/block, block], scales [N, K/block] float32 and
+    zero points [N, K/block] (uint8), before any packing."""
     n, k = w.shape
     nb = k // block
     x = w.reshape(n, nb, block)
     lo, hi = x.min(-1), x.max(-1)
     qmax = (1 << bits) - 1
-    s = np.maximum(hi - lo, 1e-8) / qmax
+    s = (np.maximum(hi - lo, 1e-8) / qmax).astype(np.float32)
     zp = np.clip(np.round(-lo / s), 0, qmax).astype(np.uint8)
     q = np.clip(np.round(x / s[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
+    return q, s, zp
+
+
+def nbits_reference(w: np.ndarray, bits: int = 4, block: int = 32) -> np.ndarray:
+    """What MatMulNBits means by quant_nbits(w): (q - zp) * scale, float32, from the unpacked codes."""
+    q, s, zp = nbits_codes(w, bits, block)
+    return ((q.astype(np.float32) - zp.astype(np.float32)[..., None]) * s[..., None]).reshape(w.shape)
+
+
+def quant_nbits(w: np.ndarray, bits: int = 4, block: int = 32):
+    """[N, K] float -> MatMulNBits B [N, K/block, block*bits/8], scales [N*K/block], packed zp."""
+    n, k = w.shape
+    nb = k // block
+    q, s, zp = nbits_codes(w, bits, block)
     per = 8 // bits
     q = q.reshape(n, nb, block // per, per)
     packed = np.zeros(q.shape[:-1], np.uint8)
@@ -263,11 +278,21 @@ def _ort_logits(path: Path, ids=IDS) -> np.ndarray:
     return s.run(None, {"input_ids": np.array(ids, np.int64)})[0]
 
 
+# onnxruntime and edgemoe on the same float32 weights differ only by float32 rounding in another
+# summation order: measured at most 6e-6 on logits of magnitude ~12 (every family below); 1e-4
+# (1e-5 of the logits' scale) leaves room for other CPUs' kernels, and any wrong weight, rope or
+# norm is orders of magnitude past it
+FLOAT32_ATOL = 1e-4
+
+
 @pytest.mark.parametrize("experts", ["matmul", "moe"])
-def test_onnx_store_matches_gguf_store(spec, gguf_store, tmp_path, experts):
+def test_onnx_store_equals_gguf_store_and_is_lossy_only_by_8_bits(spec, gguf_store, tmp_path, experts):
     """The ONNX model converts into the same store as the GGUF (same planes, same dense tensors),
     so the logits are identical; onnxruntime running the whole ONNX model agrees with the GGUF in
-    place (the graph is the model) and, within the nested 8-bit top width, with the store."""
+    place to float32 rounding (the graph is the model), and with the store only within what its
+    nested 8-bit top width loses (a KL bound: lossy)."""
+    from conftest import kl_per_position
+
     src, gstore = gguf_store
     path = build_onnx(spec, tmp_path / experts, experts)
     ostore = convert(path, tmp_path / f"{experts}.edgemoe", progress=False)
@@ -279,9 +304,13 @@ def test_onnx_store_matches_gguf_store(spec, gguf_store, tmp_path, experts):
     np.testing.assert_array_equal(ours, _logits(gstore))
     ref = _ort_logits(path)
     in_place = _logits(src)
-    np.testing.assert_allclose(in_place, ref, atol=2e-3, rtol=1e-3)
-    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
-    assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.99
+    np.testing.assert_allclose(in_place, ref, atol=FLOAT32_ATOL, rtol=0)
+    # lossy, the 8-bit re-quantization of the experts: measured median KL 8e-5 and worst 3.5e-4
+    # nats, same argmax at every position; the bounds leave ~6x room, a wrong expert or a plane
+    # dropped (read at 4 bits: median KL 2e-2) breaks them
+    kl = kl_per_position(ours, ref)
+    assert np.median(kl) <= 5e-4 and kl.max() <= 2e-3, kl
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 7 / 8
 
 
 @pytest.mark.parametrize("arch,experts,tensors", [
@@ -304,19 +333,41 @@ def test_onnx_families(tmp_path, arch, experts, tensors):
     assert om["experts"] == gm["experts"]
     assert set(tensors) <= {t.name for t in gguf.GGUFReader(ostore / "dense.gguf").tensors}
     np.testing.assert_array_equal(_logits(ostore), _logits(gstore))
-    np.testing.assert_allclose(_logits(src), _ort_logits(path), atol=2e-3, rtol=1e-3)
+    np.testing.assert_allclose(_logits(src), _ort_logits(path), atol=FLOAT32_ATOL, rtol=0)
 
 
-def test_onnx_matmulnbits_experts(spec, tmp_path):
-    """4-bit MatMulNBits experts (block 32, zero points) are dequantized exactly and stored with
-    the source's width (nested 2,3,4); onnxruntime on the whole model agrees."""
+def test_onnx_matmulnbits_experts_dequantized_exactly_then_stored_lossily(spec, tmp_path):
+    """4-bit MatMulNBits experts (block 32, zero points) are dequantized exactly: the import gives
+    every expert weight bit for bit as (q - zp) * scale of the codes written. The store then re-fits
+    them at the source's width (nested 2,3,4, groups of 64 over the source's blocks of 32): lossy,
+    so the store's logits agree with onnxruntime's only within a KL bound."""
+    from conftest import kl_per_position
+    from edgemoe.onnx_import import OnnxSource
+
     path = build_onnx(spec, tmp_path / "nbits", "nbits")
+    t = synth._tensors(spec)
+    src = OnnxSource(path)
+    try:
+        for i in range(spec.n_layer):
+            for m in ("gate", "up", "down"):
+                got = src.tensor(f"blk.{i}.ffn_{m}_exps.weight").data
+                for e in range(spec.n_expert):
+                    # exact: codes and zero points are small integers (exact in float32), their
+                    # difference is exact, and one float32 product rounds the same everywhere
+                    np.testing.assert_array_equal(np.asarray(got[e]), nbits_reference(t[f"blk.{i}.ffn_{m}_exps.weight"][e]),
+                                                  err_msg=f"blk.{i}.ffn_{m}_exps expert {e}")
+    finally:
+        src.close()
     st = convert(path, tmp_path / "nbits.edgemoe", progress=False)
     man = json.loads((st / "manifest.json").read_text())
     assert man["source"]["expert_bits_per_weight"] == 4 and man["scheme"]["bits"] == [2, 3, 4]
     ours, ref = _logits(st), _ort_logits(path)
-    assert np.corrcoef(ours.ravel(), ref.ravel())[0, 1] > 0.98
-    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.6
+    # lossy (the 4-bit re-fit): measured median KL 0.0097 and worst 0.041 nats over the 8 positions,
+    # same argmax everywhere; the bounds leave 3x room. A zero point off by one, or any expert's
+    # weights mixed up, goes far past them.
+    kl = kl_per_position(ours, ref)
+    assert np.median(kl) <= 0.03 and kl.max() <= 0.12, kl
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 7 / 8
 
 
 def test_load_onnx_path_and_tokenizer(spec, tmp_path, monkeypatch):
@@ -370,11 +421,14 @@ def test_unknown_onnx_layout_is_one_clear_error(spec, tmp_path):
         convert(path, tmp_path / "bad2.edgemoe", progress=False)
 
 
-def test_onnx_expert_backend_counts_and_matches(spec, tmp_path):
+def test_onnx_expert_backend_counts_rows_and_matches_up_to_activation_rounding(spec, tmp_path):
     """Experts of a 4-bit store run on onnxruntime (MatMulNBits sessions derived from the planes,
     or from the Q4_1 form the ggml path transcoded them to) for batches, once routed min_rows
-    rows; the logits match edgemoe's own kernels and the stats count each backend's rows. Experts
-    in ggml's repacked Q4_0 form (a Q4_0 source) never go to onnxruntime: ggml is faster."""
+    rows; the logits match edgemoe's own kernels (float32 planes: to float32 rounding; against
+    ggml, which rounds activations to 8 bits: within a KL bound) and the stats count each
+    backend's rows. Experts in ggml's repacked Q4_0 form (a Q4_0 source) never go to onnxruntime:
+    ggml is faster."""
+    from conftest import kl_per_position
     from edgemoe import kernels, nested
     from edgemoe.onnx_experts import expert_model, full_codes
 
@@ -399,9 +453,16 @@ def test_onnx_expert_backend_counts_and_matches(spec, tmp_path):
         elif name == "q4_1":  # ggml Q4_1 for what onnxruntime does not take; its codes feed the sessions
             assert forms == {QT.Q4_1}
             assert c.backend_rows["onnxruntime"] > 0 and c.backend_rows["ggml"] > 0 and c.onnx_sessions > 0
-            # ggml quantizes the activations to 8 bits (Q8_1), onnxruntime does not
-            assert np.abs(again - ref).mean() < 0.01 * np.abs(ref).max()
-            assert (again.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+            # lossy: ggml quantizes the activations to 8 bits (Q8_1), onnxruntime does not, so
+            # the two backends differ by that rounding, and where a router is near a tie a token
+            # may pick another expert (one position of the 40 here: KL 0.44). Measured median KL
+            # 5.7e-4, 39 of 40 positions under 4e-3, argmax 0.95. The bounds catch what the old
+            # ones (mean |diff| < 1% of max, argmax > 0.9) let through: the sessions' group
+            # offsets 2% off give median KL 3.9e-3 (mean |diff| 0.9% of max, argmax 0.95).
+            kl = kl_per_position(again, ref)
+            assert np.median(kl) <= 2e-3, kl
+            assert (kl > 1e-2).mean() <= 0.1, kl  # routing flips only
+            assert (again.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
         elif kernels.can_pack_shape(QT.Q4_0, 96):
             assert forms == {QT.Q4_0}
             assert c.backend_rows["onnxruntime"] == 0 and c.backend_rows["ggml"] > 0 and c.onnx_sessions == 0

@@ -101,7 +101,18 @@ def test_prefetch_is_cancelled_when_wrong(store16):
         assert not [r for r in pl.prefetches if r.layer == 2]
 
 
-def test_budget_never_exceeded_while_the_pipeline_runs(store16):
+def _held_bytes(ent) -> int:
+    """The bytes an entry's buffers really take: its planes, or the ggml form that replaced them."""
+    if ent.fast is not None:
+        return sum(w.nbytes for w in ent.fast.values())
+    return sum(p.nbytes for p in ent.planes)
+
+
+def test_cache_accounting_stays_within_capacity_while_the_pipeline_runs(store16):
+    """Cache accounting, not the memory budget: the cache's byte counter (resident planes plus the
+    reservations of reads in flight on the I/O threads) never passes its capacity, and once idle it
+    is the sum of what the entries' buffers really hold. The process's RSS against the budget is
+    tested in tests/test_budget_rss.py (VmHWM of a fresh process)."""
     with edgemoe.load(store16, kv_type="f32") as m:
         m.set_budget(m.memory_plan.minimum_budget + m.memory_plan.min_cache // 2)
         cache = m._experts.cache
@@ -124,6 +135,10 @@ def test_budget_never_exceeded_while_the_pipeline_runs(store16):
             t.join()
         assert 0 < worst[0] <= cache.capacity
         assert m.stats().cache.evictions > 0
+        with cache.cond:
+            held = [_held_bytes(e) for e in cache.entries.values()]
+            assert [e.nbytes for e in cache.entries.values()] == held
+            assert cache.nbytes == sum(held)
 
 
 def test_quality_presets_read_fewer_bytes(store16):

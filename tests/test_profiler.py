@@ -132,6 +132,23 @@ def model_report(tmp_path_factory):
     return out, profiler.profile_model(model, text, d / "out2", tokens=48, device=dev, plots=False)
 
 
+def _cache_misses(reqs, n_layer: int, slots: int, policy: str, warm_from: int) -> tuple[int, int]:
+    """(all misses, misses from request warm_from on) of the real ExpertCache holding `slots`
+    one-plane experts of one byte each, visited as edgemoe.replay.replay_policy visits it."""
+    from edgemoe.cache import ExpertCache
+
+    cache = ExpertCache(replay.PlaneCounter(n_layer, [1]), slots, policy)
+    before = 0
+    for i, (layer, e, first) in enumerate(reqs):
+        if i == warm_from:
+            before = sum(s.misses for s in cache.layers)
+        if first:
+            cache.visit(layer)
+        cache.get(layer, e, 1)
+    total = sum(s.misses for s in cache.layers)
+    return total, total - before
+
+
 def test_model_profile_report(model_report):
     out, res = model_report
     report = (out / "report.md").read_text()
@@ -139,10 +156,20 @@ def test_model_profile_report(model_report):
                     "Prediction for this device", "Recommendation"):
         assert heading in report
     assert res["trace_shape"] == [48, 4, 2]
+    trace = np.load(out.parent / "out2" / "trace.npy")
+    assert trace.shape == (48, 4, 2) and (trace >= 0).all()
+    rr = replay.requests(trace)
+    half = 24
+    warm_from = sum(1 for t in range(half) for l in range(4) for _ in set(trace[t, l].tolist()))
+    assert len(rr) == 48 * 4 * 2  # every layer is MoE and a token's top-2 experts are distinct
     for r in res["hit_rows"]:
-        for p in ("lru", "lfu", "score", "belady"):
-            assert 0 <= r[p] <= r["requests"]  # hit rates in [0, 1]
-            assert 0 <= r[p + "_warm"] <= r["warm_requests"]
+        assert r["requests"] == len(rr) and r["warm_requests"] == len(rr) - warm_from
+        for p in ("lru", "lfu", "score"):
+            # the misses of edgemoe.cache.ExpertCache itself replaying the same requests
+            cold, warm = _cache_misses(rr, 4, r["slots"], p, warm_from)
+            assert (r[p], r[p + "_warm"]) == (cold, warm), (p, r)
+        assert r["belady"] == replay.replay_belady(rr, r["slots"])
+        assert r["belady_warm"] == replay.replay_belady(rr, r["slots"], count_from=warm_from)
         assert r["belady"] <= min(r["lru"], r["lfu"], r["score"])  # Belady reads the fewest bytes
     hits = [1 - r["belady"] / r["requests"] for r in res["hit_rows"]]
     assert hits == sorted(hits)  # a bigger cache never hurts the optimum
