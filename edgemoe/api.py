@@ -27,9 +27,12 @@ from .tokenizer import StreamDecoder, open_tokenizer
 
 from . import BASELINE_RSS  # resident_bytes is counted from the RSS right after `import edgemoe`
 
-# What the runtime (numba kernels, llama.cpp's vocabulary, interpreter) is expected to add at load,
-# before it is measured; only used to size a default budget.
-RUNTIME_ESTIMATE = 160 * 1024 * 1024
+# What the runtime (numpy, numba and its compiled kernels, llama.cpp's library and vocabulary, the
+# interpreter) adds at load, before it can be measured after the warm-up token: 190-200 MiB on an
+# x86-64 Linux machine with a 50k vocabulary (tests/test_budget_first_load.py prints it). Used to
+# size a default budget and to refuse a budget before the model is loaded; the refusal after the
+# warm-up counts the measured figure.
+RUNTIME_ESTIMATE = 200 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class Stats:
     kv_bytes: int  # the KV cache as allocated (pages are touched only as the context fills)
     n_ctx: int
     cache: CacheStats | None = None  # expert cache figures when experts stream from a store
+    # the quality in force (a preset name or thresholds, policy.parse_quality) and whether it is
+    # lossless: every plane of every chosen expert, nothing skipped (what "max" computes)
+    quality: str = "max"
+    lossless: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class MemoryPlan:
     cache_capacity: int  # what is left for experts
     min_cache: int  # one layer's chosen experts at the lowest width
     onnx_pool: int = 0  # onnxruntime expert sessions (onnx_experts), outside the expert cache
+    experts: int = 0  # every expert of the store at every plane: a cache this large holds them all
 
     @property
     def minimum_budget(self) -> int:
@@ -132,6 +140,7 @@ class Model:
         self.budget_bytes = None if memory_budget is None else memory.parse_size(memory_budget)
         self._budget_given = memory_budget is not None
         self._quality_asked = quality
+        self._n_ctx_asked, self._kv_type = n_ctx, kv_type
         if isinstance(n_ctx, bool) or not (n_ctx is None or (isinstance(n_ctx, int) and n_ctx > 0)):
             raise EdgeMoEError(f"n_ctx must be a positive int, got {n_ctx!r}")
         self.store_path: Path | None = None
@@ -142,8 +151,8 @@ class Model:
             self.store_path = self.path
         elif self.path.is_file() and (self.path.suffix.lower() == ".onnx" or self._needs_store(n_ctx, kv_type, bits)):
             self.store_path = self._converted_store(progress)
-        # streamed experts default to the DEFAULT preset; a GGUF in place reads every weight
-        self._quality = policy.parse_quality(quality or (policy.DEFAULT if self.store_path else "max"))
+        # the default (policy.DEFAULT, "max") is lossless for a GGUF in place and a store alike
+        self._quality = policy.parse_quality(quality)
         self.quality = self._quality.name
         dense_path = self.store_path / store.DENSE if self.store_path else self.path
         self._file = GGUFFile(dense_path)
@@ -218,11 +227,39 @@ class Model:
         dst = streaming.cache_dir() / (streaming.store_key(self.path) + ".edgemoe")
         if store.is_store(dst):
             return dst
+        if self.budget_bytes is not None and self.path.suffix.lower() != ".onnx":
+            self._refuse_before_converting()
         dst.parent.mkdir(parents=True, exist_ok=True)
         if progress:
             print(f"edgemoe: converting {self.path.name} into an expert store at {dst} (first use only)",
                   file=sys.stderr)
         return convert(self.path, dst, progress=progress)
+
+    def _refuse_before_converting(self) -> None:
+        """A budget that cannot hold the dense weights, the KV cache, scratch and the runtime is
+        refused from the GGUF's header alone, before a conversion that could take minutes. The
+        minimum stated counts one layer's chosen experts at their source size (the store's widest
+        planes are within a few percent of it), so it is a budget that works."""
+        from .convert import EXPERT_SUFFIXES
+
+        gf = GGUFFile(self.path)
+        try:
+            c = ModelArgs.from_gguf(gf)
+            n_ctx = self._n_ctx_asked or min(DEFAULT_N_CTX, c.n_ctx_train)
+            experts = {f"blk.{i}.{s}" for i in range(c.n_layer) for s in EXPERT_SUFFIXES.values()}
+            on_disk = "token_embd.weight" if gf.maybe("output.weight") is not None else None
+            dense = sum(t.nbytes for n, t in gf.tensors.items() if n not in experts and n != on_disk)
+            layer = max((sum(gf.tensor(f"blk.{i}.{s}").nbytes for s in EXPERT_SUFFIXES.values())
+                         for i in range(c.n_layer) if not c.is_dense(i)), default=0)
+            kv = KVCache(c, n_ctx, self._kv_type).nbytes
+        finally:
+            gf.close()
+        fixed = dense + kv + streaming.scratch_bytes(c.n_embd, c.n_ff_exp, c.n_head, n_ctx, c.n_vocab) + streaming.SAFETY_BYTES
+        so_far = max(memory.rss() - BASELINE_RSS, 0)  # the runtime's imports; kernels and vocabulary to come
+        if self.budget_bytes < fixed + so_far:
+            raise streaming.refuse(self.budget_bytes, fixed + max(RUNTIME_ESTIMATE, so_far),
+                                   layer // c.n_expert * c.n_expert_used * 5 // 4,
+                                   f"dense weights, KV cache (n_ctx={n_ctx}), scratch and the runtime")
 
     def _embedding_on_disk(self) -> tuple[str, ...]:
         """The token embedding stays in the file (a few rows read per token) unless the output
@@ -243,15 +280,19 @@ class Model:
         fixed = (self._file.resident_bytes + self._cache.nbytes
                  + streaming.scratch_bytes(c.n_embd, c.n_ff_exp, c.n_head, self.n_ctx, c.n_vocab)
                  + streaming.SAFETY_BYTES)
+        # Before the warm-up the runtime is not known yet. A budget is refused only when what the
+        # runtime holds so far leaves no room; the minimum stated then counts the estimate.
+        so_far = max(memory.rss() - BASELINE_RSS - self._file.resident_bytes, 0)
+        runtime = max(RUNTIME_ESTIMATE, so_far)
         if self.budget_bytes is None:  # no budget: hold every expert if free memory allows
             self._budget_given = False
-            self.budget_bytes = int(min(fixed + experts_all + RUNTIME_ESTIMATE, 0.8 * memory.available()))
+            self.budget_bytes = int(min(fixed + experts_all + runtime, 0.8 * memory.available()))
         cache = ExpertCache(r, max(self.budget_bytes - fixed, 0), policy)
         self._experts = StoreExperts(r, cache, self.config, self._file, bits, self._quality, pipeline, prefetch)
         min_cache = self._experts.min_layer_bytes(c.n_expert_used)
-        if cache.capacity < min_cache:
-            raise streaming.refuse(self.budget_bytes, fixed, min_cache,
-                                   f"dense weights, KV cache (n_ctx={self.n_ctx}) and scratch")
+        if cache.capacity - so_far < min_cache:
+            raise streaming.refuse(self.budget_bytes, fixed + runtime, min_cache,
+                                   f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime")
         self._fixed_bytes = fixed
 
     def _warm_up(self) -> None:
@@ -302,6 +343,7 @@ class Model:
             budget=self.budget_bytes, dense=self._file.resident_bytes, kv=self._cache.nbytes,
             scratch=self._fixed_bytes - self._file.resident_bytes - self._cache.nbytes, runtime=overhead,
             cache_capacity=cache.capacity, min_cache=min_cache, onnx_pool=pool,
+            experts=self._reader.all_experts_bytes(),
         )
 
     def set_budget(self, memory_budget: int | str) -> MemoryPlan:
@@ -505,7 +547,7 @@ class Model:
 
     def stats(self) -> Stats:
         now = memory.rss()
-        peak = _peak_rss()
+        peak = memory.peak_rss()
         decode_steps = max(self._generated_tokens - 1, 0)
         return Stats(
             prompt_tokens=self._prompt_tokens,
@@ -519,7 +561,17 @@ class Model:
             kv_bytes=self._cache.nbytes,
             n_ctx=self.n_ctx,
             cache=self._experts.snapshot() if self._experts is not None else None,
+            quality=self._quality_in_force(),
+            lossless=self._quality.lossless and not self._narrowed(),
         )
+
+    def _narrowed(self) -> bool:
+        """bits= below the store's top width: every expert is read at fewer planes (lossy)."""
+        return self._experts is not None and self._experts.n_planes < self._experts.scheme.n_planes
+
+    def _quality_in_force(self) -> str:
+        q = self._quality.name
+        return f"{q} at {self._experts.bits_of(self._experts.n_planes)} bits" if self._narrowed() else q
 
     def _store_bytes(self) -> int:
         return self._file.file_size + self._reader.all_experts_bytes()
@@ -579,14 +631,3 @@ def _safe_prefix_len(text: str, stops: list[str]) -> int:
                 hold = max(hold, k)
                 break
     return len(text) - hold
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return memory.rss()

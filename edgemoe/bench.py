@@ -10,6 +10,16 @@ token, peak RSS against the budget, bytes read per token, cache hit rate, skippe
 sparsity-aware memory bandwidth utilisation (S-MBU, MoE-CAP: bytes of the weights a token uses x
 tokens/s / the device's memory bandwidth), the ratios, a prediction from the performance model, and
 the pipeline issue's targets with what was reached.
+
+Every edgemoe figure names the quality it was measured at and whether that quality is lossless.
+The default is max (lossless: every plane of every chosen expert, nothing skipped); lossy qualities
+are opt-in (--quality, repeatable) and each is priced on the same model, at the run's budget,
+against max: the tokens of the run (the prompt, then llama.cpp's greedy continuation) are fed one
+at a time as decoding does (edgemoe.evaluate.quality_costs), and the report gives the median and
+99th-percentile KL divergence of the next-token distribution against max, the share of positions
+whose most likely token is max's (top-1), and the share whose most likely token is llama.cpp's
+greedy choice. (Batched prompt evaluation would understate the loss: an expert used by several
+tokens gets the width of its most important use.)
 """
 
 from __future__ import annotations
@@ -25,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cgroup, store, streaming
+from . import cgroup, evaluate, store, streaming
 from .benchrun import prompt_ids
 from .errors import EdgeMoEError
 from .fileio import write_text_atomic
-from .policy import Calibration, parse_quality
+from .policy import DEFAULT, Calibration, parse_quality
 from .profiles import Profile, load_profile
 
 
@@ -135,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", type=Path, help="GGUF model")
     ap.add_argument("--profile", required=True, help="device profile to emulate")
     ap.add_argument("--budgets", default="0.4", help="budgets as fractions of the GGUF size (default 0.4)")
-    ap.add_argument("--quality", default=None, help="edgemoe quality preset (default max)")
+    ap.add_argument("--quality", action="append", default=None, metavar="Q",
+                    help=f"edgemoe quality: {DEFAULT} (the default; lossless), or opt-in lossy ones (balanced, fast, "
+                    "thresholds 'high,low[,naee]'); repeat to run several at every budget, e.g. --quality max "
+                    "--quality fast. Each is priced against max: decode-time KL divergence, top-1 agreement with "
+                    "max, greedy-token agreement with llama.cpp")
     ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--decode-tokens", type=int, default=16)
@@ -149,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model.is_file():
         raise EdgeMoEError(f"{args.model}: no such GGUF file")
     prof = load_profile(args.profile)
+    qualities = list(dict.fromkeys(args.quality or [DEFAULT]))
+    for q in qualities:
+        parse_quality(q)  # a bad name is an error now, not after the first runs
     size = args.model.stat().st_size
     st = ensure_store(args.model)
     device, disk = cgroup.block_device_of(st)
@@ -160,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     with cgroup.readahead(disk, prof.storage.readahead_kb):
         for frac in (float(f) for f in args.budgets.split(",")):
             budget = int(frac * size)
-            for engine in args.engines.split(","):
+            for engine, quality in [(e, q) for e in args.engines.split(",")
+                                    for q in (qualities if e == "edgemoe" else [None])]:
                 cgroup.drop_caches()
-                extra = ["--budget", str(budget)] + (["--quality", args.quality] if args.quality else []) \
+                extra = ["--budget", str(budget), "--quality", quality] \
                     + (["--prefetch"] if args.prefetch else []) if engine == "edgemoe" else []
                 path = str(st if engine == "edgemoe" else args.model)
                 # the cap also holds what edgemoe's budget does not count (the interpreter and the
@@ -170,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 with cgroup.limits(mem_bytes=budget + CAP_SLACK, read_bps=bps, device=device) as cgs:
                     r = run_engine(engine, path, args, extra, cgs)
                 r.update(fraction=frac, budget=budget)
+                if engine == "edgemoe":
+                    r.setdefault("quality", quality)
                 if "failed" not in r:
                     n_dec = max(len(r["tokens"]) - 1, 1)
                     r["mb_read_per_token"] = r["decode_read"] / n_dec / 1e6
@@ -200,17 +220,51 @@ def main(argv: list[str] | None = None) -> int:
                          prompt=args.prompt_tokens, **setup)
         r["predicted_tps"] = predict(prof, mb, rep)
         r["predicted_mb_per_token"] = rep["read_bytes"] / max(rep["tokens"], 1) / 1e6
-    report = _report(args, prof, size, st, mb, loc, rows)
+    cost = price_qualities(st, rows, prompt, args.prefetch)
+    report = _report(args, prof, size, st, mb, loc, rows, cost)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.model.stem}-{prof.name}"
     data = dict(model=str(args.model), file_bytes=size, profile=prof.name, machine=machine(), when=time.time(),
-                prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                locality=loc, model_bytes=mb, rows=rows, throttle_bps=bps)
+                prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, qualities=qualities,
+                quality_cost=cost, locality=loc, model_bytes=mb, rows=rows, throttle_bps=bps)
     write_text_atomic(args.out / (stem + ".json"), json.dumps(data, indent=1))
     (args.out / (stem + ".txt")).write_text(report + "\n")
-    _plot(rows, args.out / (stem + ".png"), f"{args.model.name} on {prof.name}")
+    measured = {r["quality"]: r for r in rows if r["engine"] == "edgemoe" and "lossless" in r}  # one per quality
+    _plot(rows, args.out / (stem + ".png"),
+          f"{args.model.name} on {prof.name}; edgemoe at {', '.join(map(_quality_label, measured.values()))}")
     return 0
+
+
+def price_qualities(st: Path, rows: list[dict], prompt: list[int], prefetch: bool = False) -> dict:
+    """Each edgemoe run's quality priced against max on the same store (evaluate.quality_costs):
+    each run's quality loaded fresh at the run's budget, max without a budget; the token sequence
+    is the prompt then llama.cpp's greedy continuation (without a llama.cpp run: the first
+    lossless edgemoe run's, else the first run's), fed one at a time. Adds kl_median, kl_p99,
+    kl_mean, kl_max, top1_vs_max and greedy_vs_llamacpp (None without a llama.cpp run) to each
+    run's row; returns what was measured on."""
+    runs = [r for r in rows if r["engine"] == "edgemoe" and "failed" not in r]
+    if not runs:
+        return {}
+    llama = next((r for r in rows if r["engine"] == "llama.cpp" and "failed" not in r), None)
+    source = llama or next((r for r in runs if r.get("lossless")), runs[0])
+    cont = list(source["tokens"])
+    fed = list(prompt) + cont[:-1]  # position i predicts token i + 1: the last token needs no step
+    targets = [-1] * (len(prompt) - 1) + cont if llama is not None else None
+    losses = evaluate.quality_costs(st, fed, [dict(quality=r["quality"], memory_budget=r["budget"]) for r in runs],
+                                    targets=targets, prefetch=prefetch)
+    for r, loss in zip(runs, losses):
+        r.update(kl_median=loss.kl_median, kl_p99=loss.kl_p99, kl_mean=loss.kl_mean, kl_max=loss.kl_max,
+                 top1_vs_max=loss.top1_vs_max, greedy_vs_llamacpp=loss.reference_agreement,
+                 kl_positions=loss.positions)
+    return dict(positions=len(fed), continuation="llama.cpp greedy" if llama is not None else
+                f"edgemoe {source['quality']} greedy", greedy_positions=len(cont) if llama is not None else 0,
+                method="tokens fed one at a time from a fresh context (teacher-forced decode), each run's quality "
+                       "at the run's budget against max without a budget; KL(max || quality) in nats per position")
+
+
+def _quality_label(r: dict) -> str:
+    return f"{r['quality']} ({'lossless' if r.get('lossless') else 'lossy'})"
 
 
 def _calibration(mb: dict) -> str:
@@ -223,8 +277,17 @@ def _calibration(mb: dict) -> str:
             f"calibration tokens")
 
 
+def _kl(x: float | None) -> str:
+    return "-" if x is None else "0" if x == 0 else f"{x:.1e}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
 def _row(r: dict) -> str:
-    head = f"{r['fraction']:>5.0%} {r['budget'] / 2**20:>7.0f} MiB {r['engine']:<10}"
+    head = (f"{r['fraction']:>5.0%} {r['budget'] / 2**20:>7.0f} MiB {r['engine']:<10} {r.get('quality', '-'):<10} "
+            f"{('yes' if r['lossless'] else 'no') if 'lossless' in r else '-':>8}")
     if "failed" in r:
         return f"{head} failed: {r['failed']}"
     hit = f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-"
@@ -232,10 +295,17 @@ def _row(r: dict) -> str:
     pred = f"{r['predicted_tps']:.2f}" if "predicted_tps" in r else "-"
     return (f"{head} {r['decode_tps']:>8.2f} {r['prompt_tps']:>8.2f} {r['ttft_s']:>7.2f} {r['mb_read_per_token']:>9.1f} "
             f"{(r['peak_rss'] - r['base_rss']) / 2**20:>8.0f} {r['peak_over_budget']:>6.2f} {hit:>7} {skipped:>7} "
-            f"{r['s_mbu']:>6.1%} {pred:>7}")
+            f"{r['s_mbu']:>6.1%} {pred:>7} {_kl(r.get('kl_median')):>7} {_kl(r.get('kl_p99')):>7} "
+            f"{_pct(r.get('top1_vs_max')):>5} {_pct(r.get('greedy_vs_llamacpp')):>6}")
 
 
-def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows: list[dict]) -> str:
+HEADER = (f"{'budget':>15} {'engine':<10} {'quality':<10} {'lossless':>8} {'dec t/s':>8} {'pre t/s':>8} {'TTFT s':>7} "
+          f"{'MB/token':>9} {'peak MiB':>8} {'/budg':>6} {'hits':>7} {'skipped':>7} {'S-MBU':>6} {'pred.':>7} "
+          f"{'KL med':>7} {'KL p99':>7} {'top1':>5} {'=llama':>6}")
+
+
+def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows: list[dict],
+            cost: dict | None = None) -> str:
     lines = [
         f"model {args.model.name} ({size / 2**20:.0f} MiB GGUF, store {st.name}); device {prof.name}: "
         f"reads {'unthrottled' if args.no_throttle else f'{prof.storage.seq_read_mbps:g} MB/s'}, readahead "
@@ -246,17 +316,26 @@ def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows:
         f"entropy {loc['entropy_bits']:.2f} bits ({loc['sampled_uniform_entropy_bits']:.2f}), busiest expert "
         f"{loc['busiest_vs_uniform']:.2f}x uniform ({loc['sampled_uniform_busiest']:.2f}x); consecutive-token reuse "
         f"{loc['consecutive_reuse']:.1%} (independent picks {loc['uniform_reuse']:.1%})" + _calibration(mb),
-        f"{'budget':>15} {'engine':<10} {'dec t/s':>8} {'pre t/s':>8} {'TTFT s':>7} {'MB/token':>9} "
-        f"{'peak MiB':>8} {'/budg':>6} {'hits':>7} {'skipped':>7} {'S-MBU':>6} {'pred.':>7}",
     ]
+    if cost:
+        lines.append(
+            f"quality: lossless = every plane of every chosen expert, nothing skipped (max; llama.cpp runs the GGUF "
+            f"as written). Each edgemoe quality priced against max on the same store: {cost['positions']} tokens (the "
+            f"prompt, then {cost['continuation']} tokens) fed one at a time, the run's quality at the run's budget; KL "
+            f"med / KL p99 = median / 99th percentile over positions of KL(max || quality) in nats; top1 = positions "
+            f"whose most likely token is max's; =llama = of llama.cpp's {cost['greedy_positions']} greedy decode "
+            f"choices, those that are also the quality's most likely token")
+    lines.append(HEADER)
     lines += [_row(r) for r in rows]
-    for frac in sorted({r["fraction"] for r in rows}, reverse=True):
-        pair = {r["engine"]: r for r in rows if r["fraction"] == frac and "failed" not in r}
-        if len(pair) == 2:
-            e, l = pair["edgemoe"], pair["llama.cpp"]
-            lines.append(f"{frac:.0%}: edgemoe/llama.cpp decode {e['decode_tps'] / l['decode_tps']:.2f}x, prefill "
-                         f"{e['prompt_tps'] / l['prompt_tps']:.2f}x, bytes/token "
-                         f"{e['mb_read_per_token'] / max(l['mb_read_per_token'], 1e-9):.2f}x")
+    for r in rows:
+        if r["engine"] != "edgemoe" or "failed" in r:
+            continue
+        l = next((x for x in rows if x["fraction"] == r["fraction"] and x["engine"] == "llama.cpp"
+                  and "failed" not in x), None)
+        if l is not None:
+            lines.append(f"{r['fraction']:.0%}, {_quality_label(r)}: edgemoe/llama.cpp decode "
+                         f"{r['decode_tps'] / l['decode_tps']:.2f}x, prefill {r['prompt_tps'] / l['prompt_tps']:.2f}x, "
+                         f"bytes/token {r['mb_read_per_token'] / max(l['mb_read_per_token'], 1e-9):.2f}x")
     lines.append("targets (pipeline issue):")
     for r in rows:
         if r["engine"] != "edgemoe" or "failed" in r:
@@ -265,7 +344,7 @@ def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows:
         l = pair[0] if pair else None
         ratio = (r["decode_tps"] / l["decode_tps"]) if l and "failed" not in l else None
         lines.append(
-            f"  budget {r['fraction']:.0%}: decode vs llama.cpp >= 3x: "
+            f"  budget {r['fraction']:.0%}, {_quality_label(r)}: decode vs llama.cpp >= 3x: "
             f"{'n/a (llama.cpp ' + l['failed'] + ')' if l and 'failed' in l else f'{ratio:.2f}x' if ratio else 'n/a'}; "
             f"peak RSS <= budget + 5%: {r['peak_over_budget']:.2f}x; bytes/token <= 1.25x Belady: "
             f"{r['mb_read_per_token'] / max(r.get('belady_mb_per_token', 0), 1e-9):.2f}x "
@@ -287,16 +366,37 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         return
     ok = [r for r in rows if "failed" not in r]
     fracs = sorted({r["fraction"] for r in ok})
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for engine, color in (("llama.cpp", "tab:gray"), ("edgemoe", "tab:blue")):
-        pts = [next((r for r in ok if r["fraction"] == f and r["engine"] == engine), None) for f in fracs]
-        xs = [f * 100 for f, p in zip(fracs, pts) if p]
-        for ax, key, label in zip(axes, ("decode_tps", "prompt_tps", "mb_read_per_token"),
-                                  ("decode tokens/s", "prefill tokens/s", "MB read per token")):
-            ax.plot(xs, [p[key] for p in pts if p], "o-", color=color, label=engine)
+    series = [("llama.cpp", None)] + [("edgemoe", q) for q in dict.fromkeys(r["quality"] for r in ok
+                                                                           if r["engine"] == "edgemoe")]
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
+    panels = (("decode_tps", "decode tokens/s"), ("prompt_tps", "prefill tokens/s"),
+              ("mb_read_per_token", "MB read per token"), ("kl_median", "KL vs max, nats: median (o-), p99 (x--)"),
+              ("top1_vs_max", "top-1 agreement with max"), ("greedy_vs_llamacpp", "agreement with llama.cpp greedy"))
+    for n, (engine, q) in enumerate(series):
+        pts = [next((r for r in ok if r["fraction"] == f and r["engine"] == engine
+                     and (q is None or r["quality"] == q)), None) for f in fracs]
+        if not any(pts):
+            continue
+        label = "llama.cpp (GGUF)" if q is None else f"edgemoe {_quality_label(next(p for p in pts if p))}"
+        color = "tab:gray" if q is None else colours[(n - 1) % len(colours)]
+        for ax, (key, name) in zip(axes.flat, panels):
+            have = [(f * 100, p[key]) for f, p in zip(fracs, pts) if p and p.get(key) is not None]
+            if have:
+                xs, ys = zip(*have)
+                ax.plot(xs, [y * 100 for y in ys] if key in ("top1_vs_max", "greedy_vs_llamacpp") else ys, "o-",
+                        color=color, label=label)
+            if key == "kl_median":
+                p99 = [(f * 100, p["kl_p99"]) for f, p in zip(fracs, pts) if p and p.get("kl_p99") is not None]
+                if p99:
+                    ax.plot(*zip(*p99), "x--", color=color)
+                ax.set_yscale("symlog", linthresh=1e-4)
+            if key in ("top1_vs_max", "greedy_vs_llamacpp"):
+                ax.set_ylim(0, 105)
+                ax.set_ylabel("% of positions")
             ax.set_xlabel("budget, % of the GGUF")
-            ax.set_title(label)
-    axes[0].legend()
+            ax.set_title(name)
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")

@@ -2,7 +2,8 @@
 
 Prints one line `RESULT {json}`: load time, prompt and decode tokens/s, greedy tokens, peak RSS
 (VmHWM) and the RSS after imports, bytes read from storage (/proc/self/io read_bytes) during the
-prompt and the decode, and for edgemoe the expert cache figures. The benchmarks in tools/ run it
+prompt and the decode, and for edgemoe the quality in force (and whether it is lossless) and the
+expert cache figures. The benchmarks in tools/ run it
 for llama.cpp and edgemoe side by side, under the same cgroup limits.
 """
 
@@ -61,11 +62,11 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
     s = m.stats()
     out = dict(load_s=load_s, prompt_tps=s.prompt_tokens_per_s, decode_tps=s.decode_tokens_per_s,
                tokens=[first.token] + [r.token for r in rest], base_rss=base,
-               prompt_read=r1 - r0, decode_read=r2 - r1, ttft_s=ttft, quality=m.quality)
+               prompt_read=r1 - r0, decode_read=r2 - r1, ttft_s=ttft, quality=m.quality, lossless=s.lossless)
     if s.cache is not None:
         c = s.cache
         out.update(hit_rate=c.hit_rate, cache_bytes_read=c.bytes_read, misses=c.misses, hits=c.hits,
-                   partial_hits=c.partial_hits, io_stall_s=c.io_stall_s, cache_capacity=c.cache_capacity,
+                   evictions=c.evictions, partial_hits=c.partial_hits, io_stall_s=c.io_stall_s, cache_capacity=c.cache_capacity,
                    runtime_bytes=m.memory_plan.runtime if m.memory_plan else None, skipped=c.skipped,
                    chosen=c.chosen, uses_by_bits={str(k): v for k, v in c.uses_by_bits.items()},
                    prefetch_issued=c.prefetch_issued, prefetch_hits=c.prefetch_hits)
@@ -111,7 +112,8 @@ def run_llama_cpp(a: argparse.Namespace) -> dict:
     t3 = time.perf_counter()
     r2 = _read_bytes()
     return dict(load_s=load_s, prompt_tps=a.prompt_tokens / (t1 - t0), decode_tps=a.decode_tokens / (t3 - t2),
-                tokens=toks, base_rss=base, prompt_read=r1 - r0, decode_read=r2 - r1, ttft_s=ttft)
+                tokens=toks, base_rss=base, prompt_read=r1 - r0, decode_read=r2 - r1, ttft_s=ttft,
+                quality="gguf", lossless=True)  # the GGUF as written: the reference
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("engine", choices=["edgemoe", "llama.cpp"])
     ap.add_argument("model")
     ap.add_argument("--budget", type=int, default=None, help="edgemoe memory budget (bytes)")
-    ap.add_argument("--quality", default=None, help="edgemoe quality preset")
+    ap.add_argument("--quality", default=None, help="edgemoe quality preset (default max, lossless)")
     ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=32)

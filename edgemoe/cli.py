@@ -22,8 +22,9 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=["lru", "lfu", "score"], default="score",
                    help="expert cache eviction policy (default score: recency, frequency and layer distance)")
     p.add_argument("--quality", default=None,
-                   help="max (every plane, no skipping; always for a GGUF in place), balanced, fast (the default "
-                        "for experts streamed from a store), or thresholds 'high,low[,naee]' (see README)")
+                   help="max (the default: every plane of every chosen expert, no skipping; lossless, and "
+                        "always so for a GGUF in place), or, opt-in and lossy, balanced, fast or thresholds "
+                        "'high,low[,naee]' (see README)")
     p.add_argument("--profile", default=None,
                    help="device profile (profiles/NAME.yaml or a path): its default budget when --budget is not given")
     p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
@@ -79,6 +80,7 @@ def _print_stats(s) -> None:
     from .memory import format_size
 
     rows = [
+        ("quality", quality_label(s)),
         ("prompt tokens", f"{s.prompt_tokens}"),
         ("prompt tokens/s", f"{s.prompt_tokens_per_s:.1f}"),
         ("generated tokens", f"{s.generated_tokens}"),
@@ -107,6 +109,11 @@ def _print_stats(s) -> None:
         for i, l in enumerate(c.layers):
             print(f"{i:>5} {l.hits:>7} {l.partial_hits:>7} {l.misses:>7} {l.hit_rate:>8.1%} {format_size(l.bytes_read):>11} "
                   f"{l.evictions:>6} {l.io_stall_s:>7.2f}", file=sys.stderr)
+
+
+def quality_label(s) -> str:
+    """The quality every figure was measured at, and whether it is lossless: "max (lossless)"."""
+    return f"{s.quality} ({'lossless' if s.lossless else 'lossy'})"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -276,6 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         wins = evaluate.windows_of(tokens, args.window, args.max_windows)
         results = [evaluate.perplexity("edgemoe", model.logits, wins)]
         model_path = model.path
+        quality = quality_label(model.stats())
     if not args.no_reference:
         fn, close = evaluate.llama_cpp_logits_fn(str(model_path), args.window)
         try:
@@ -283,7 +291,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         finally:
             close()
     print(f"text {path}: {len(tokens)} tokens, {len(wins)} windows of {args.window}, "
-          f"{results[0].tokens_scored} tokens scored")
+          f"{results[0].tokens_scored} tokens scored; edgemoe quality {quality}")
     print(f"{'engine':<10} {'perplexity':>11} {'nll/token':>10} {'tokens/s':>9}")
     for r in results:
         print(f"{r.engine:<10} {r.perplexity:>11.4f} {r.nll:>10.5f} {r.tokens_per_s:>9.1f}")
@@ -316,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(r)
     _add_sampling_options(r)
     r.add_argument("prompt", help="the prompt text")
-    r.add_argument("--stats", action="store_true", help="print a summary table (speed, memory) to stderr at the end")
+    r.add_argument("--stats", action="store_true", help="print a summary table (quality, speed, memory, expert "
+                   "cache) to stderr at the end")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("info", help="architecture, experts, tensor types and sizes of a GGUF model")

@@ -1,16 +1,26 @@
-"""Perplexity in fixed windows, for edgemoe and for llama.cpp as the reference line.
+"""Perplexity in fixed windows, for edgemoe and for llama.cpp as the reference line; the price of a
+lossy quality in decode-time KL divergence against "max".
 
-Method (both engines alike): the text is tokenized once with llama.cpp's tokenizer, without BOS, and
+Perplexity (both engines alike): the text is tokenized once with llama.cpp's tokenizer, without BOS, and
 cut into consecutive non-overlapping windows of `window` tokens (a short tail is dropped). Each
 window is evaluated from a fresh context; its first token is context only, and the other
 window-1 tokens are scored. Perplexity = exp(mean negative log-likelihood over all scored tokens).
+
+Quality cost (decode_logits, decode_loss, quality_costs): a token sequence is fed one token at a
+time from a fresh context (teacher-forced: one forward step of one token per position, as decoding
+runs), at "max" and at the quality under test, and at every position the next-token distributions
+are compared: KL(max || quality) (median, 99th percentile), top-1 agreement with max, and agreement
+with reference next tokens (llama.cpp's greedy choices on the same sequence). Batched evaluation
+(Model.logits, 64-token batches) understates a lossy quality's loss: an expert used by several
+tokens of a batch gets the width of its most important use, which decoding never does.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -74,3 +84,101 @@ def llama_cpp_logits_fn(path: str, window: int, threads: int | None = None) -> t
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
     return fn, llm.close
+
+
+# ---- the price of a lossy quality, measured as decoding runs ------------------------------------------
+
+
+def decode_logits(model: Any, token_ids: Sequence[int]) -> np.ndarray:
+    """Next-token logits [n, vocab] float32 at each position of token_ids, the tokens fed one at a
+    time from a fresh context (one forward step of one token each, as decoding feeds them) at the
+    model's quality in force. The context is left empty."""
+    model._check_open()
+    ids = [int(t) for t in token_ids]
+    if len(ids) > model.n_ctx:
+        raise EdgeMoEError(f"{len(ids)} tokens do not fit the context n_ctx={model.n_ctx}")
+    with model._lock:
+        model._cache.reset()
+        model._ctx_tokens = []
+        try:
+            rows = [model._engine.forward(np.asarray([t]), model._cache, all_logits=False)[-1] for t in ids]
+        finally:
+            model._cache.reset()
+    return np.stack(rows).astype(np.float32)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P) in nats per position [n] between the softmax distributions of two logit rows."""
+    a, b = _log_softmax(ref_logits), _log_softmax(logits)
+    return np.maximum((np.exp(a) * (a - b)).sum(axis=-1), 0.0)
+
+
+@dataclass(frozen=True)
+class DecodeLoss:
+    """A quality's next-token distributions against "max" on the same tokens, fed one at a time."""
+
+    quality: str
+    lossless: bool
+    positions: int
+    kl_median: float  # nats
+    kl_p99: float
+    kl_mean: float
+    kl_max: float
+    top1_vs_max: float  # share of positions whose most likely token is max's
+    reference_agreement: float | None  # share of scored positions whose most likely token is the reference's
+    reference_positions: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decode_loss(ref_logits: np.ndarray, logits: np.ndarray, *, quality: str = "", lossless: bool = False,
+                targets: Sequence[int] | None = None) -> DecodeLoss:
+    """Compare logits [n, V] with the reference's (max) on the same positions. targets [n]: the
+    reference next token at each position (-1: not scored), e.g. llama.cpp's greedy tokens."""
+    ref, out = np.asarray(ref_logits), np.asarray(logits)
+    if ref.shape != out.shape or ref.ndim != 2 or not len(ref):
+        raise EdgeMoEError(f"logits of shapes {ref.shape} and {out.shape} do not compare")
+    kl = kl_divergence(ref, out)
+    top = out.argmax(axis=-1)
+    agree, n_ref = None, 0
+    if targets is not None:
+        t = np.asarray(targets, dtype=np.int64)
+        if t.shape != top.shape:
+            raise EdgeMoEError(f"{t.size} targets for {top.size} positions")
+        scored = t >= 0
+        n_ref = int(scored.sum())
+        agree = float((top[scored] == t[scored]).mean()) if n_ref else None
+    return DecodeLoss(quality=quality, lossless=lossless, positions=len(kl), kl_median=float(np.median(kl)),
+                      kl_p99=float(np.percentile(kl, 99)), kl_mean=float(kl.mean()), kl_max=float(kl.max()),
+                      top1_vs_max=float((top == ref.argmax(axis=-1)).mean()), reference_agreement=agree,
+                      reference_positions=n_ref)
+
+
+def quality_costs(path: Any, token_ids: Sequence[int], runs: Sequence[dict[str, Any]], *,
+                  targets: Sequence[int] | None = None, reference: dict[str, Any] | None = None,
+                  **load: Any) -> list[DecodeLoss]:
+    """The cost of each run's quality on one model: runs are load options ({"quality": "fast",
+    "memory_budget": ...}), each loaded fresh (a lossy quality's choices depend on what its cache
+    holds), its decode_logits on token_ids compared with those of "max", loaded once with the load
+    options of `reference` (quality "max" always, the cache not filled at load: at max neither the
+    budget nor the cache's contents change results, only speed). targets: see decode_loss."""
+    from .api import load as load_model
+
+    n_ctx = load.pop("n_ctx", None) or len(token_ids) + 1
+    with load_model(path, n_ctx=n_ctx, progress=False,
+                    **{**load, "preload": False, **(reference or {}), "quality": "max"}) as m:
+        ref = decode_logits(m, token_ids)
+    out = []
+    for run in runs:
+        with load_model(path, n_ctx=n_ctx, progress=False, **dict(load, **run)) as m:
+            s = m.stats()
+            out.append(decode_loss(ref, decode_logits(m, token_ids), quality=s.quality, lossless=s.lossless,
+                                   targets=targets))
+    return out

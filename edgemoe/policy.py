@@ -36,6 +36,12 @@ class Quality:
     naee_scale: float  # 0 = no NAEE skipping
     prefer_resident: bool
 
+    @property
+    def lossless(self) -> bool:
+        """True when this quality computes what "max" computes: every plane of every chosen
+        expert, nothing skipped, no resident narrower copy used in place of the full width."""
+        return self.high_mass >= 1 and self.low_mass >= 1 and not self.naee_scale and not self.prefer_resident
+
     def describe(self) -> str:
         if self.name == "max":
             return "every plane of every chosen expert, no skipping"
@@ -52,16 +58,17 @@ PRESETS: dict[str, Quality] = {
 }
 
 
-# The default for models whose experts stream from a store: the fastest preset whose perplexity on
-# the bundled model stays within 2% of "max" (tools/quality_sweep.py; docs/benchmarks.md). A GGUF
-# that runs in place reads every weight ("max").
-DEFAULT = "fast"
+# The default, for a GGUF in place and for experts streamed from a store alike: "max", lossless
+# (every plane of every chosen expert, nothing skipped: the budget changes speed, never results).
+# The lossy presets are opt-in; `edgemoe bench` prices each in decode-time KL divergence against
+# "max" (edgemoe.evaluate.decode_loss).
+DEFAULT = "max"
 
 
 def parse_quality(q: str | None) -> Quality:
-    """A preset name, or explicit thresholds 'high,low[,naee_scale]' such as '0.6,0.9,1'."""
+    """A preset name, or explicit thresholds 'high,low[,naee_scale]' such as '0.6,0.9,1'; None: DEFAULT."""
     if q is None:
-        return PRESETS["max"]
+        return PRESETS[DEFAULT]
     if q in PRESETS:
         return PRESETS[q]
     try:

@@ -813,8 +813,10 @@ def profile_model(model_path: str | os.PathLike, text_path: str | os.PathLike, o
             p = predict(r[best + "_warm"] / r["warm_tokens"], experts_per_token, eb, facts.dense_touched, prof)
             preds.append(dict(bits=b, slots=r["slots"], policy=best, budget=need, fits=need <= budget, **p))
     rec = recommend(preds, facts.widths)
+    lossy = lossy_option(preds, facts.widths, rec)
     result = dict(trace_shape=[T, L, K], trace_seconds=trace_s, trace_path=trace_path, facts=facts, popularity=pop, reuse=reu,
-                  hit_rows=rows, predictions=preds, recommendation=rec, profile=prof, profile_source=prof_src,
+                  hit_rows=rows, predictions=preds, recommendation=rec, lossy_option=lossy, profile=prof,
+                  profile_source=prof_src,
                   experts_per_token=experts_per_token, fixed_bytes=fixed, kv_bytes_at_ctx=kv_full,
                   ctx_for_budget=ctx_for_budget, plots=[])
     if plots:
@@ -824,27 +826,40 @@ def profile_model(model_path: str | os.PathLike, text_path: str | os.PathLike, o
     return result
 
 
-def recommend(preds: list[dict], widths) -> dict | None:
-    """Among predictions that fit the budget: per width, the smallest cache within 95% of that
-    width's fastest fitting cache. Bits are given up only to relieve storage: the widest width
-    unless storage bounds it there, else the widest width within 90% of the fastest width."""
-    fitting = [p for p in preds if p["fits"]]
-    if not fitting:
-        return None
+def _best_per_width(preds: list[dict], widths) -> dict:
+    """Per width, among predictions that fit the budget: the smallest cache within 95% of that
+    width's fastest fitting cache."""
     per_width = {}
     for b in widths:
-        ps = sorted((p for p in fitting if p["bits"] == b), key=lambda p: p["slots"])
+        ps = sorted((p for p in preds if p["fits"] and p["bits"] == b), key=lambda p: p["slots"])
         if ps:
             top = max(p["tokens_per_s"] for p in ps)
             per_width[b] = next(p for p in ps if p["tokens_per_s"] >= 0.95 * top)
-    widest = per_width[max(per_width)]
-    if widest["bound"] == "memory":
-        return widest
+    return per_width
+
+
+def recommend(preds: list[dict], widths) -> dict | None:
+    """Lossless: the top width (every plane, what quality max reads) at the smallest cache
+    predicted within 95% of its fastest cache that fits the budget; None when none fits."""
+    return _best_per_width(preds, widths).get(max(widths))
+
+
+def lossy_option(preds: list[dict], widths, rec: dict | None) -> dict | None:
+    """An opt-in, lossy alternative to `rec`: when the top width's best configuration is
+    storage-bound (or none fits), the widest narrower width predicted within 90% of the fastest
+    width and faster than `rec` (fewer bits per miss); None when fewer bits would not help."""
+    per_width = _best_per_width(preds, widths)
+    if rec is not None and rec["bound"] == "memory":
+        return None  # the nested kernels do not run at memory bandwidth today: no gain counted
+    narrower = {b: p for b, p in per_width.items() if b < max(widths)}
+    if not narrower:
+        return None
     fastest = max(p["tokens_per_s"] for p in per_width.values())
-    for b in sorted(per_width, reverse=True):
-        if per_width[b]["tokens_per_s"] >= 0.9 * fastest:
-            return per_width[b]
-    return None  # pragma: no cover - the fastest width always qualifies
+    for b in sorted(narrower, reverse=True):
+        p = narrower[b]
+        if p["tokens_per_s"] >= 0.9 * fastest and (rec is None or p["tokens_per_s"] > rec["tokens_per_s"]):
+            return p
+    return None
 
 
 def default_profiles_dir() -> Path:
@@ -997,19 +1012,29 @@ def _report(res: dict, model_path, text_path) -> str:
     rec = res["recommendation"]
     out += ["## Recommendation", ""]
     if rec is None:
-        out += [f"Nothing fits the device's default budget {format_size(prof.default_budget)}: the dense "
-                f"weights, KV cache and runtime alone need {format_size(res['fixed_bytes'])}.", ""]
+        out += [f"Nothing fits the device's default budget {format_size(prof.default_budget)} at the top width "
+                f"(every plane, lossless): the dense weights, KV cache and runtime alone need "
+                f"{format_size(res['fixed_bytes'])}, and the smallest cache at that width the rest.", ""]
     else:
         out += [f"- budget: **{format_size(rec['budget'])}** (of the device's default {format_size(prof.default_budget)})",
-                f"- bit width: **{rec['bits']}** (the widest width, unless storage bounds it; then the widest "
-                "width predicted within 90% of the fastest width's speed)",
+                f"- bit width: **{rec['bits']}**, the top width: every plane, lossless (quality max, the default; "
+                "a lossy narrower width, where it would help, is below)",
                 "- cache size: the smallest predicted within 95% of the fastest cache that fits at that width",
                 f"- cache: **{rec['slots']} expert slots** ({rec['slots'] / n_total:.0%} of all experts, "
                 f"{format_size(rec['slots'] * f.expert_bytes[rec['bits']])}), policy **{rec['policy']}**",
                 f"- predicted decode: **{rec['tokens_per_s']:.2f} tokens/s** ({rec['bound']}-bound, "
                 f"{rec['read_mb_per_token']:.2f} MB read per token)", ""]
-        out += [f"`edgemoe run -m {model_path} --budget {_budget_str(rec['budget'])} --bits {rec['bits']} "
-                f"--policy {rec['policy']} ...`", ""]
+        out += [f"`edgemoe run -m {model_path} --budget {_budget_str(rec['budget'])} --policy {rec['policy']} ...` "
+                "(quality max, the default: lossless)", ""]
+    lossy = res.get("lossy_option")
+    if lossy is not None:
+        gain = f", {lossy['tokens_per_s'] / rec['tokens_per_s']:.2f}x the lossless one" if rec else ""
+        out += ["Opt-in and lossy: fewer bits per expert relieve the storage bound. "
+                f"**{lossy['bits']}-bit experts**, {lossy['slots']} slots ({lossy['policy']}), budget "
+                f"{format_size(lossy['budget'])}: predicted {lossy['tokens_per_s']:.2f} tokens/s ({lossy['bound']}-bound"
+                f"{gain}). Price it before use: `edgemoe bench` gives a lossy quality's KL divergence against max.", "",
+                f"`edgemoe run -m {model_path} --budget {_budget_str(lossy['budget'])} --bits {lossy['bits']} "
+                f"--policy {lossy['policy']} ...` (lossy)", ""]
     return "\n".join(out)
 
 
@@ -1050,10 +1075,14 @@ def run_cli(args) -> int:
         rec = res["recommendation"]
         print(f"report: {out_dir / 'report.md'}")
         if rec:
-            print(f"recommended: budget {format_size(rec['budget'])}, {rec['bits']}-bit experts, "
-                  f"{rec['slots']} cache slots ({rec['policy']}), predicted {rec['tokens_per_s']:.2f} tokens/s")
+            print(f"recommended: budget {format_size(rec['budget'])}, {rec['bits']}-bit experts (quality max, "
+                  f"lossless), {rec['slots']} cache slots ({rec['policy']}), predicted {rec['tokens_per_s']:.2f} tokens/s")
         else:
-            print("nothing fits the device's default budget (see the report)")
+            print("nothing fits the device's default budget at every plane (see the report)")
+        lossy = res["lossy_option"]
+        if lossy:
+            print(f"opt-in, lossy: {lossy['bits']}-bit experts (--bits {lossy['bits']}), budget "
+                  f"{format_size(lossy['budget'])}, predicted {lossy['tokens_per_s']:.2f} tokens/s")
         return 0
     size = parse_size(args.size, "--size")
     mem = parse_size(args.mem_size, "--mem-size")

@@ -423,9 +423,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGEMOE_CACHE", Path.home() / ".cache" / "edgemoe")) / "stores"
 
 
+def workable_budget(need: int) -> int:
+    """A budget stated in an error as one that works: what was measured to be needed, plus room for
+    the runtime's growth from one load to the next (allocator pages, a few MiB), rounded up to a
+    whole MiB so that the figure printed is the figure that passes."""
+    mib = 1 << 20
+    need += max(need // 25, 4 * mib)
+    return -(-need // mib) * mib
+
+
 def refuse(budget: int, fixed: int, min_cache: int, what: str) -> EdgeMoEError:
+    works = workable_budget(fixed + min_cache)
     return EdgeMoEError(
         f"memory budget {format_size(budget)} is too small: {what} need {format_size(fixed)} and one layer's "
-        f"chosen experts {format_size(min_cache)}; the minimum that works is "
-        f"{format_size(fixed + min_cache)}"
+        f"chosen experts {format_size(min_cache)}; the minimum that works is {works >> 20} MiB "
+        f"(--budget {works >> 20}MiB)"
     )

@@ -19,4 +19,5 @@ with edgemoe.load(path) as model:  # closing the model frees its memory
     print(greedy)
     s = model.stats()
     print(f"{s.generated_tokens} tokens generated, {s.decode_tokens_per_s:.1f} tokens/s, "
-          f"{s.resident_bytes / 2**20:.0f} MiB resident")
+          f"{s.resident_bytes / 2**20:.0f} MiB resident, quality {s.quality} "
+          f"({'lossless' if s.lossless else 'lossy'})")

@@ -19,6 +19,7 @@ with edgemoe.load(path) as model:
     print()
     s = last.stats
     print(f"finish_reason={last.finish_reason} tokens/s={last.tokens_per_s:.1f} "
-          f"prompt_tokens={s.prompt_tokens} generated_tokens={s.generated_tokens}")
+          f"prompt_tokens={s.prompt_tokens} generated_tokens={s.generated_tokens} quality={s.quality} "
+          f"lossless={s.lossless}")
     if s.cache is not None:  # experts stream from a store (a memory budget was given)
         print(f"expert cache hit rate {s.cache.hit_rate:.1%}, {s.cache.bytes_read} bytes read")

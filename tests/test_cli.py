@@ -17,6 +17,11 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, **(env or {})})
 
 
+def _stat(stderr: str, name: str) -> str:
+    """The value of one row of `edgemoe run --stats`."""
+    return next(line[len(name):].strip() for line in stderr.splitlines() if line.startswith(name + "  "))
+
+
 def test_run_streams_text(build_model):
     path = build_model("olmoe")
     p = cli("run", "-m", str(path), "The quick brown fox", "--max-tokens", "8", "--temperature", "0",
@@ -24,6 +29,7 @@ def test_run_streams_text(build_model):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip()
     assert "decode tokens/s" in p.stderr and "resident peak" in p.stderr
+    assert _stat(p.stderr, "quality") == "max (lossless)"
     again = cli("run", "-m", str(path), "The quick brown fox", "--max-tokens", "8", "--temperature", "0")
     assert again.stdout == p.stdout
 
@@ -89,7 +95,45 @@ def test_convert_info_and_budgeted_run(build_model, tmp_path):
     assert run.returncode == 0, run.stderr
     for needle in ("hits / partial / misses", "bytes read", "layer", "resident by bits"):
         assert needle in run.stderr
+    assert _stat(run.stderr, "quality") == "max (lossless)"  # a store's default: every plane, no skipping
+    assert _stat(run.stderr, "resident by bits").startswith("8-bit")
+    fast = cli("run", "-m", str(st), "Hello", "--max-tokens", "6", "--temperature", "0", "--stats", "--quality", "fast")
+    assert fast.returncode == 0, fast.stderr
+    assert _stat(fast.stderr, "quality") == "fast (lossy)"
+    help_text = " ".join(cli("run", "--help").stdout.split())
+    assert "max (the default:" in help_text and "fast (the default" not in help_text
+    bench_help = " ".join(cli("bench", "--help").stdout.split())
+    assert "max (the default; lossless)" in bench_help and "KL divergence" in bench_help
     low = cli("run", "-m", str(st), "Hello", "--max-tokens", "6", "--budget", "1MB")
     assert low.returncode == 2 and "minimum that works is" in low.stderr
     bad = cli("convert", str(src), "-o", str(tmp_path / "x"), "--bits", "4,2")
     assert bad.returncode == 2 and "--bits" in bad.stderr
+
+
+def _stated_minimum(stderr: str) -> str:
+    import re
+
+    m = re.search(r"the minimum that works is \d+ MiB \(--budget (\d+MiB)\)", stderr)
+    assert m, stderr
+    return m.group(1)
+
+
+def test_the_minimum_budget_an_error_states_works(build_model, tmp_path):
+    """A budget refused before the conversion (from the GGUF's header) and one refused by a store
+    (after the dense weights are loaded) each state a minimum; passing it back is accepted, in a
+    fresh process, and counts the runtime (it is more than the dense weights and KV cache)."""
+    path = build_model("olmoe", "Q4_0", n_embd=256, n_ff_exp=256)
+    env = {"EDGEMOE_CACHE": str(tmp_path / "cache")}
+    args = ("run", "-m", str(path), "The", "-n", "2", "--temperature", "0", "--ctx", "64")
+    p = cli(*args, "--budget", "2MiB", env=env)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "runtime" in p.stderr and not (tmp_path / "cache" / "stores").exists(), "refused before converting"
+    stated = _stated_minimum(p.stderr)
+    assert int(stated[:-3]) > 100, "the runtime alone is over 100 MiB here"
+    ok = cli(*args, "--budget", stated, env=env)
+    assert ok.returncode == 0, ok.stderr
+    store = next((tmp_path / "cache" / "stores").iterdir())
+    p = cli("run", "-m", str(store), "The", "-n", "2", "--ctx", "64", "--budget", "2MiB", env=env)
+    assert p.returncode == 2, p.stderr
+    ok = cli("run", "-m", str(store), "The", "-n", "2", "--ctx", "64", "--budget", _stated_minimum(p.stderr), env=env)
+    assert ok.returncode == 0, ok.stderr

@@ -234,7 +234,10 @@ def test_soak_generation_under_tight_budget():
     assert res["failures"] == [], res
     assert res["tokens"] == 300
     assert res["cache_capacity"] < res["expert_bytes_all"] / 2  # experts really stream
-    assert max(res["peak_rss_over_baseline"], res["vm_hwm_over_baseline"]) <= res["budget"] * 1.05
+    # the check can fail: its 5% (measured: a fifth of one layer's experts) is far less than what an
+    # expert cache overrunning its capacity would add
+    assert res["tolerance"] * 3 <= res["expert_bytes_one_layer"], res
+    assert max(res["peak_rss_over_baseline"], res["vm_hwm_over_baseline"]) <= res["budget"] + res["tolerance"]
     assert res["fds_last_quarter_min"] <= res["fds_first_quarter_min"]
 
 
@@ -252,9 +255,9 @@ PROMPTS = ["Alpha", "Bravo two", "Charlie three four", "Delta", "Echo five", "Fo
 
 @pytest.fixture(scope="module")
 def tight_store_model(store):
-    # quality "max": the default for stores ("fast") prefers resident planes, so its outputs depend on
-    # what earlier calls left in the cache, and no thread interleaving can match a serial order
-    # (docs/reliability.md, "Findings")
+    # quality "max" (the default, named here on purpose): the lossy presets prefer resident planes, so
+    # their outputs depend on what earlier calls left in the cache, and no thread interleaving can
+    # match a serial order (docs/reliability.md, "Findings")
     m = edgemoe.load(store, memory_budget="4GiB", n_ctx=256, preload=False, quality="max")
     r = store_mod.StoreReader(store)
     m.set_budget(m.memory_plan.minimum_budget + r.all_experts_bytes() // 4)  # evictions all along

@@ -203,7 +203,7 @@ def test_wrong_method_and_keepalive(server):
 # ---- /stats and /metrics ---------------------------------------------------------------------------
 
 STATS_KEYS = {"prompt_tokens", "generated_tokens", "prompt_tokens_per_s", "decode_tokens_per_s", "resident_bytes",
-              "peak_resident_bytes", "budget_bytes", "model_bytes", "kv_bytes", "n_ctx", "cache"}
+              "peak_resident_bytes", "budget_bytes", "model_bytes", "kv_bytes", "n_ctx", "cache", "quality", "lossless"}
 
 
 def fake_stats() -> Stats:
@@ -216,7 +216,7 @@ def fake_stats() -> Stats:
     for f in dataclasses.fields(CacheStats):  # counters added since: zero / {bits: n}
         known.setdefault(f.name, {4: 1} if str(f.type).startswith("dict") else 0)
     cache = CacheStats(**known)
-    return Stats(1, 2, 3.0, 4.0, 5, 6, 7, 8, 9, 10, cache)
+    return Stats(1, 2, 3.0, 4.0, 5, 6, 7, 8, 9, 10, cache, quality="fast", lossless=False)
 
 
 def test_stats_endpoint(server, client):
@@ -224,6 +224,7 @@ def test_stats_endpoint(server, client):
     got, _, obj = raw(server, "GET", "/stats")
     assert got == 200 and set(obj) == STATS_KEYS
     assert obj["generated_tokens"] >= 3 and obj["n_ctx"] == 512 and obj["cache"] is None
+    assert obj["quality"] == "max" and obj["lossless"] is True  # the quality every figure is measured at
 
 
 def test_stats_to_dict_serialises_tuple_keys():
@@ -235,6 +236,7 @@ def test_stats_to_dict_serialises_tuple_keys():
     assert c["resident_bits"] == {"0,3": 4, "1,7": 2}
     assert c["resident_bytes_by_bits"] == {"2": 400, "4": 600}
     assert c["hit_rate"] == 0.6 and c["layers"][1]["hits"] == 3 and c["layers"][0]["hit_rate"] == 0.6
+    assert d["quality"] == "fast" and d["lossless"] is False
 
 
 def _families(text: str) -> dict:
@@ -252,6 +254,9 @@ def test_metrics_endpoint_parses(server, client):
         assert name in fam, name
     reqs = {(s.labels["endpoint"], s.labels["status"]): s.value for s in fam["edgemoe_requests"].samples}
     assert reqs[("/v1/completions", "200")] >= 1 and reqs[("/v1/completions", "400")] >= 1
+    [info] = fam["edgemoe_quality_info"].samples
+    assert info.labels == {"quality": "max", "lossless": "true"} and info.value == 1
+    assert fam["edgemoe_quality_lossless"].samples[0].value == 1
 
 
 def test_metrics_render_cache_per_layer():
@@ -261,6 +266,8 @@ def test_metrics_render_cache_per_layer():
     assert fam["edgemoe_budget_bytes"].samples[0].value == 7
     assert fam["edgemoe_cache_resident_bytes_by_bits"].samples[1].labels == {"bits": "4"}
     assert fam["edgemoe_queue_depth"].samples[0].value == 2
+    assert fam["edgemoe_quality_info"].samples[0].labels == {"quality": "fast", "lossless": "false"}
+    assert fam["edgemoe_quality_lossless"].samples[0].value == 0
 
 
 # ---- queue, disconnects, shutdown ------------------------------------------------------------------

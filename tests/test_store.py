@@ -55,6 +55,32 @@ def test_budget_changes_speed_not_results(tiny_store):
         assert s.evictions + s.downgrades > 0  # the small capacities really were tight
 
 
+def test_store_defaults_to_lossless_max(tiny_store):
+    """Experts streamed from a store run at "max" unless a lossy quality is asked for: every
+    plane of every chosen expert, nothing skipped, the GGUF's own result; the stats say so."""
+    src, st = tiny_store
+    ids = random_ids(16, 256, seed=7)
+    with edgemoe.load(st, kv_type="f32", n_ctx=64) as m:
+        assert m.quality == edgemoe.policy.DEFAULT == "max"
+        out = m.logits(ids)
+        s = m.stats()
+        assert (s.quality, s.lossless) == ("max", True)
+        assert s.cache.skipped == 0 and set(s.cache.uses_by_bits) == {8}  # F32 source: widths 2,4,8
+    with edgemoe.load(st, quality="max", kv_type="f32", n_ctx=64) as m:
+        np.testing.assert_array_equal(m.logits(ids), out)
+    with edgemoe.load(src, memory_budget="4GiB", kv_type="f32", n_ctx=64, progress=False) as m:  # converted
+        assert m.store_path is not None and m.quality == "max" and m.stats().lossless
+    with edgemoe.load(src, kv_type="f32", n_ctx=64) as m:  # in place
+        assert m.store_path is None and (m.stats().quality, m.stats().lossless) == ("max", True)
+    for kw, name in ((dict(quality="fast"), "fast"), (dict(quality="balanced"), "balanced"),
+                     (dict(quality="1,1"), "1,1"), (dict(bits=4), "max at 4 bits")):
+        with edgemoe.load(st, kv_type="f32", n_ctx=64, **kw) as m:
+            s = m.stats()
+            assert (s.quality, s.lossless) == (name, False), kw
+            m.set_quality("max")
+            assert m.stats().lossless is ("bits" not in kw)
+
+
 def test_token_embedding_is_read_from_the_file(tiny_store, monkeypatch):
     """A store's dense weights are copied into memory except the token embedding (separate from
     the output layer): its rows are read from dense.gguf per token, not charged to the budget,

@@ -1,5 +1,5 @@
 """The chat and monitor TUIs driven by Textual's Pilot, on a tiny store the tests build, plus text
-snapshots of the main screen (UPDATE_SNAPSHOTS=1 rewrites tests/snapshots/*.txt)."""
+snapshots of the main screen (EDGEMOE_UPDATE_SNAPSHOTS=1 rewrites tests/snapshots/*.txt)."""
 
 from __future__ import annotations
 
@@ -457,11 +457,15 @@ def test_monitor_reports_an_unreachable_server():
 
 
 def check_snapshot(name: str, text: str) -> None:
+    """Compare with tests/snapshots/NAME. A missing or different snapshot fails; only
+    EDGEMOE_UPDATE_SNAPSHOTS=1 writes it (then review and commit the file)."""
     path = SNAPSHOTS / name
-    if os.environ.get("UPDATE_SNAPSHOTS") or not path.exists():
+    if os.environ.get("EDGEMOE_UPDATE_SNAPSHOTS") == "1":
         path.parent.mkdir(exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    assert text == path.read_text(encoding="utf-8"), f"{path} differs (UPDATE_SNAPSHOTS=1 rewrites it)"
+        return
+    assert path.is_file(), f"{path} is missing (EDGEMOE_UPDATE_SNAPSHOTS=1 writes it)"
+    assert text == path.read_text(encoding="utf-8"), f"{path} differs (EDGEMOE_UPDATE_SNAPSHOTS=1 rewrites it)"
 
 
 @pytest.mark.parametrize("size", [(120, 36), (80, 24)])
@@ -487,3 +491,34 @@ def test_cli_chat_load_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edgemoe: error: ")
     assert main(["monitor", "--interval", "0"]) == 2
+
+
+def test_plain_chat_shows_the_cache_at_work():
+    """`edgemoe chat` with no options: the bundled model streams from its store into a cache that
+    holds half its experts, and the panel shows the budget and hit rates, not "all resident"."""
+    from edgemoe.cli import build_parser
+    from edgemoe.tui.cli import BUNDLED_CACHE_SHARE, open_chat_model
+
+    m = open_chat_model(build_parser().parse_args(["chat"]))
+    try:
+        plan = m.memory_plan
+        assert plan is not None and m.stats().cache is not None, "the bundled model must stream"
+        assert plan.cache_capacity == int(BUNDLED_CACHE_SHARE * plan.experts)
+        assert m.stats().budget_bytes == plan.budget and m.quality == "max"
+        app = ChatApp(m, sampling={"max_tokens": 24, "seed": 0, "ignore_eos": True})
+
+        async def go():
+            async with app.run_test(size=(120, 36)) as pilot:
+                await type_line(pilot, "ROMEO. What light")
+                await wait_idle(pilot)
+                text = screen_text(app)
+                assert "all experts resident" not in text
+                from edgemoe.tui.widgets.stats_panel import short_size
+
+                assert "hit rate" in text and f"of {short_size(m.stats().budget_bytes)}" in text
+                c = m.stats().cache
+                assert c.misses > 0 and c.evictions > 0, "half the experts cached: some must be read again"
+
+        run(go())
+    finally:
+        m.close()

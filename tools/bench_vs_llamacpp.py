@@ -3,7 +3,8 @@
 
 Each engine runs in its own process (edgemoe.benchrun) with the same threads, prompt and greedy
 decode; llama.cpp in its default configuration (weights repacked in RAM). Prints prompt and decode
-tokens/s, load time, peak RSS over the post-import RSS, and the edgemoe / llama.cpp ratios.
+tokens/s, load time, peak RSS over the post-import RSS, and the edgemoe / llama.cpp ratios; edgemoe
+at its default quality, max (lossless: the GGUF in place, every weight), which the table names.
 
     python tools/bench_vs_llamacpp.py MODEL.gguf [--prompt-tokens 32] [--decode-tokens 32] [--threads 2]
 """
@@ -39,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     mib = 1024 * 1024
     print(f"model {args.model}: {size / mib:.0f} MiB; {args.threads} threads; prompt {args.prompt_tokens} tokens, "
           f"greedy decode {args.decode_tokens} tokens; machine: {machine()}")
-    print(f"{'engine':<10} {'load s':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'peak RSS - base':>16} {'/ file':>7}")
+    print(f"{'engine':<10} {'quality':<17} {'load s':>7} {'prompt tok/s':>13} {'decode tok/s':>13} "
+          f"{'peak RSS - base':>16} {'/ file':>7}")
     for e, r in res.items():
         used = r["peak_rss"] - r["base_rss"]
-        print(f"{e:<10} {r['load_s']:>7.2f} {r['prompt_tps']:>13.2f} {r['decode_tps']:>13.2f} "
+        quality = f"{r['quality']} ({'lossless' if r['lossless'] else 'lossy'})"
+        print(f"{e:<10} {quality:<17} {r['load_s']:>7.2f} {r['prompt_tps']:>13.2f} {r['decode_tps']:>13.2f} "
               f"{used / mib:>12.0f} MiB {used / size:>7.2f}")
     a, b = res["edgemoe"], res["llama.cpp"]
     print(f"ratio edgemoe/llama.cpp: prompt {a['prompt_tps'] / b['prompt_tps']:.2f}x, "

@@ -288,10 +288,12 @@ def _nbytes(shp, qt: Q) -> int:
 
 
 def write_bench_model(shape: BenchShape, out: Path, wtype: Q = Q.Q4_0, seed: int = 0,
-                      log=print) -> Path:
+                      log=print, calibrate: bool = True) -> Path:
     """Write the model: first a calibration pass (generate each layer, run the calibration tokens
     through it, choose its attention gain), then the file, every tensor generated again from its own
-    seed (its index in the file) so both passes see the same weights."""
+    seed (its index in the file) so both passes see the same weights. calibrate=False: no
+    calibration pass (attention gains 1, routing as the random weights give it; for tests that need
+    a large file fast, not for benchmark figures)."""
     D, H = shape.n_embd, shape.n_head
     plan = tensor_plan(shape, wtype)
     index = {name: i for i, (name, _, _) in enumerate(plan)}
@@ -311,8 +313,11 @@ def write_bench_model(shape: BenchShape, out: Path, wtype: Q = Q.Q4_0, seed: int
 
     t0 = time.time()
     cal = Calibration(shape, seed)
-    cal.embed(make(*plan[0]))
-    for i in range(shape.n_layer):
+    if calibrate:
+        cal.embed(make(*plan[0]))
+    else:
+        cal.gains = [1.0] * shape.n_layer
+    for i in range(shape.n_layer if calibrate else 0):
         p = f"blk.{i}."
         t = {name: make(name, shp, qt) for name, shp, qt in plan if name.startswith(p)}
         att = cal.attention(t, p, wtype)
@@ -340,9 +345,10 @@ def write_bench_model(shape: BenchShape, out: Path, wtype: Q = Q.Q4_0, seed: int
         w.add_layer_norm_rms_eps(1e-5)
         w.add_expert_count(shape.n_expert)
         w.add_expert_used_count(shape.n_expert_used)
-        w.add_array("edgemoe.bench.reuse_target", [float(x) for x in cal.targets])
-        w.add_array("edgemoe.bench.reuse_calibrated", cal.reached)
-        w.add_array("edgemoe.bench.attn_gain", cal.gains)
+        if calibrate:
+            w.add_array("edgemoe.bench.reuse_target", [float(x) for x in cal.targets])
+            w.add_array("edgemoe.bench.reuse_calibrated", cal.reached)
+            w.add_array("edgemoe.bench.attn_gain", cal.gains)
         synth.add_tokenizer(w, shape.vocab)
         for name, shp, qt in plan:
             if qt == Q.F32:

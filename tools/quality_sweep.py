@@ -13,6 +13,13 @@ Rows:
   validation split;
 - budgets (100%, 50%, 30% of the experts beyond the minimum): with every plane read the
   perplexity must not move; presets that prefer resident planes may.
+
+Perplexity is computed in 64-token batches, which understates what a lossy quality loses in
+decoding (an expert used by several tokens of a batch gets the width of its most important use),
+so the quality and budget rows also give the decode-time price against max on the first
+--kl-tokens tokens of the text, fed one at a time (edgemoe.evaluate.quality_costs, the code
+`edgemoe bench` prices its lossy runs with): median and 99th-percentile KL(max || quality) in nats
+and the share of positions whose most likely token is max's.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", type=Path, default=ROOT / "models" / "data" / "validation.txt")
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "quality_sweep")
+    ap.add_argument("--kl-tokens", type=int, default=128,
+                    help="tokens fed one at a time for the decode-time KL against max (0: none)")
     args = ap.parse_args(argv)
     rows: list[dict] = []
 
@@ -97,9 +106,18 @@ def main(argv=None) -> int:
         rc = cli(["calibrate", "-m", str(default_store), "--text", str(args.calibration), "--tokens", "4096"])
         if rc:
             raise SystemExit("calibration failed")
+        kl_ids = toks[: args.kl_tokens]
+
+        def price(**load) -> dict:
+            """Decode-time KL against max (evaluate.quality_costs), for the row's load options."""
+            if not kl_ids:
+                return {}
+            [c] = evaluate.quality_costs(default_store, kl_ids, [load], kv_type="f32")
+            return dict(lossless=c.lossless, kl_median=c.kl_median, kl_p99=c.kl_p99, top1_vs_max=c.top1_vs_max)
+
         for q in list(PRESETS) + ["1,0.9", "1,0.8", "1,1,0.5", "1,1,1", "0.5,1", "0.3,1"]:
             value, extra = ppl(default_store, wins, quality=q)
-            add("quality", f"quality {q}", value, **extra)
+            add("quality", f"quality {q}", value, **extra, **price(quality=q))
         with edgemoe.load(default_store, n_ctx=WINDOW, progress=False) as m:
             plan = m.memory_plan
         experts = plan.cache_capacity
@@ -107,10 +125,11 @@ def main(argv=None) -> int:
             budget = plan.minimum_budget + int(frac * (experts - plan.min_cache))
             for q in ("max", "balanced"):
                 value, extra = ppl(default_store, wins, memory_budget=budget, quality=q)
-                add("budget", f"{frac:.0%} of experts, {q}", value, **extra)
+                add("budget", f"{frac:.0%} of experts, {q}", value, **extra, **price(quality=q, memory_budget=budget))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmpf = args.out.with_suffix(".json.tmp")
-    tmpf.write_text(json.dumps(dict(model=str(args.model), text=str(args.text), windows=len(wins), rows=rows), indent=1))
+    tmpf.write_text(json.dumps(dict(model=str(args.model), text=str(args.text), windows=len(wins),
+                                    kl_tokens=min(args.kl_tokens, len(toks)), rows=rows), indent=1))
     os.replace(tmpf, args.out.with_suffix(".json"))
     _plot(rows, args.out.with_suffix(".png"))
     return 0

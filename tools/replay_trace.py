@@ -108,7 +108,8 @@ def replay_bench(path: Path) -> int:
     runs = [r for r in d["rows"] if r["engine"] == "edgemoe" and "cache_capacity" in r]
     prompt = prompt_ids(mb["n_vocab"], d.get("prompt_tokens", 16))
     traces = bench.routings(model, [prompt + r["tokens"][:-1] for r in runs])
-    print(f"{'budget':>6} {'quality':>8} {'run MB/tok':>11} " + " ".join(f"{p + ' MB/tok':>14}" for p in POLICIES)
+    print(f"{'budget':>6} {'quality':>8} {'lossless':>8} {'run MB/tok':>11} "
+          + " ".join(f"{p + ' MB/tok':>14}" for p in POLICIES)
           + f" {'belady MB/tok':>14}")
     for r, (top, w) in zip(runs, traces):
         cells = []
@@ -116,7 +117,8 @@ def replay_bench(path: Path) -> int:
             rep = replay_run(top, w, capacity=r["cache_capacity"], quality=parse_quality(r["quality"]),
                              prompt=len(prompt), policy=pol, **setup)
             cells.append(rep["read_bytes"] / rep["tokens"] / 1e6)
-        print(f"{r['fraction']:>6.0%} {r['quality']:>8} {r['mb_read_per_token']:>11.1f} "
+        lossless = {True: "yes", False: "no"}.get(r.get("lossless"), "-")  # "-": a bench from before it was recorded
+        print(f"{r['fraction']:>6.0%} {r['quality']:>8} {lossless:>8} {r['mb_read_per_token']:>11.1f} "
               + " ".join(f"{c:>14.1f}" for c in cells) + f" {r['belady_mb_per_token']:>14.1f}")
     return 0
 

@@ -2,17 +2,21 @@
 """Soak: a long generation from an expert store under a tight budget, memory and open files sampled
 throughout; and a server under repeated requests from several client threads.
 
-    python tools/soak.py model [--store DIR | --gguf FILE] [--tokens 2000] [--slack 0.10] [--json]
+    python tools/soak.py model [--store DIR] [--tokens 2000] [--slack 0.25] [--json]
     python tools/soak.py server [--store DIR] [--rounds 20] [--clients 4] [--requests 5] [--json]
 
 `model` runs in this process (start it fresh: the budget counts from edgemoe.BASELINE_RSS): it
 loads the store, sets its budget to memory_plan.minimum_budget + slack x all experts' bytes (the
 cache holds about that fraction of the experts), generates --tokens tokens in runs of up to 200 (fresh prompts, n_ctx 256) while a
-thread samples RSS and open fds every 10 ms, and checks: sampled RSS and VmHWM - BASELINE_RSS
+thread samples RSS and open fds every 10 ms, and checks: sampled RSS and peak RSS (VmHWM) - BASELINE_RSS
 within budget + 5%, and no growth of RSS (its peak, by more than 2 MiB) or open fds (their floor: other threads open
-files for a moment) between the first and the last quarter of the tokens. `server` does the same around rounds of parallel requests on 127.0.0.1.
-Without --store/--gguf a tiny model is made and converted in a temporary directory. Prints a JSON
-summary (with --json only that); exit 1 if a check failed.
+files for a moment) between the first and the last quarter of the tokens. The budget check must be
+able to fail: the 5% must be under half of one layer's experts (an expert cache that overran its
+capacity by a layer would then show), else that is reported as a failure too. Without --store the
+model made for it (BIG: 113 MB of Q4_0 experts in 2 layers; 5% of its budget, ~11 MB, is a fifth of
+one layer's experts) is written and converted in a temporary directory.
+`server` does the same around rounds of parallel requests on 127.0.0.1 (no budget check; without
+--store a tiny model). Prints a JSON summary (with --json only that); exit 1 if a check failed.
 """
 
 from __future__ import annotations
@@ -30,20 +34,41 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import edgemoe  # noqa: E402  (first: BASELINE_RSS is taken at this import)
+from edgemoe.memory import peak_rss  # noqa: E402
 
 BASELINE = edgemoe.BASELINE_RSS
-SPEC = dict(n_embd=128, n_ff_exp=128, n_expert=16, n_layer=4, dtype="F32")
+SPEC = dict(n_embd=128, n_ff_exp=128, n_expert=16, n_layer=4, dtype="F32")  # `server`: a tiny model
+# `model`: experts large against the minimum budget (~185 MB, most of it the runtime), so that 5% of the
+# budget (~11 MB at slack 0.25) is far under one layer's experts (57 MB): 2 layers of 256 experts
+# of 256 x 512 in Q4_0 (221 KB each, 4 chosen per token)
+BIG = dict(n_layer=2, n_embd=256, n_head=8, n_expert=256, n_expert_used=4, n_ff_exp=512, vocab=1024,
+           n_ctx_train=512)
+TOLERANCE = 0.05  # the budget's promise: peak RSS within budget + 5%
 GROWTH_BYTES = 2 << 20
 PROMPTS = ["Once upon a time", "The expert said", "In the beginning", "Hello world", "A quiet river",
            "Numbers: 1 2 3", "Dear reader,", "The machine"]
 
 
-def make_store(work: Path) -> Path:
-    from edgemoe import synth
+def make_store(work: Path, big: bool) -> Path:
     from edgemoe.convert import convert
 
-    src = synth.write_model(synth.SynthSpec.tiny("qwen3moe", **SPEC), work / "soak.gguf")
-    return convert(src, work / "soak.edgemoe", progress=False)
+    if not big:
+        from edgemoe import synth
+
+        src = synth.write_model(synth.SynthSpec.tiny("qwen3moe", **SPEC), work / "soak.gguf")
+        return convert(src, work / "soak.edgemoe", progress=False)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_bench_model", ROOT / "tools" / "make_bench_model.py")
+    mb = importlib.util.module_from_spec(spec)
+    sys.modules["make_bench_model"] = mb  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mb)
+    src = mb.write_bench_model(mb.BenchShape(**BIG), work / "soak-big.gguf", log=lambda *a, **k: None,
+                               calibrate=False)
+    # 4 distinct experts per layer encoded, copied for the rest: the same bytes to hold and read
+    st = convert(src, work / "soak-big.edgemoe", progress=False, distinct_experts=4)
+    src.unlink()
+    return st
 
 
 class Sampler(threading.Thread):
@@ -76,20 +101,13 @@ class Sampler(threading.Thread):
         return first, last
 
 
-def vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def experts_bytes(store: Path) -> int:
+def experts_bytes(store: Path, per_layer: bool = False) -> int:
+    """All experts' bytes at every plane, or one MoE layer's (per_layer)."""
     from edgemoe.store import StoreReader
 
     r = StoreReader(store)
     try:
-        return r.all_experts_bytes()
+        return r.n_expert * r.expert_bytes(r.n_planes) if per_layer else r.all_experts_bytes()
     finally:
         r.close()
 
@@ -104,6 +122,7 @@ def load_tight(store: Path, slack: float, n_ctx: int):
 
 def soak_model(store: Path, tokens: int, slack: float) -> dict:
     all_experts = experts_bytes(store)
+    one_layer = experts_bytes(store, per_layer=True)
     sampler = Sampler()
     t0 = time.monotonic()
     m, plan = load_tight(store, slack, 256)
@@ -123,12 +142,13 @@ def soak_model(store: Path, tokens: int, slack: float) -> dict:
     elapsed = time.monotonic() - t0
     first, last = sampler.quarters(tokens)
     peak = max(s[1] for s in sampler.samples) - BASELINE
-    hwm = vm_hwm() - BASELINE
-    limit = budget * 1.05
+    hwm = peak_rss() - BASELINE  # VmHWM (getrusage's ru_maxrss)
+    limit = budget * (1 + TOLERANCE)
     res = dict(
         mode="model", tokens=done, runs=run, seconds=round(elapsed, 1), samples=len(sampler.samples),
         budget=budget, minimum_budget=minimum, cache_capacity=plan.cache_capacity,
-        expert_bytes_all=all_experts, baseline_rss=BASELINE,
+        expert_bytes_all=all_experts, expert_bytes_one_layer=one_layer, tolerance=int(budget * TOLERANCE),
+        baseline_rss=BASELINE,
         peak_rss_over_baseline=peak, vm_hwm_over_baseline=hwm, limit=int(limit),
         peak_fraction_of_budget=round(max(peak, hwm) / budget, 4),
         rss_first_quarter_max=max(s[1] for s in first), rss_last_quarter_max=max(s[1] for s in last),
@@ -138,6 +158,9 @@ def soak_model(store: Path, tokens: int, slack: float) -> dict:
     )
     res["cache_hit_rate"] = getattr(getattr(stats, "cache", None), "hit_rate", None)
     failures = []
+    if res["tolerance"] * 2 > one_layer:
+        failures.append(f"the budget check cannot catch a cache overrun: 5% of the budget ({res['tolerance']}) is "
+                        f"over half of one layer's experts ({one_layer}); use a model with larger experts")
     if peak > limit or hwm > limit:
         failures.append(f"RSS over budget + 5%: sampled peak {peak}, VmHWM {hwm}, limit {int(limit)}")
     if res["rss_last_quarter_max"] > res["rss_first_quarter_max"] + GROWTH_BYTES:
@@ -220,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        store = Path(args.store) if args.store else make_store(Path(tmp))
+        store = Path(args.store) if args.store else make_store(Path(tmp), big=args.mode == "model")
         if args.mode == "model":
             res = soak_model(store, args.tokens, args.slack)
         else:

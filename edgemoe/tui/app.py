@@ -137,7 +137,9 @@ class ChatApp(App):
             if not arg:
                 raise EdgeMoEError(f"/quality needs a name (now {getattr(self.model, 'quality', '-')})")
             self.model.set_quality(arg)
-            conv.add("info", f"quality {arg}")
+            s = self.model.stats()
+            conv.add("info", f"quality {s.quality} ({'lossless' if s.lossless else 'lossy'})")
+            self.show_stats(s)
         elif name == "reset":
             self.messages.clear()
             conv.clear()

@@ -6,10 +6,22 @@ import argparse
 from collections.abc import Callable
 
 
+# `edgemoe chat` with neither -m nor --budget: the bundled model (15 MB) would fit in memory whole and
+# the panel would have no cache to show, so its experts stream from its store into an expert cache
+# that holds this share of them (README, "edgemoe chat"). Results are the same; only speed changes.
+BUNDLED_CACHE_SHARE = 0.5
+
+
 def add_subcommands(
     sub: argparse._SubParsersAction, add_load_options: Callable, add_sampling_options: Callable
 ) -> None:
-    c = sub.add_parser("chat", help="chat with a model in a terminal UI, with the live expert-cache panel")
+    c = sub.add_parser(
+        "chat", help="chat with a model in a terminal UI, with the live expert-cache panel",
+        description="Chat with a model in a terminal UI beside a live panel of the expert cache. With "
+        "neither -m nor --budget, the bundled model's experts stream from its expert store into a cache "
+        f"that holds {BUNDLED_CACHE_SHARE:.0%} of them, so the panel shows hits, misses and bytes read; "
+        "the budget it gets is shown in the panel.",
+    )
     add_load_options(c)
     add_sampling_options(c)
     if "--profile" not in c._option_string_actions:
@@ -31,21 +43,22 @@ def add_subcommands(
     m.set_defaults(func=cmd_monitor)
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def open_chat_model(args: argparse.Namespace):
+    """The model `edgemoe chat` runs: as the load options say; with neither -m nor --budget (nor a
+    profile's budget), the bundled model streamed under a budget whose expert cache holds
+    BUNDLED_CACHE_SHARE of its experts."""
     from ..api import load
-    from ..errors import EdgeMoEError
 
     budget = args.budget
     if budget is None and getattr(args, "profile", None):
         from ..profiles import load_profile
 
         budget = load_profile(args.profile).default_budget
-    if args.max_tokens < 1:
-        raise EdgeMoEError(f"--max-tokens must be positive, got {args.max_tokens}")
-    from .app import (
-        ChatApp,  # before load: Textual's own memory is then part of the runtime the budget covers
-    )
+    bundled_default = args.model is None and budget is None
+    if bundled_default:  # loaded with room for every expert, then the cache is cut to its share
+        from ..memory import available
 
+        budget = int(0.8 * available())
     model = load(
         args.model,
         memory_budget=budget,
@@ -55,6 +68,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
         bits=args.bits,
         cache_policy=args.policy,
     )
+    if bundled_default:
+        plan = model.memory_plan
+        model.set_budget(plan.budget - plan.cache_capacity + int(BUNDLED_CACHE_SHARE * plan.experts))
+    return model
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ..errors import EdgeMoEError
+
+    if args.max_tokens < 1:
+        raise EdgeMoEError(f"--max-tokens must be positive, got {args.max_tokens}")
+    from .app import (
+        ChatApp,  # before load: Textual's own memory is then part of the runtime the budget covers
+    )
+
+    model = open_chat_model(args)
     sampling = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,

@@ -152,6 +152,8 @@ class StatsPanel(VerticalScroll):
         else:
             out.append("memory ", "bold")
             out.append(f"{short_size(used)} (no budget)\n")
+        out.append("quality ", "bold")
+        out.append(f"{quality_label(d)}\n", "" if d.get("lossless", True) else "yellow")
         c = d.get("cache")
         if c:
             out.append(f"cache {short_size(c.get('cache_bytes'))} of {short_size(c.get('cache_capacity'))}\n")
@@ -237,6 +239,15 @@ class StatsPanel(VerticalScroll):
                 out.append(" " * (row_w - (n_expert - 1) % row_w - 1))
             out.append(f" {'-' if rate is None else f'{rate:.0%}':>4}")
         return out
+
+
+def quality_label(d: dict[str, Any]) -> str:
+    """"max (lossless)", "fast (lossy)": the quality every figure of the panel is measured at
+    ("-" from a server too old to report it)."""
+    q = d.get("quality")
+    if q is None:
+        return "-"
+    return f"{q} ({'lossless' if d.get('lossless') else 'lossy'})"
 
 
 def infer_n_expert(c: dict[str, Any]) -> int:
