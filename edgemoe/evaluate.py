@@ -17,9 +17,14 @@ tokens of a batch gets the width of its most important use, which decoding never
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -168,17 +173,44 @@ def quality_costs(path: Any, token_ids: Sequence[int], runs: Sequence[dict[str, 
     "memory_budget": ...}), each loaded fresh (a lossy quality's choices depend on what its cache
     holds), its decode_logits on token_ids compared with those of "max", loaded once with the load
     options of `reference` (quality "max" always, the cache not filled at load: at max neither the
-    budget nor the cache's contents change results, only speed). targets: see decode_loss."""
-    from .api import load as load_model
+    budget nor the cache's contents change results, only speed). targets: see decode_loss.
 
+    Each load runs in a process of its own, as a user's would: a budget is counted from the RSS
+    right after `import edgemoe`, so memory an earlier model of the same process left behind would
+    count against the next one's budget."""
     n_ctx = load.pop("n_ctx", None) or len(token_ids) + 1
-    with load_model(path, n_ctx=n_ctx, progress=False,
-                    **{**load, "preload": False, **(reference or {}), "quality": "max"}) as m:
-        ref = decode_logits(m, token_ids)
+    ref, _, _ = _decode_logits_in_new_process(
+        path, token_ids, {**load, "n_ctx": n_ctx, "preload": False, **(reference or {}), "quality": "max"})
     out = []
     for run in runs:
-        with load_model(path, n_ctx=n_ctx, progress=False, **dict(load, **run)) as m:
-            s = m.stats()
-            out.append(decode_loss(ref, decode_logits(m, token_ids), quality=s.quality, lossless=s.lossless,
-                                   targets=targets))
+        logits, quality, lossless = _decode_logits_in_new_process(path, token_ids, {**load, "n_ctx": n_ctx, **run})
+        out.append(decode_loss(ref, logits, quality=quality, lossless=lossless, targets=targets))
     return out
+
+
+_DECODE_WORKER = r"""
+import json, sys
+import numpy as np
+import edgemoe
+from edgemoe.evaluate import decode_logits
+job = json.load(open(sys.argv[1]))
+with edgemoe.load(job["path"], progress=False, **job["load"]) as m:
+    np.save(sys.argv[2], decode_logits(m, job["tokens"]))
+    s = m.stats()
+    print(json.dumps(dict(quality=s.quality, lossless=s.lossless)))
+"""
+
+
+def _decode_logits_in_new_process(path: Any, token_ids: Sequence[int],
+                                  load: dict[str, Any]) -> tuple[np.ndarray, str, bool]:
+    """decode_logits of the model loaded with `load` in a fresh Python process, with the quality in
+    force and whether it is lossless."""
+    with tempfile.TemporaryDirectory(prefix="edgemoe-decode-") as d:
+        job, out = Path(d) / "job.json", Path(d) / "logits.npy"
+        job.write_text(json.dumps(dict(path=str(path), tokens=[int(t) for t in token_ids], load=load)))
+        p = subprocess.run([sys.executable, "-c", _DECODE_WORKER, str(job), str(out)], capture_output=True, text=True)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise EdgeMoEError(f"{path}: decoding at quality {load.get('quality')} failed: {last}")
+        info = json.loads(p.stdout.strip().splitlines()[-1])
+        return np.load(out), info["quality"], info["lossless"]
