@@ -39,7 +39,7 @@ from . import cgroup, evaluate, store, streaming
 from .benchrun import prompt_ids
 from .errors import EdgeMoEError
 from .fileio import write_text_atomic
-from .policy import DEFAULT, Calibration, parse_quality
+from .policy import DEFAULT, Calibration, parse_quality, quality_label
 from .profiles import Profile, load_profile
 
 
@@ -78,17 +78,14 @@ def model_bytes(model: Path) -> dict:
     """Bytes a decoded token touches: dense (without the embedding table: one row is read) and
     one expert (all its matrices) per MoE layer, from the GGUF."""
     from .config import ModelArgs
-    from .convert import EXPERT_SUFFIXES
+    from .convert import resident_dense_bytes, source_expert_bytes
     from .gguf_file import GGUFFile
 
     f = GGUFFile(model)
     c = ModelArgs.from_gguf(f)
-    experts = {n for n in f.tensors if n.endswith(tuple(EXPERT_SUFFIXES.values()))}
-    dense = sum(t.nbytes for n, t in f.tensors.items() if n not in experts and n != "token_embd.weight")
-    if "output.weight" not in f.tensors:
-        dense += f.tensor("token_embd.weight").nbytes  # tied output: the whole table is read
+    dense = resident_dense_bytes(f)  # a tied output reads the whole token table: it is resident
     n_moe = sum(not c.is_dense(i) for i in range(c.n_layer))
-    expert = sum(f.tensor(n).nbytes for n in experts) // (n_moe * c.n_expert)
+    expert = source_expert_bytes(f, c)
     out = dict(dense=dense, expert=expert, n_moe=n_moe, top_k=c.n_expert_used, n_expert=c.n_expert, n_vocab=c.n_vocab,
                active=dense + n_moe * c.n_expert_used * expert)
     for key in ("reuse_target", "reuse_calibrated"):  # written by tools/make_bench_model.py
@@ -264,7 +261,7 @@ def price_qualities(st: Path, rows: list[dict], prompt: list[int], prefetch: boo
 
 
 def _quality_label(r: dict) -> str:
-    return f"{r['quality']} ({'lossless' if r.get('lossless') else 'lossy'})"
+    return quality_label(r["quality"], bool(r.get("lossless")))
 
 
 def _calibration(mb: dict) -> str:
@@ -304,6 +301,11 @@ HEADER = (f"{'budget':>15} {'engine':<10} {'quality':<10} {'lossless':>8} {'dec 
           f"{'KL med':>7} {'KL p99':>7} {'top1':>5} {'=llama':>6}")
 
 
+def _llama_row(rows: list[dict], fraction: float) -> dict | None:
+    """llama.cpp's run at a budget (failed or not), which edgemoe's runs there are compared with."""
+    return next((x for x in rows if x["fraction"] == fraction and x["engine"] == "llama.cpp"), None)
+
+
 def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows: list[dict],
             cost: dict | None = None) -> str:
     lines = [
@@ -330,9 +332,8 @@ def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows:
     for r in rows:
         if r["engine"] != "edgemoe" or "failed" in r:
             continue
-        l = next((x for x in rows if x["fraction"] == r["fraction"] and x["engine"] == "llama.cpp"
-                  and "failed" not in x), None)
-        if l is not None:
+        l = _llama_row(rows, r["fraction"])
+        if l is not None and "failed" not in l:
             lines.append(f"{r['fraction']:.0%}, {_quality_label(r)}: edgemoe/llama.cpp decode "
                          f"{r['decode_tps'] / l['decode_tps']:.2f}x, prefill {r['prompt_tps'] / l['prompt_tps']:.2f}x, "
                          f"bytes/token {r['mb_read_per_token'] / max(l['mb_read_per_token'], 1e-9):.2f}x")
@@ -340,8 +341,7 @@ def _report(args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows:
     for r in rows:
         if r["engine"] != "edgemoe" or "failed" in r:
             continue
-        pair = [x for x in rows if x["fraction"] == r["fraction"] and x["engine"] == "llama.cpp"]
-        l = pair[0] if pair else None
+        l = _llama_row(rows, r["fraction"])
         ratio = (r["decode_tps"] / l["decode_tps"]) if l and "failed" not in l else None
         lines.append(
             f"  budget {r['fraction']:.0%}, {_quality_label(r)}: decode vs llama.cpp >= 3x: "

@@ -43,7 +43,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
-def _budget(args: argparse.Namespace):
+def budget_of(args: argparse.Namespace):
+    """--budget, else the --profile's default budget, else None."""
     if args.budget is None and getattr(args, "profile", None):
         from .profiles import load_profile
 
@@ -51,16 +52,18 @@ def _budget(args: argparse.Namespace):
     return args.budget
 
 
-def _load(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, memory_budget=None):
+    """The model the load options name; memory_budget (when given) in place of budget_of(args)."""
     from .api import load
 
-    return load(args.model, memory_budget=_budget(args), quality=args.quality, n_ctx=args.ctx, kv_type=args.kv_type,
+    budget = budget_of(args) if memory_budget is None else memory_budget
+    return load(args.model, memory_budget=budget, quality=args.quality, n_ctx=args.ctx, kv_type=args.kv_type,
                 bits=args.bits, cache_policy=args.policy, pipeline=not args.no_pipeline,
                 prefetch=args.prefetch)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    with _load(args) as model:
+    with load_model(args) as model:
         last = None
         for r in model.stream(
             args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -78,9 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_stats(s) -> None:
     from .memory import format_size
+    from .policy import quality_label
 
     rows = [
-        ("quality", quality_label(s)),
+        ("quality", quality_label(s.quality, s.lossless)),
         ("prompt tokens", f"{s.prompt_tokens}"),
         ("prompt tokens/s", f"{s.prompt_tokens_per_s:.1f}"),
         ("generated tokens", f"{s.generated_tokens}"),
@@ -111,11 +115,6 @@ def _print_stats(s) -> None:
                   f"{l.evictions:>6} {l.io_stall_s:>7.2f}", file=sys.stderr)
 
 
-def quality_label(s) -> str:
-    """The quality every figure was measured at, and whether it is lossless: "max (lossless)"."""
-    return f"{s.quality} ({'lossless' if s.lossless else 'lossy'})"
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
@@ -123,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise EdgeMoEError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise EdgeMoEError(f"--port must be in 0..65535, got {args.port}")
-    with _load(args) as model:
+    with load_model(args) as model:
         serve(model, args.host, args.port, max_queue=args.max_queue, log=not args.quiet)
     return 0
 
@@ -134,7 +133,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .policy import Calibration, betas_from_ratios
 
     text = _read_text(args.text)
-    with _load(args) as model:
+    with load_model(args) as model:
         if model._experts is None:
             raise EdgeMoEError("calibration needs an expert store: give a store, or a GGUF with --budget")
         model.set_quality("max")
@@ -273,17 +272,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate
+    from .policy import quality_label
 
     path = Path(args.text)
     text = _read_text(args.text)
-    with _load(args) as model:
+    with load_model(args) as model:
         if args.window > model.n_ctx:
             raise EdgeMoEError(f"--window {args.window} is larger than the context n_ctx={model.n_ctx}")
         tokens = model.tokenize(text, add_bos=False)
         wins = evaluate.windows_of(tokens, args.window, args.max_windows)
         results = [evaluate.perplexity("edgemoe", model.logits, wins)]
         model_path = model.path
-        quality = quality_label(model.stats())
+        s = model.stats()
+        quality = quality_label(s.quality, s.lossless)
     if not args.no_reference:
         fn, close = evaluate.llama_cpp_logits_fn(str(model_path), args.window)
         try:

@@ -69,15 +69,13 @@ def render(stats: Any, *, queue_depth: int = 0, in_flight: int = 0,
     e.one("edgemoe_model_bytes", "gauge", "Size of the model file (or store).", stats.model_bytes)
     e.one("edgemoe_kv_bytes", "gauge", "KV cache as allocated.", stats.kv_bytes)
     e.one("edgemoe_context_tokens", "gauge", "Context length n_ctx.", stats.n_ctx)
-    quality = getattr(stats, "quality", None)
-    if quality is not None:  # every speed and cache figure here was measured at this quality
-        lossless = bool(getattr(stats, "lossless", False))
-        e.family("edgemoe_quality_info", "gauge",
-                 "The quality in force, which every speed and cache figure is measured at; lossless is true "
-                 "when it computes every plane of every chosen expert and skips none (max).",
-                 [({"quality": quality, "lossless": "true" if lossless else "false"}, 1)])
-        e.one("edgemoe_quality_lossless", "gauge",
-              "1 when the quality in force is lossless (max), 0 when it reads fewer bits or skips experts.", lossless)
+    # every speed and cache figure here was measured at this quality
+    e.family("edgemoe_quality_info", "gauge",
+             "The quality in force, which every speed and cache figure is measured at; lossless is true "
+             "when it computes every plane of every chosen expert and skips none (max).",
+             [({"quality": stats.quality, "lossless": "true" if stats.lossless else "false"}, 1)])
+    e.one("edgemoe_quality_lossless", "gauge",
+          "1 when the quality in force is lossless (max), 0 when it reads fewer bits or skips experts.", stats.lossless)
     c = stats.cache
     if c is not None:
         e.one("edgemoe_cache_hits_total", "counter", "Expert cache hits (all planes resident).", c.hits)

@@ -65,6 +65,11 @@ PRESETS: dict[str, Quality] = {
 DEFAULT = "max"
 
 
+def quality_label(quality: str, lossless: bool) -> str:
+    """How every figure names the quality it was measured at: "max (lossless)", "fast (lossy)"."""
+    return f"{quality} ({'lossless' if lossless else 'lossy'})"
+
+
 def parse_quality(q: str | None) -> Quality:
     """A preset name, or explicit thresholds 'high,low[,naee_scale]' such as '0.6,0.9,1'; None: DEFAULT."""
     if q is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgemoe.bench import machine, run_engine  # noqa: E402
+from edgemoe.policy import quality_label  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'peak RSS - base':>16} {'/ file':>7}")
     for e, r in res.items():
         used = r["peak_rss"] - r["base_rss"]
-        quality = f"{r['quality']} ({'lossless' if r['lossless'] else 'lossy'})"
+        quality = quality_label(r["quality"], r["lossless"])
         print(f"{e:<10} {quality:<17} {r['load_s']:>7.2f} {r['prompt_tps']:>13.2f} {r['decode_tps']:>13.2f} "
               f"{used / mib:>12.0f} MiB {used / size:>7.2f}")
     a, b = res["edgemoe"], res["llama.cpp"]

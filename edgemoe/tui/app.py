@@ -18,6 +18,7 @@ from textual.widgets import Footer, Header, Input, Static
 
 from ..errors import EdgeMoEError
 from ..memory import format_size
+from ..policy import quality_label
 from . import commands
 from .snapshot import stats_to_dict
 from .widgets import Conversation, MessageView, PromptInput, StatsPanel
@@ -138,7 +139,7 @@ class ChatApp(App):
                 raise EdgeMoEError(f"/quality needs a name (now {getattr(self.model, 'quality', '-')})")
             self.model.set_quality(arg)
             s = self.model.stats()
-            conv.add("info", f"quality {s.quality} ({'lossless' if s.lossless else 'lossy'})")
+            conv.add("info", f"quality {quality_label(s.quality, s.lossless)}")
             self.show_stats(s)
         elif name == "reset":
             self.messages.clear()

@@ -16,6 +16,7 @@ from textual.containers import VerticalScroll
 from textual.reactive import reactive
 from textual.widgets import Static
 
+from ... import policy
 from ...memory import format_size
 from ..snapshot import hit_rate, parse_expert_key
 
@@ -247,7 +248,7 @@ def quality_label(d: dict[str, Any]) -> str:
     q = d.get("quality")
     if q is None:
         return "-"
-    return f"{q} ({'lossless' if d.get('lossless') else 'lossy'})"
+    return policy.quality_label(q, bool(d.get("lossless")))
 
 
 def infer_n_expert(c: dict[str, Any]) -> int:
