@@ -177,7 +177,7 @@ class Model:
                 if kernels.packs_any(self._file.tensors.values()):
                     # as llama.cpp does by default: Q4_0 matrices repacked in RAM for ggml's
                     # faster kernels; the bytes must be ours to rewrite, so copy the file in
-                    self._file.load_into_memory(self._embedding_on_disk())
+                    self._file.load_into_memory(streaming.embedding_on_disk(self._file))
             self._engine = Engine(self._file, self.config, self._experts)
             self._tok = open_tokenizer(dense_path, self.store_path, self.config.n_vocab, self._file.metadata)
             if self._tok.n_vocab != self.config.n_vocab:
@@ -240,35 +240,24 @@ class Model:
         refused from the GGUF's header alone, before a conversion that could take minutes. The
         minimum stated counts one layer's chosen experts at their source size (the store's widest
         planes are within a few percent of it), so it is a budget that works."""
-        from .convert import EXPERT_SUFFIXES
+        from .convert import resident_dense_bytes, source_expert_bytes
 
         gf = GGUFFile(self.path)
         try:
             c = ModelArgs.from_gguf(gf)
             n_ctx = self._n_ctx_asked or min(DEFAULT_N_CTX, c.n_ctx_train)
-            experts = {f"blk.{i}.{s}" for i in range(c.n_layer) for s in EXPERT_SUFFIXES.values()}
-            on_disk = "token_embd.weight" if gf.maybe("output.weight") is not None else None
-            dense = sum(t.nbytes for n, t in gf.tensors.items() if n not in experts and n != on_disk)
-            layer = max((sum(gf.tensor(f"blk.{i}.{s}").nbytes for s in EXPERT_SUFFIXES.values())
-                         for i in range(c.n_layer) if not c.is_dense(i)), default=0)
-            kv = KVCache(c, n_ctx, self._kv_type).nbytes
+            fixed = streaming.fixed_bytes(c, n_ctx, resident_dense_bytes(gf), KVCache(c, n_ctx, self._kv_type).nbytes)
+            layer = c.n_expert_used * source_expert_bytes(gf, c)
         finally:
             gf.close()
-        fixed = dense + kv + streaming.scratch_bytes(c.n_embd, c.n_ff_exp, c.n_head, n_ctx, c.n_vocab) + streaming.SAFETY_BYTES
         so_far = max(memory.rss() - BASELINE_RSS, 0)  # the runtime's imports; kernels and vocabulary to come
         if self.budget_bytes < fixed + so_far:
-            raise streaming.refuse(self.budget_bytes, fixed + max(RUNTIME_ESTIMATE, so_far),
-                                   layer // c.n_expert * c.n_expert_used * 5 // 4,
+            raise streaming.refuse(self.budget_bytes, fixed + max(RUNTIME_ESTIMATE, so_far), layer * 5 // 4,
                                    f"dense weights, KV cache (n_ctx={n_ctx}), scratch and the runtime")
-
-    def _embedding_on_disk(self) -> tuple[str, ...]:
-        """The token embedding stays in the file (a few rows read per token) unless the output
-        layer shares it (tied embeddings: every row is used every token)."""
-        return ("token_embd.weight",) if self._file.maybe("output.weight") is not None else ()
 
     def _open_store(self, bits: int | None, policy: str, pipeline: bool, prefetch: bool) -> None:
         # the resident part must stay resident under memory pressure
-        self._file.load_into_memory(self._embedding_on_disk())
+        self._file.load_into_memory(streaming.embedding_on_disk(self._file))
         r = self._reader
         c = self.config
         for i in range(c.n_layer):
@@ -277,9 +266,7 @@ class Model:
                 raise EdgeMoEError(f"{r.root / store.MANIFEST}: layer {i} has {have} experts in the store, "
                                    f"the model's configuration has {0 if c.is_dense(i) else c.n_expert}")
         experts_all = r.all_experts_bytes()
-        fixed = (self._file.resident_bytes + self._cache.nbytes
-                 + streaming.scratch_bytes(c.n_embd, c.n_ff_exp, c.n_head, self.n_ctx, c.n_vocab)
-                 + streaming.SAFETY_BYTES)
+        fixed = streaming.fixed_bytes(c, self.n_ctx, self._file.resident_bytes, self._cache.nbytes)
         # Before the warm-up the runtime is not known yet. A budget is refused only when what the
         # runtime holds so far leaves no room; the minimum stated then counts the estimate.
         so_far = max(memory.rss() - BASELINE_RSS - self._file.resident_bytes, 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from . import nested, store
+from . import nested, store, streaming
 from .config import ModelArgs
 from .errors import EdgeMoEError
 from .gguf_file import GGUFFile
@@ -39,6 +39,24 @@ def source_bits(gf: GGUFFile, args: ModelArgs) -> float:
     t = gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}")
     block, size = gguf.GGML_QUANT_SIZES[t.qtype]
     return size * 8 / block
+
+
+def expert_names(gf: GGUFFile) -> set[str]:
+    """The routed experts' stacked tensors of a file (what a store keeps in its shards)."""
+    return {n for n in gf.tensors if n.endswith(tuple(EXPERT_SUFFIXES.values()))}
+
+
+def resident_dense_bytes(gf: GGUFFile) -> int:
+    """What a store made from this file holds in memory of its other tensors: all but those left
+    in the file (streaming.embedding_on_disk)."""
+    skip = expert_names(gf) | set(streaming.embedding_on_disk(gf))
+    return sum(t.nbytes for n, t in gf.tensors.items() if n not in skip)
+
+
+def source_expert_bytes(gf: GGUFFile, args: ModelArgs) -> int:
+    """One routed expert's bytes (gate, up, down) in the source, from the first MoE layer."""
+    first = next(i for i in range(args.n_layer) if not args.is_dense(i))
+    return sum(gf.tensor(f"blk.{first}.{s}").nbytes for s in EXPERT_SUFFIXES.values()) // args.n_expert
 
 
 def parse_bits(text: str) -> tuple[int, ...]:
@@ -229,13 +247,13 @@ def _write_store(gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: b
                  distinct: int | None) -> None:
     from tqdm import tqdm
 
-    expert_names = {f"blk.{i}.{s}" for i in range(args.n_layer) for s in EXPERT_SUFFIXES.values()}
+    experts = expert_names(gf)
     # dense: every other tensor in its source type, all metadata
     w = gguf.GGUFWriter(tmp / store.DENSE, args.arch)
     gf.copy_metadata(w)
     dense_bytes = 0
     for name, t in gf.tensors.items():
-        if name in expert_names:
+        if name in experts:
             continue
         quant = t.data.dtype == np.uint8
         w.add_tensor(name, t.data, raw_dtype=t.qtype if quant else None)
@@ -245,7 +263,7 @@ def _write_store(gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: b
     w.write_tensors_to_file()
     w.close()
     for name, t in gf.tensors.items():  # read once: out of the process's memory (the budget)
-        if name not in expert_names:
+        if name not in experts:
             gf.release(t.data)
 
     shapes = {"gate": (args.n_ff_exp, args.n_embd), "up": (args.n_ff_exp, args.n_embd), "down": (args.n_embd, args.n_ff_exp)}

@@ -673,7 +673,7 @@ class ModelFacts:
 def model_facts(path: Path, model) -> ModelFacts:
     """Sizes of a loaded model: expert bytes per nested width, dense bytes, KV cache."""
     from . import nested
-    from .convert import EXPERT_SUFFIXES, _group_for, source_bits
+    from .convert import EXPERT_SUFFIXES, _group_for, source_bits, source_expert_bytes
     from .gguf_file import GGUFFile
     from .store import DENSE, StoreReader, is_store
 
@@ -690,7 +690,7 @@ def model_facts(path: Path, model) -> ModelFacts:
         gf = GGUFFile(path)
         moe = [l for l in range(c.n_layer) if gf.maybe(f"blk.{l}.{EXPERT_SUFFIXES['gate']}") is not None]
         first = moe[0]
-        src_expert = sum(gf.tensor(f"blk.{first}.{s}").nbytes for s in EXPERT_SUFFIXES.values()) // c.n_expert
+        src_expert = source_expert_bytes(gf, c)
         sbits = source_bits(gf, c)
         widths = nested.default_bits(sbits)
         scheme = "d2moe"

@@ -407,6 +407,18 @@ def _sum_slots(slots: np.ndarray) -> np.ndarray:
     return out
 
 
+def embedding_on_disk(gf) -> tuple[str, ...]:
+    """The token embedding stays in the file (a few rows read per token) unless the output layer
+    shares it (tied embeddings: every row is used every token)."""
+    return ("token_embd.weight",) if gf.maybe("output.weight") is not None else ()
+
+
+def fixed_bytes(args, n_ctx: int, dense: int, kv: int) -> int:
+    """What a model streaming its experts holds besides the runtime and the expert cache: resident
+    dense weights, the KV cache, one batch's activation scratch and a safety margin."""
+    return dense + kv + scratch_bytes(args.n_embd, args.n_ff_exp, args.n_head, n_ctx, args.n_vocab) + SAFETY_BYTES
+
+
 def scratch_bytes(n_embd: int, n_ff: int, n_head: int, n_ctx: int, n_vocab: int) -> int:
     """Activation scratch of one forward pass of N_BATCH tokens (float32), generously counted."""
     per_tok = 4 * (8 * n_embd + 6 * n_ff + 2 * n_head * n_ctx + n_vocab)
