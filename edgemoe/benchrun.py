@@ -16,30 +16,13 @@ import time
 
 import numpy as np
 
+from . import memory
+
 
 def prompt_ids(n_vocab: int, n: int, seed: int = 0) -> list[int]:
     """The bench's prompt: the same n random token ids for every engine and every run (seed 0;
     other seeds: more sequences of the same kind, for the routing statistics)."""
     return np.random.default_rng(seed).integers(0, n_vocab - 8, size=n).tolist()
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _read_bytes() -> int:
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def run_edgemoe(a: argparse.Namespace) -> dict:
@@ -51,14 +34,14 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
                      progress=False, prefetch=a.prefetch)
     load_s = time.perf_counter() - t0
     ids = prompt_ids(m.config.n_vocab, a.prompt_tokens)
-    r0 = _read_bytes()
+    r0 = memory.read_bytes()
     t0 = time.perf_counter()
     it = m.stream(ids, max_tokens=a.decode_tokens + 1, temperature=0, ignore_eos=True)
     first = next(it)
     ttft = time.perf_counter() - t0
-    r1 = _read_bytes()
+    r1 = memory.read_bytes()
     rest = list(it)
-    r2 = _read_bytes()
+    r2 = memory.read_bytes()
     s = m.stats()
     out = dict(load_s=load_s, prompt_tps=s.prompt_tokens_per_s, decode_tps=s.decode_tokens_per_s,
                tokens=[first.token] + [r.token for r in rest], base_rss=base,
@@ -87,7 +70,7 @@ def run_llama_cpp(a: argparse.Namespace) -> dict:
             return p
 
         low.llama_model_default_params = no_repack
-    base = _status("VmRSS")
+    base = memory.rss()
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=a.model, n_ctx=a.prompt_tokens + a.decode_tokens + 8, n_threads=a.threads,
                           n_threads_batch=a.threads, n_batch=max(a.prompt_tokens, 8), verbose=False)
@@ -98,11 +81,11 @@ def run_llama_cpp(a: argparse.Namespace) -> dict:
     def last_logits() -> np.ndarray:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
 
-    r0 = _read_bytes()
+    r0 = memory.read_bytes()
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
-    r1 = _read_bytes()
+    r1 = memory.read_bytes()
     toks = [int(np.argmax(last_logits()))]
     t2 = time.perf_counter()
     ttft = t2 - t0
@@ -110,7 +93,7 @@ def run_llama_cpp(a: argparse.Namespace) -> dict:
         llm.eval([toks[-1]])
         toks.append(int(np.argmax(last_logits())))
     t3 = time.perf_counter()
-    r2 = _read_bytes()
+    r2 = memory.read_bytes()
     return dict(load_s=load_s, prompt_tps=a.prompt_tokens / (t1 - t0), decode_tps=a.decode_tokens / (t3 - t2),
                 tokens=toks, base_rss=base, prompt_read=r1 - r0, decode_read=r2 - r1, ttft_s=ttft,
                 quality="gguf", lossless=True)  # the GGUF as written: the reference
@@ -130,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("EDGEMOE_THREADS", str(a.threads))
     res = run_edgemoe(a) if a.engine == "edgemoe" else run_llama_cpp(a)
-    res.update(engine=a.engine, peak_rss=_status("VmHWM"), threads=a.threads)
+    res.update(engine=a.engine, peak_rss=memory.peak_rss(), threads=a.threads)
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 

@@ -88,14 +88,9 @@ def llama_cpp_greedy(path: Path | str, ids: list[int], n: int, n_ctx: int = 256)
 
 def kl_per_position(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """KL(ref || ours) of the next-token distributions at each position."""
+    from edgemoe.evaluate import kl_divergence
 
-    def logp(z):
-        z = z.astype(np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-    lp, lq = logp(ref), logp(ours)
-    return (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    return kl_divergence(ref, ours)
 
 
 def assert_matches_quantized(ours: np.ndarray, ref: np.ndarray) -> None:
