@@ -47,30 +47,16 @@ def open_chat_model(args: argparse.Namespace):
     """The model `edgemoe chat` runs: as the load options say; with neither -m nor --budget (nor a
     profile's budget), the bundled model streamed under a budget whose expert cache holds
     BUNDLED_CACHE_SHARE of its experts."""
-    from ..api import load
+    from ..cli import budget_of, load_model
 
-    budget = args.budget
-    if budget is None and getattr(args, "profile", None):
-        from ..profiles import load_profile
+    bundled_default = args.model is None and budget_of(args) is None
+    if not bundled_default:
+        return load_model(args)
+    from ..memory import available
 
-        budget = load_profile(args.profile).default_budget
-    bundled_default = args.model is None and budget is None
-    if bundled_default:  # loaded with room for every expert, then the cache is cut to its share
-        from ..memory import available
-
-        budget = int(0.8 * available())
-    model = load(
-        args.model,
-        memory_budget=budget,
-        quality=getattr(args, "quality", None),
-        n_ctx=args.ctx,
-        kv_type=args.kv_type,
-        bits=args.bits,
-        cache_policy=args.policy,
-    )
-    if bundled_default:
-        plan = model.memory_plan
-        model.set_budget(plan.budget - plan.cache_capacity + int(BUNDLED_CACHE_SHARE * plan.experts))
+    model = load_model(args, memory_budget=int(0.8 * available()))  # room for every expert, then cut
+    plan = model.memory_plan
+    model.set_budget(plan.budget - plan.cache_capacity + int(BUNDLED_CACHE_SHARE * plan.experts))
     return model
 
 
