@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe import store
+from edgemoe import store, streaming
 from edgemoe.cache import ExpertCache
 from edgemoe.convert import convert
 from conftest import random_ids
@@ -90,7 +90,7 @@ def test_token_embedding_is_read_from_the_file(tiny_store, monkeypatch):
     emb = gguf.GGUFReader(st / "dense.gguf")
     emb_bytes = next(int(t.n_bytes) for t in emb.tensors if t.name == "token_embd.weight")
     with monkeypatch.context() as mp:
-        mp.setattr(edgemoe.Model, "_embedding_on_disk", lambda self: ())
+        mp.setattr(streaming, "embedding_on_disk", lambda gf: ())
         with edgemoe.load(st, quality="max", kv_type="f32", n_ctx=64) as ref:
             assert not ref._file.on_disk
             want = ref.logits(ids)
@@ -317,7 +317,7 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
     """A Q4_0 source's store at full width is transcoded to ggml blocks that hold the source's
     exact weights: Q4_0 in the repacked layout of ggml's gemv (kernels.pack) where the kernels
     exist, else Q4_1 (same values); the planes are freed; evicted whole, never downgraded."""
-    from edgemoe import kernels, streaming
+    from edgemoe import kernels
 
     QT = gguf.GGMLQuantizationType
     src = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
