@@ -53,6 +53,19 @@ def build_model(models_dir):
     return build
 
 
+def load_tool(name: str):
+    """A script of tools/ as a module (tools/ is no package), loaded once per session."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "tools" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 def llama_cpp_logits(path: Path | str, ids: list[int], n_ctx: int = 256) -> np.ndarray:
     """llama.cpp's logits for every position, KV cache in F32 (exact comparisons)."""
     import llama_cpp

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 from edgemoe import cgroup
 
@@ -48,10 +49,7 @@ def _bench_model(path: Path) -> Path:
     """An OLMoE-shaped Q4_0 GGUF whose experts (4 layers x 64 x 1.77 MB = 453 MB) dwarf what the
     runtime holds (~180 MiB), so a budget below the expert bytes still leaves an expert cache
     that must evict; written without the routing calibration (a few seconds)."""
-    spec = importlib.util.spec_from_file_location("make_bench_model", ROOT / "tools" / "make_bench_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["make_bench_model"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
+    mod = load_tool("make_bench_model")
     shape = mod.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=64, n_expert_used=4, n_ff_exp=1024,
                            vocab=1024, n_ctx_train=512)
     return mod.write_bench_model(shape, path, log=lambda *a, **k: None, calibrate=False)

@@ -8,33 +8,22 @@ memory_budget=B)` converting the file and then generating, with the model file a
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def big_gguf(tmp_path_factory):
-    mb = _tool("make_bench_model")
+    mb = load_tool("make_bench_model")
     shape = mb.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=112, n_expert_used=4, n_ff_exp=1024,
                           vocab=1024, n_ctx_train=512)
     return mb.write_bench_model(shape, tmp_path_factory.mktemp("first") / "big.gguf", log=lambda *a, **k: None)
 
 
 def test_first_load_converts_within_the_budget(big_gguf, tmp_path):
-    bench = _tool("bench_first_load")
+    bench = load_tool("bench_first_load")
     budget = int(big_gguf.stat().st_size / 2.5)
     r = bench.measure(big_gguf, budget, tmp_path / "cache")
     print("\n" + bench.report(r))

@@ -7,13 +7,14 @@ expert bytes, so experts must be evicted and re-read.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_tool
 
 from edgemoe.convert import convert
 
@@ -32,17 +33,9 @@ print(json.dumps(dict(base=base, hwm=hwm, misses=s.cache.misses, evictions=s.cac
 """
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("make_bench_model", ROOT / "tools" / "make_bench_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["make_bench_model"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def big_store(tmp_path_factory):
-    mb = _bench_module()
+    mb = load_tool("make_bench_model")
     d = tmp_path_factory.mktemp("big")
     shape = mb.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=96, n_expert_used=4, n_ff_exp=1024,
                           vocab=1024, n_ctx_train=512)
@@ -99,7 +92,7 @@ def test_onnxruntime_sessions_stay_within_budget(tmp_path):
     carved out of the expert cache, so peak RSS still stays within budget + 5% (an 8-bit store:
     onnxruntime takes its batches; here every call, min_batch=1, so sessions come and go)."""
     pytest.importorskip("onnxruntime")
-    mb = _bench_module()
+    mb = load_tool("make_bench_model")
     shape = mb.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=32, n_expert_used=4, n_ff_exp=512,
                           vocab=1024, n_ctx_train=512)
     src = mb.write_bench_model(shape, tmp_path / "m.gguf", log=lambda *a, **k: None)

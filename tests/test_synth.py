@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import load_tool
 
 import gguf
 
 from edgemoe.synth import ARCHES, SynthSpec, build_vocab, quantize_model, tensor_types, write_model
 
-_TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
 
 def _bench_module():
-    path = _TOOLS / "make_bench_model.py"
-    spec = importlib.util.spec_from_file_location("make_bench_model", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_bench_model", mod)  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("make_bench_model")
+
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
