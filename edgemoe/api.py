@@ -28,8 +28,9 @@ from .tokenizer import StreamDecoder, open_tokenizer
 from . import BASELINE_RSS  # resident_bytes is counted from the RSS right after `import edgemoe`
 
 # What the runtime (numpy, numba and its compiled kernels, llama.cpp's library and vocabulary, the
-# interpreter) adds at load, before it can be measured after the warm-up token: 190-200 MiB on an
-# x86-64 Linux machine with a 50k vocabulary (tests/test_budget_first_load.py prints it). Used to
+# interpreter) adds at load, before it can be measured after the warm-up token: 166-233 MiB on an
+# x86-64 Linux machine (tools/bench_first_load.py prints it), more on the first run after an install,
+# which compiles the numba kernels (docs/benchmarks.md). Used to
 # size a default budget and to refuse a budget before the model is loaded; the refusal after the
 # warm-up counts the measured figure.
 RUNTIME_ESTIMATE = 200 * 1024 * 1024
