@@ -255,5 +255,3 @@ def rows_kernel(to_float, w_addr, w_stride, rows, n_in, out_addr):
         _convert(to_float, w_addr + rows[i] * w_stride, out_addr + i * n_in * 4, n_in)
 
 
-def addr(a: np.ndarray) -> int:
-    return int(a.__array_interface__["data"][0])

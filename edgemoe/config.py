@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import EdgeMoEError
 from .gguf_file import GGUFFile
 
@@ -161,7 +163,7 @@ class ModelArgs:
             raise EdgeMoEError(f"{f.path}: rope scaling type {scaling!r} is not supported")
         freq_scale = 1.0 / factor if scaling != "none" and factor > 0 else 1.0
         n_ctx_train = int(key("context_length", 4096))
-        attn_scale = float(key("attention.scale", 0.0) or 0.0) or 1.0 / math.sqrt(head_dim)
+        attn_scale = float(key("attention.scale", 0.0) or 0.0) or _inv_sqrt(head_dim)
         rope_attn_factor = float(key("rope.scaling.attn_factor", 1.0))
         norm_topk = spec["norm_topk"]
         gating = spec.get("gating", "softmax")
@@ -182,7 +184,8 @@ class ModelArgs:
                 rope_attn_factor /= 1.0 + 0.1 * math.log(1.0 / freq_scale)
             mscale = rope_attn_factor * (1.0 + 0.1 * math.log(1.0 / freq_scale))
             mscale *= 1.0 + 0.1 * log_mul * math.log(1.0 / freq_scale)
-            attn_scale = mscale * mscale / math.sqrt(head_dim)
+            m = np.float32(mscale)
+            attn_scale = float(m * m / np.sqrt(np.float32(head_dim)))  # in float32, as llama.cpp
         n_groups = int(key("expert_group_count", 0) or 0)
         if n_groups > 1:
             n_group_used = int(key("expert_group_used_count", 0) or 0)
@@ -191,7 +194,7 @@ class ModelArgs:
                                    f"{n_group_used} used")
             extra.update(n_expert_groups=n_groups, n_group_used=n_group_used)
         if arch == "gpt-oss":
-            attn_scale = 1.0 / math.sqrt(n_rot)
+            attn_scale = _inv_sqrt(n_rot)
             n_swa = int(key("attention.sliding_window", required=True))
             pattern = key("attention.sliding_window_pattern", 2)
             if isinstance(pattern, (list, tuple)) or getattr(pattern, "ndim", 0):
@@ -253,3 +256,9 @@ def _scalar(value, f: GGUFFile, name: str) -> int:
         if isinstance(exc, EdgeMoEError):
             raise
         raise EdgeMoEError(f"{f.path}: metadata {name} has a bad value {value!r}") from None
+
+
+def _inv_sqrt(n: int) -> float:
+    """1 / sqrt(n) rounded as llama.cpp's `1.0f/sqrtf(float(n))` (float32 sqrt, then float32 divide:
+    1 ulp off the correctly rounded value for some n, and the scale enters every attention logit)."""
+    return float(np.float32(1.0) / np.sqrt(np.float32(n)))

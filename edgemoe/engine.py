@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
+from . import ggml_graph, kernels
 from .config import ModelArgs
-from .gguf_file import GGUFFile, Tensor
 from .errors import EdgeMoEError
+from .gguf_file import GGUFFile, Tensor
 
 
 def _vec(t: Tensor | None) -> np.ndarray | None:
@@ -119,8 +119,12 @@ class KVCache:
         npdt = np.float16 if dtype == "f16" else np.float32
         self.n_ctx = n_ctx
         n_kv, dk, dv = args.cache_dims  # MLA: one latent row per position, V = its first kv_lora
-        self.k = np.zeros((args.n_layer, n_ctx, n_kv, dk), dtype=npdt)
-        self.v = np.zeros((args.n_layer, n_ctx, n_kv, dv), dtype=npdt)
+        # rows up to llama.cpp's padded context: its attention reads whole blocks of cells
+        # (ggml_graph.kv_len); the cells past the ones in use are masked
+        rows = ggml_graph.kv_len(n_ctx, n_ctx)
+        self.k = ggml_graph.zeros((args.n_layer, rows, n_kv, dk), npdt)
+        # V transposed, as llama.cpp stores it without flash attention: [layer, head, dim, cell]
+        self.v = ggml_graph.zeros((args.n_layer, n_kv, dv, rows), npdt)
         self.n_past = 0
 
     @property
@@ -133,15 +137,41 @@ class KVCache:
 
 def expert_act(args: ModelArgs, g: np.ndarray, u: np.ndarray) -> np.ndarray:
     """The expert FFN's gated activation on gate/up projections g, u [T, F] (biases already added),
-    as llama.cpp's build_moe_ffn: SwiGLU silu(g) * u, or gpt-oss's ggml_swiglu_oai with alpha
-    1.702 and limit 7 (hard-coded in llama.cpp): x = min(g, 7), y = clip(u, -7, 7),
+    as llama.cpp's build_moe_ffn: SwiGLU silu(g) * u (see swiglu), or gpt-oss's ggml_swiglu_oai
+    with alpha 1.702 and limit 7 (hard-coded in llama.cpp): x = min(g, 7), y = clip(u, -7, 7),
     x * sigmoid(1.702 x) * (y + 1)."""
     if args.expert_act == "swiglu_oai":
         x = np.minimum(g, np.float32(_OAI_LIMIT))
         y = np.clip(u, np.float32(-_OAI_LIMIT), np.float32(_OAI_LIMIT))
         return (x / (np.float32(1.0) + np.exp(np.float32(-_OAI_ALPHA) * x)) * (y + np.float32(1.0))).astype(
             np.float32, copy=False)
-    return (g / (np.float32(1.0) + np.exp(-g)) * u).astype(np.float32, copy=False)
+    return swiglu(g, u)
+
+
+def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """silu(g) * u [T, F], bit for bit as llama.cpp's ggml_swiglu_split on the CPU: computed by
+    ggml's own ggml_vec_swiglu_f32 where the ggml kernels are loaded (its SIMD expf differs from
+    numpy's exp in the last bit of about a quarter of the values). The product is the activation
+    that ggml quantizes to Q8_0 for the down projection of a quantized file, where a 1-ulp
+    difference now and then moves a value across a rounding boundary of the quantizer: the
+    token's output then differs by ~1e-3 relative, and through the KV cache every later one."""
+    fn = ggml_graph.vec_swiglu()
+    if fn is None:
+        return (g / (np.float32(1.0) + np.exp(-g)) * u).astype(np.float32, copy=False)
+    g = np.ascontiguousarray(g, dtype=np.float32)
+    u = np.ascontiguousarray(u, dtype=np.float32)
+    if g.shape != u.shape:
+        raise EdgeMoEError(f"swiglu: gate {g.shape} and up {u.shape} differ")
+    y = np.empty_like(g)
+    n = g.shape[-1] if g.ndim else 1
+    if g.ndim <= 1 or g.size == n or n % 64 == 0:
+        # llama.cpp calls it per row; rows that are whole SIMD vectors give the same bits in one call
+        fn(g.size, *(ggml_graph.addr(a) for a in (y, g, u)))
+    else:
+        g2, u2, y2 = g.reshape(-1, n), u.reshape(-1, n), y.reshape(-1, n)
+        for r in range(g2.shape[0]):
+            fn(n, *(ggml_graph.addr(a) for a in (y2[r], g2[r], u2[r])))
+    return y
 
 
 _OAI_ALPHA = 1.702
@@ -208,19 +238,28 @@ class GGUFExperts:
 
 
 def combine(h: np.ndarray, top: np.ndarray, w: np.ndarray, ffn, order=None) -> np.ndarray:
-    """sum_k w[t, k] * ffn(top[t, k], h[t]) [T, D], each expert run once on all its tokens;
-    slots with weight 0 (skipped) are left out."""
+    """sum_k w[t, k] * ffn(top[t, k], h[t]) [T, D], each expert run once on all its tokens (in
+    `order`, default ascending); slots with weight 0 (skipped) are left out.
+
+    The weighted outputs are added in slot order k = 0, 1, ..., K-1, as llama.cpp's build_moe_ffn
+    adds its per-slot views: float addition is not associative, and another order differs in the
+    last bit, which the next layer's RMS norm and Q8_0 activations can turn into a visible
+    difference on a quantized file."""
+    T, K = top.shape
     out = np.zeros_like(h)
-    if top.shape[0] == 1 and order is None:  # decode: one token, each expert once (same order)
-        for e, gw in sorted(zip(top[0].tolist(), w[0].tolist())):
+    if T == 1 and order is None:  # decode: one token, each expert once
+        for e, gw in zip(top[0].tolist(), w[0].tolist()):
             if gw != 0:
                 out += ffn(e, h) * np.float32(gw)
         return out
+    slots = np.zeros((T, K, h.shape[1]), dtype=np.float32)  # [T, K, D]
     for e in (order if order is not None else np.unique(top)):
         rows, slot = np.nonzero((top == e) & (w != 0))
         if len(rows):
-            gw = w[rows, slot]
-            out[rows] += ffn(int(e), np.ascontiguousarray(h[rows])) * gw[:, None]
+            slots[rows, slot] = ffn(int(e), np.ascontiguousarray(h[rows])) * w[rows, slot][:, None]
+    out[:] = slots[:, 0]
+    for k in range(1, K):
+        out += slots[:, k]
     return out
 
 
@@ -333,13 +372,31 @@ class Engine:
             mscale *= 1.0 + 0.1 * np.log(1.0 / fs)
         return (np.cos(theta) * mscale).astype(np.float32), (np.sin(theta) * mscale).astype(np.float32)
 
-    def _apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x [T, H, Dh]; rotates the first n_rot dims."""
-        n = self.args.n_rot
+    def _layer_freq_factors(self, layer: Layer, n_ctx: int) -> np.ndarray | None:
+        if layer.rope_freqs is not None:
+            return layer.rope_freqs
+        if self._rope_long is None:
+            return None
+        return self._rope_long if n_ctx > self.n_ctx_orig else self._rope_short
+
+    def _apply_rope(self, layer: Layer, x: np.ndarray, pos: np.ndarray, n_ctx: int) -> np.ndarray:
+        """x [T, H, Dh] with the first n_rot dims of each head rotated for positions pos [T], by
+        ggml's own ggml_rope_ext where its kernels are loaded (its float32 theta recurrence and
+        libm sin/cos are llama.cpp's to the bit), else in numpy (equal to ~1e-6)."""
+        a = self.args
+        base = (a.rope_theta_swa if layer.swa else None) or a.rope_theta  # gpt-oss: freq_base_swa
+        ff = self._layer_freq_factors(layer, n_ctx)
+        if ggml_graph.available():
+            mode = ggml_graph.ROPE_NEOX if a.rope_type == "neox" else ggml_graph.ROPE_NORM
+            ext = 1.0 if a.rope_scaling == "yarn" else 0.0
+            return ggml_graph.Graph.get().rope(x, pos, a.n_rot, mode, ff, a.rope_n_ctx_orig, base, a.rope_freq_scale,
+                                               ext, a.rope_attn_factor, a.yarn_beta_fast, a.yarn_beta_slow)
+        cos, sin = self._rope_cache(pos, ff, n_ctx, base)
+        n = a.n_rot
         c = cos[:, None, :]
         s = sin[:, None, :]
         out = x.copy()
-        if self.args.rope_type == "neox":
+        if a.rope_type == "neox":
             x0, x1 = x[..., : n // 2], x[..., n // 2 : n]
             out[..., : n // 2] = x0 * c - x1 * s
             out[..., n // 2 : n] = x0 * s + x1 * c
@@ -349,16 +406,35 @@ class Engine:
             out[..., 1:n:2] = x0 * s + x1 * c
         return out
 
-    def _layer_freq_factors(self, layer: Layer, n_ctx: int) -> np.ndarray | None:
-        if layer.rope_freqs is not None:
-            return layer.rope_freqs
-        if self._rope_long is None:
-            return None
-        return self._rope_long if n_ctx > self.n_ctx_orig else self._rope_short
+    def _attention_core(self, i: int, layer: Layer, q: np.ndarray, cache: KVCache, p0: int) -> np.ndarray:
+        """softmax(scale q K^T + mask [+ sink]) V [H, T, Dv] for q [T, H, Dk] at positions p0.., over
+        the cache's cells 0..p0+T-1 (MLA: V is the first kv_lora_rank of each K row). Through
+        ggml's ops on llama.cpp's shapes where its kernels are loaded: the same result to the bit,
+        the f16 cache's rounding of q and of the attention weights included."""
+        a = self.args
+        T = q.shape[0]
+        S = p0 + T
+        mla = a.attention == "mla"
+        if not ggml_graph.available():
+            K = kernels.to_f32(cache.k[i, :S])  # [S, Hk, Dk]
+            if mla:
+                V = K[..., : a.kv_lora_rank]
+            else:
+                V = kernels.to_f32(np.ascontiguousarray(cache.v[i, :, :, :S].transpose(2, 0, 1)))
+            return self._sdpa(q, K, V, p0, layer).transpose(1, 0, 2)
+        n_kv = ggml_graph.kv_len(S, cache.n_ctx)
+        mask = np.where(self._masked(layer, p0, T, n_kv), np.float32(-np.inf), np.float32(0.0))
+        v = a.kv_lora_rank if mla else cache.v[i]
+        return ggml_graph.Graph.get().attention(q, cache.k[i], v, n_kv, mask, a.attn_scale, layer.sinks)
 
-    def _layer_rope(self, layer: Layer, pos: np.ndarray, n_ctx: int):
-        base = self.args.rope_theta_swa if layer.swa else None  # gpt-oss: optional freq_base_swa
-        return self._rope_cache(pos, self._layer_freq_factors(layer, n_ctx), n_ctx, base)
+    def _masked(self, layer: Layer, p0: int, T: int, S: int) -> np.ndarray:
+        """[T, S]: which cache cells each query position may not see (later ones; on sliding-window
+        layers also those n_swa or more positions back)."""
+        qpos = p0 + np.arange(T)
+        mask = np.arange(S)[None, :] > qpos[:, None]
+        if layer.swa:
+            mask |= (qpos[:, None] - np.arange(S)[None, :]) >= self.args.n_swa
+        return mask
 
     def _sdpa(self, q: np.ndarray, K: np.ndarray, V: np.ndarray, p0: int, layer: Layer) -> np.ndarray:
         """softmax(scale q K^T + mask [+ sink]) V as llama.cpp's build_attn_mha (no flash attention).
@@ -371,10 +447,7 @@ class Engine:
         G = H // Hk
         qg = q.reshape(T, Hk, G, Dk).transpose(1, 2, 0, 3)  # [Hk, G, T, Dk]
         scores = np.matmul(qg, K.transpose(1, 2, 0)[:, None]) * np.float32(a.attn_scale)  # [Hk,G,T,S]
-        qpos = p0 + np.arange(T)
-        mask = np.arange(S)[None, :] > qpos[:, None]  # [T, S]
-        if layer.swa:
-            mask |= (qpos[:, None] - np.arange(S)[None, :]) >= a.n_swa
+        mask = self._masked(layer, p0, T, S)
         if mask.any():
             scores = np.where(mask, np.float32(-np.inf), scores)
         mx = scores.max(axis=-1, keepdims=True)
@@ -411,17 +484,14 @@ class Engine:
         if layer.q_norm is not None and layer.q_norm.size == a.head_dim:  # qwen3: per head
             q = _rms(q, layer.q_norm, a.norm_eps)
             k = _rms(k, layer.k_norm, a.norm_eps)
-        cos, sin = self._layer_rope(layer, pos, cache.n_ctx)
-        q = self._apply_rope(q, cos, sin)
-        k = self._apply_rope(k, cos, sin)
+        q = self._apply_rope(layer, q, pos, cache.n_ctx)
+        k = self._apply_rope(layer, k, pos, cache.n_ctx)
 
         p0 = cache.n_past
-        S = p0 + T
-        cache.k[i, p0:S] = k
-        cache.v[i, p0:S] = v
-        K = kernels.to_f32(cache.k[i, :S])  # [S, Hk, Dh]
-        Vv = kernels.to_f32(cache.v[i, :S])  # [S, Hk, Dhv]
-        out = self._sdpa(q, K, Vv, p0, layer).reshape(T, a.n_head * a.head_dim_v)
+        cache.k[i, p0:p0 + T] = k
+        cache.v[i, :, :, p0:p0 + T] = v.transpose(1, 2, 0)
+        out = self._attention_core(i, layer, q, cache, p0)  # [H, T, Dv]
+        out = out.transpose(1, 0, 2).reshape(T, a.n_head * a.head_dim_v)
         o = kernels.matmul(layer.wo, np.ascontiguousarray(out, dtype=np.float32))
         if layer.bo is not None:
             o += layer.bo
@@ -445,21 +515,18 @@ class Engine:
         q = q.reshape(T, H, a.head_dim)
         kv = kernels.matmul(layer.wkv_a, h)  # [T, L + R]
         kv_c = _rms(kv[:, :L], layer.kv_a_norm, a.norm_eps)  # [T, L]
-        cos, sin = self._layer_rope(layer, pos, cache.n_ctx)
-        q_pe = self._apply_rope(np.ascontiguousarray(q[..., nope:]), cos, sin)  # [T, H, R]
-        k_pe = self._apply_rope(np.ascontiguousarray(kv[:, None, L:]), cos, sin)  # [T, 1, R]
+        q_pe = self._apply_rope(layer, np.ascontiguousarray(q[..., nope:]), pos, cache.n_ctx)  # [T, H, R]
+        k_pe = self._apply_rope(layer, np.ascontiguousarray(kv[:, None, L:]), pos, cache.n_ctx)  # [T, 1, R]
         q_nope = q[..., :nope]
         q_abs = np.stack([kernels.matmul(layer.wk_b[hh], np.ascontiguousarray(q_nope[:, hh]))
                           for hh in range(H)], axis=1)  # [T, H, L]
         Q = np.concatenate([q_abs, q_pe], axis=-1)  # [T, H, L + R]
 
         p0 = cache.n_past
-        S = p0 + T
-        cache.k[i, p0:S, 0, :L] = kv_c
-        cache.k[i, p0:S, 0, L:] = k_pe[:, 0]
-        K = kernels.to_f32(cache.k[i, :S])  # [S, 1, L + R]
-        lat = self._sdpa(Q, K, K[..., :L], p0, layer)  # [T, H, L]
-        o = np.stack([kernels.matmul(layer.wv_b[hh], np.ascontiguousarray(lat[:, hh]))
+        cache.k[i, p0:p0 + T, 0, :L] = kv_c
+        cache.k[i, p0:p0 + T, 0, L:] = k_pe[:, 0]
+        lat = self._attention_core(i, layer, Q, cache, p0)  # [H, T, L]
+        o = np.stack([kernels.matmul(layer.wv_b[hh], np.ascontiguousarray(lat[hh]))
                       for hh in range(H)], axis=1)  # [T, H, Dv]
         return kernels.matmul(layer.wo, np.ascontiguousarray(o.reshape(T, H * a.head_dim_v), dtype=np.float32))
 
@@ -468,29 +535,32 @@ class Engine:
         return self._route(layer, h)
 
     def route_softmax(self, layer: Layer, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """softmax over all experts, top-k, renormalised if norm_topk (the six original arches)."""
+        """softmax over all experts, top-k, renormalised if norm_topk (the six original arches);
+        each step rounds as llama.cpp's build_moe_ffn (see route_deepseek)."""
         a = self.args
-        probs = _softmax(h @ layer.router.T)  # [T, E]
+        probs = _router_probs(layer.router, h, "softmax")  # [T, E]
         top = _topk(probs, a.n_expert_used)  # [T, K]
         w = np.take_along_axis(probs, top, axis=-1)
-        if a.norm_topk:
-            w = w / w.sum(axis=-1, keepdims=True)
-        return top, w.astype(np.float32)
+        return top, (_renormalised(w) if a.norm_topk else w).astype(np.float32)
 
     def route_deepseek(self, layer: Layer, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """deepseek2: softmax or sigmoid scores; the selection adds exp_probs_b (V3) and is limited
         to the n_group_used expert groups whose two best (biased) scores sum highest; the weights
-        are the unbiased scores, renormalised if expert_weights_norm, times expert_weights_scale."""
+        are the unbiased scores, renormalised if expert_weights_norm, times expert_weights_scale.
+
+        Every step rounds as llama.cpp's build_moe_ffn does (the router product and its sigmoid or
+        softmax are ggml's own, see _router_probs), so the gate weights are llama.cpp's to the bit:
+        on a quantized file a last-bit difference in them reaches the next layer's Q8_0
+        activations through the residual, and can flip a rounding there."""
         a = self.args
-        logits = h @ layer.router.T  # [T, E]
-        probs = _softmax(logits) if a.gating_func == "softmax" else _sigmoid(logits)
+        probs = _router_probs(layer.router, h, a.gating_func)  # [T, E], as ggml computes them
         sel = probs + layer.exp_probs_b if layer.exp_probs_b is not None else probs
         if a.n_expert_groups > 1:
             sel = _limit_groups(sel, a.n_expert_groups, a.n_group_used)
         top = _topk(sel, a.n_expert_used)
         w = np.take_along_axis(probs, top, axis=-1)
         if a.norm_topk:
-            w = w / np.maximum(w.sum(axis=-1, keepdims=True), np.float32(6.103515625e-5))
+            w = _renormalised(w)
         if a.expert_weights_scale not in (0.0, 1.0):
             w = w * np.float32(a.expert_weights_scale)
         return top, w.astype(np.float32)
@@ -594,14 +664,23 @@ def _blas_controller():
 
 
 def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    return (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w).astype(np.float32, copy=False)
+    """RMSNorm over the last axis, times w, bit for bit as llama.cpp computes it on the CPU
+    (ggml_compute_forward_rms_norm_f32, then ggml_mul): the float32 squares summed in sequence in
+    double, mean = float(sum / n), scale = 1 / sqrtf(mean + eps), (x * scale) * w. This is the
+    activation ggml quantizes to Q8_0 for the next matmul of a quantized file, where a 1-ulp
+    difference (x / sqrt(mean) with a float32 pairwise mean, as before) sometimes crosses a
+    rounding boundary of the quantizer and changes the token's output by ~1e-3 relative."""
+    x = np.asarray(x, dtype=np.float32)
+    ssq = np.cumsum((x * x).astype(np.float64), axis=-1)[..., -1:]  # in order, as ggml's loop
+    mean = (ssq / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+    return (x * scale) * w.astype(np.float32, copy=False)
 
 
 def _swiglu_ffn(gate: kernels.QWeight, up: kernels.QWeight, down: kernels.QWeight, x: np.ndarray) -> np.ndarray:
     g = kernels.matmul(gate, x)  # [T, F]
     u = kernels.matmul(up, x)  # [T, F]
-    hdn = g / (1.0 + np.exp(-g)) * u
-    return kernels.matmul(down, np.ascontiguousarray(hdn, dtype=np.float32))  # [T, D]
+    return kernels.matmul(down, swiglu(g, u))  # [T, D]
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -642,4 +721,23 @@ def _rows(t: Tensor) -> np.ndarray:
 
 def _router(t: Tensor) -> np.ndarray:
     w = _mat(t)
-    return kernels.dequantize_rows(w, np.arange(w.shape[0]))
+    return ggml_graph.aligned(kernels.dequantize_rows(w, np.arange(w.shape[0])))
+
+
+def _renormalised(w: np.ndarray) -> np.ndarray:
+    """w [T, K] / its row sums, as llama.cpp: ggml_sum_rows adds in order in double, the sum is
+    clamped at 6.1e-5 (the smallest normal f16), and the division is in float."""
+    wsum = np.cumsum(w.astype(np.float64), axis=-1)[:, -1:].astype(np.float32)
+    return w / np.maximum(wsum, np.float32(6.103515625e-5))
+
+
+def _router_probs(router: np.ndarray, h: np.ndarray, gating: str) -> np.ndarray:
+    """The router's scores [T, E] = sigmoid or softmax of h [T, D] @ router [E, D].T, computed by
+    ggml itself (a two-node graph: ggml_mul_mat of the F32 router, then ggml_sigmoid or
+    ggml_soft_max, on the CPU backend), so they are llama.cpp's to the bit: its F32 product runs
+    llamafile's tinyBLAS with its own summation order, which BLAS and numpy's exp do not
+    reproduce. Without the ggml kernels: numpy, equal to ~1e-7."""
+    if not ggml_graph.available() or h.shape[0] == 0:
+        logits = h @ router.T
+        return (_softmax(logits) if gating == "softmax" else _sigmoid(logits)).astype(np.float32)
+    return ggml_graph.Graph.get().router_probs(router, h, gating == "softmax")

@@ -36,6 +36,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from . import ggml_graph
 from .errors import EdgeMoEError
 
 # float32 scratch bound for the numpy path: one tile of rows x n_in
@@ -273,7 +274,7 @@ def _matmul_ggml(w: QWeight, x: np.ndarray) -> np.ndarray:
     vec_dot, from_float, q_row, _ = w._dot
     q = np.empty(T * q_row, dtype=np.uint8)  # activations in vec_dot_type
     out = np.empty((T, n_out), dtype=np.float32)
-    addr = _ggml_mod.addr
+    addr = ggml_graph.addr
     _launch(_ggml_mod.matmul_kernel, (vec_dot, from_float, w.addr, w.data.strides[0], n_out,
                                       n_in, addr(x), T, addr(q), q_row, addr(out)))
     return out
@@ -285,7 +286,7 @@ def _matmul_q4_0x8(w: QWeight, x: np.ndarray) -> np.ndarray:
     q_row = n_in // 32 * 34  # Q8_0; 4 rows of it = the same bytes as block_q8_0x4
     q = np.empty(T * q_row, dtype=np.uint8)
     out = np.empty((T, n_out), dtype=np.float32)
-    addr = _ggml_mod.addr
+    addr = ggml_graph.addr
     chunks = 1 if THREADS == 1 else min(n_out // 8, 2 * THREADS)
     _launch(_ggml_mod.q4_0x8_matmul_kernel, (*_lib.q4_0x8, w.addr, w.row_bytes, n_out, n_in,
                                              addr(x), T, addr(q), q_row, addr(out), chunks))
@@ -332,8 +333,8 @@ def dequantize_rows(w: QWeight, rows: np.ndarray) -> np.ndarray:
         return gguf.quants.dequantize(np.ascontiguousarray(w.data[rows]), w.qtype).reshape(
             rows.size, n_in)
     out = np.empty((rows.size, n_in), dtype=np.float32)
-    _ggml_mod.rows_kernel(w._dot[3], _ggml_mod.addr(w.data), w.data.strides[0], rows, n_in,
-                          _ggml_mod.addr(out))
+    _ggml_mod.rows_kernel(w._dot[3], ggml_graph.addr(w.data), w.data.strides[0], rows, n_in,
+                          ggml_graph.addr(out))
     return out
 
 

@@ -66,13 +66,14 @@ def load_tool(name: str):
     return sys.modules[name]
 
 
-def llama_cpp_logits(path: Path | str, ids: list[int], n_ctx: int = 256) -> np.ndarray:
-    """llama.cpp's logits for every position, KV cache in F32 (exact comparisons)."""
+def llama_cpp_logits(path: Path | str, ids: list[int], n_ctx: int = 256, kv_type: str = "f32") -> np.ndarray:
+    """llama.cpp's logits for every position, KV cache in F32 (exact comparisons) or F16."""
     import llama_cpp
 
+    kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
     llm = llama_cpp.Llama(
         model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-        n_threads=2, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+        n_threads=2, type_k=kv, type_v=kv,
     )
     try:
         llm.eval([int(t) for t in ids])

@@ -83,7 +83,7 @@ def test_broken_rope_fails_the_comparison(build_model, monkeypatch):
     path = build_model("qwen3moe")
     with edgemoe.load(path, kv_type="f32", n_ctx=256) as m:
         ids = random_ids(N_TOKENS, m.config.n_vocab)
-        monkeypatch.setattr(engine.Engine, "_apply_rope", lambda self, x, cos, sin: x)
+        monkeypatch.setattr(engine.Engine, "_apply_rope", lambda self, layer, x, pos, n_ctx: x)
         broken = m.logits(ids)
     assert rel_err(broken, llama_cpp_logits(path, ids)) > 1e-2
 
