@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import memory as _memory
 from .errors import EdgeMoEError
-
-BASELINE_RSS = _memory.rss()  # RSS right after `import edgemoe`
+from .runtime.memory import BASELINE_RSS  # first: RSS right after `import edgemoe`
 
 if TYPE_CHECKING:
     from .api import Model, Response, Stats, load

@@ -14,18 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from . import kernels, memory, policy, store, streaming
-from .cache import ExpertCache
-from .config import DEFAULT_N_CTX, ModelArgs
-from .engine import Engine, KVCache
 from .errors import EdgeMoEError
-from .gguf_file import GGUFFile
-from .sampling import Sampler, SamplingParams
-from .store import StoreReader
-from .streaming import CacheStats, StoreExperts
-from .tokenizer import StreamDecoder, open_tokenizer
-
-from . import BASELINE_RSS  # resident_bytes is counted from the RSS right after `import edgemoe`
+from .models.config import DEFAULT_N_CTX, ModelArgs
+from .models.gguf_file import GGUFFile
+from .models.tokenizer import StreamDecoder, open_tokenizer
+from .quant import kernels
+from .runtime import memory, policy, streaming
+from .runtime.cache import ExpertCache
+from .runtime.engine import Engine, KVCache
+from .runtime.memory import BASELINE_RSS  # resident_bytes counts from the RSS after `import edgemoe`
+from .runtime.sampling import Sampler, SamplingParams
+from .runtime.streaming import CacheStats, StoreExperts
+from .store import reader as store
+from .store.reader import StoreReader
 
 # What the runtime (numpy, numba and its compiled kernels, llama.cpp's library and vocabulary, the
 # interpreter) adds at load, before it can be measured after the warm-up token: 166-233 MiB on an
@@ -164,11 +165,11 @@ class Model:
             else:
                 self.config = ModelArgs.from_gguf(self._file)
             self.n_ctx = n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train)
-            self._cache = KVCache(self.config, self.n_ctx, kv_type)
+            self._kv = KVCache(self.config, self.n_ctx, kv_type)
             if self.store_path:
                 self._open_store(bits, cache_policy, pipeline, prefetch)
-                if onnx_experts:  # experts on onnxruntime by the rule of edgemoe.onnx_experts
-                    from .onnx_experts import OnnxExperts
+                if onnx_experts:  # experts on onnxruntime by the rule of edgemoe.store.onnx_experts
+                    from .store.onnx_experts import OnnxExperts
 
                     opts = dict(onnx_experts) if isinstance(onnx_experts, dict) else {}
                     self._onnx_pool = opts.pop("pool", None)
@@ -223,7 +224,7 @@ class Model:
         return False
 
     def _converted_store(self, progress: bool) -> Path:
-        from .convert import convert
+        from .store.convert import convert
 
         dst = streaming.cache_dir() / (streaming.store_key(self.path) + ".edgemoe")
         if store.is_store(dst):
@@ -232,8 +233,9 @@ class Model:
             self._refuse_before_converting()
         dst.parent.mkdir(parents=True, exist_ok=True)
         if progress:
-            print(f"edgemoe: converting {self.path.name} into an expert store at {dst} (first use only)",
-                  file=sys.stderr)
+            print(
+                f"edgemoe: converting {self.path.name} into an expert store at {dst} (first use only)", file=sys.stderr
+            )
         return convert(self.path, dst, progress=progress)
 
     def _refuse_before_converting(self) -> None:
@@ -241,7 +243,7 @@ class Model:
         refused from the GGUF's header alone, before a conversion that could take minutes. The
         minimum stated counts one layer's chosen experts at their source size (the store's widest
         planes are within a few percent of it), so it is a budget that works."""
-        from .convert import resident_dense_bytes, source_expert_bytes
+        from .store.convert import resident_dense_bytes, source_expert_bytes
 
         gf = GGUFFile(self.path)
         try:
@@ -253,8 +255,12 @@ class Model:
             gf.close()
         so_far = max(memory.rss() - BASELINE_RSS, 0)  # the runtime's imports; kernels and vocabulary to come
         if self.budget_bytes < fixed + so_far:
-            raise streaming.refuse(self.budget_bytes, fixed + max(RUNTIME_ESTIMATE, so_far), layer * 5 // 4,
-                                   f"dense weights, KV cache (n_ctx={n_ctx}), scratch and the runtime")
+            raise streaming.refuse(
+                self.budget_bytes,
+                fixed + max(RUNTIME_ESTIMATE, so_far),
+                layer * 5 // 4,
+                f"dense weights, KV cache (n_ctx={n_ctx}), scratch and the runtime",
+            )
 
     def _open_store(self, bits: int | None, policy: str, pipeline: bool, prefetch: bool) -> None:
         # the resident part must stay resident under memory pressure
@@ -264,10 +270,12 @@ class Model:
         for i in range(c.n_layer):
             have = len(r.locations[i]) if i < len(r.locations) else 0
             if have != (0 if c.is_dense(i) else c.n_expert):
-                raise EdgeMoEError(f"{r.root / store.MANIFEST}: layer {i} has {have} experts in the store, "
-                                   f"the model's configuration has {0 if c.is_dense(i) else c.n_expert}")
+                raise EdgeMoEError(
+                    f"{r.root / store.MANIFEST}: layer {i} has {have} experts in the store, "
+                    f"the model's configuration has {0 if c.is_dense(i) else c.n_expert}"
+                )
         experts_all = r.all_experts_bytes()
-        fixed = streaming.fixed_bytes(c, self.n_ctx, self._file.resident_bytes, self._cache.nbytes)
+        fixed = streaming.fixed_bytes(c, self.n_ctx, self._file.resident_bytes, self._kv.nbytes)
         # Before the warm-up the runtime is not known yet. A budget is refused only when what the
         # runtime holds so far leaves no room; the minimum stated then counts the estimate.
         so_far = max(memory.rss() - BASELINE_RSS - self._file.resident_bytes, 0)
@@ -279,8 +287,12 @@ class Model:
         self._experts = StoreExperts(r, cache, self.config, self._file, bits, self._quality, pipeline, prefetch)
         min_cache = self._experts.min_layer_bytes(c.n_expert_used)
         if cache.capacity - so_far < min_cache:
-            raise streaming.refuse(self.budget_bytes, fixed + runtime, min_cache,
-                                   f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime")
+            raise streaming.refuse(
+                self.budget_bytes,
+                fixed + runtime,
+                min_cache,
+                f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime",
+            )
         self._fixed_bytes = fixed
 
     def _warm_up(self) -> None:
@@ -309,18 +321,25 @@ class Model:
             avail = memory.available()
             self.budget_bytes = int(min(self._fixed_bytes + overhead + experts_all, 0.8 * avail))
             if self.budget_bytes < self._fixed_bytes + overhead + experts_all:
-                print(f"edgemoe: {memory.format_size(avail)} free: budget {memory.format_size(self.budget_bytes)} "
-                      f"(80%), experts stream from {self.store_path}", file=sys.stderr)
+                print(
+                    f"edgemoe: {memory.format_size(avail)} free: budget {memory.format_size(self.budget_bytes)} "
+                    f"(80%), experts stream from {self.store_path}",
+                    file=sys.stderr,
+                )
         capacity = self.budget_bytes - self._fixed_bytes - overhead
         min_cache = self._experts.min_layer_bytes(self.config.n_expert_used)
         if capacity < min_cache:
-            raise streaming.refuse(self.budget_bytes, self._fixed_bytes + overhead, min_cache,
-                                   f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime")
+            raise streaming.refuse(
+                self.budget_bytes,
+                self._fixed_bytes + overhead,
+                min_cache,
+                f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime",
+            )
         cache.capacity = min(cache.capacity, capacity)
         cache.clear()
         pool = 0
         if self._experts.onnx is not None:  # onnxruntime sessions hold weights of their own
-            from .onnx_experts import DEFAULT_POOL_SHARE
+            from .store.onnx_experts import DEFAULT_POOL_SHARE
 
             asked = getattr(self, "_onnx_pool", None)
             pool = int(DEFAULT_POOL_SHARE * cache.capacity) if asked is None else memory.parse_size(asked)
@@ -328,9 +347,14 @@ class Model:
             cache.capacity -= pool
             self._experts.onnx.pool_bytes = pool
         self.memory_plan = MemoryPlan(
-            budget=self.budget_bytes, dense=self._file.resident_bytes, kv=self._cache.nbytes,
-            scratch=self._fixed_bytes - self._file.resident_bytes - self._cache.nbytes, runtime=overhead,
-            cache_capacity=cache.capacity, min_cache=min_cache, onnx_pool=pool,
+            budget=self.budget_bytes,
+            dense=self._file.resident_bytes,
+            kv=self._kv.nbytes,
+            scratch=self._fixed_bytes - self._file.resident_bytes - self._kv.nbytes,
+            runtime=overhead,
+            cache_capacity=cache.capacity,
+            min_cache=min_cache,
+            onnx_pool=pool,
             experts=self._reader.all_experts_bytes(),
         )
 
@@ -340,14 +364,20 @@ class Model:
         self._check_open()
         budget = memory.parse_size(memory_budget)
         if self._experts is None or self.memory_plan is None:
-            raise EdgeMoEError("this model runs from its GGUF file in place; load it with memory_budget= to stream "
-                               "experts and change the budget later")
+            raise EdgeMoEError(
+                "this model runs from its GGUF file in place; load it with memory_budget= to stream "
+                "experts and change the budget later"
+            )
         with self._lock:
             plan = self.memory_plan
             capacity = budget - (plan.budget - plan.cache_capacity)
             if capacity < plan.min_cache:
-                raise streaming.refuse(budget, plan.budget - plan.cache_capacity, plan.min_cache,
-                                       "dense weights, KV cache, scratch and the runtime")
+                raise streaming.refuse(
+                    budget,
+                    plan.budget - plan.cache_capacity,
+                    plan.min_cache,
+                    "dense weights, KV cache, scratch and the runtime",
+                )
             cache = self._experts.cache
             cache.capacity = capacity
             cache.shrink_to_capacity()
@@ -370,12 +400,12 @@ class Model:
                 self._experts.quality = q
 
     def _check_memory(self) -> None:
-        need = self._file.file_size + self._cache.nbytes
+        need = self._file.file_size + self._kv.nbytes
         if self.budget_bytes is not None and need > self.budget_bytes:
             raise EdgeMoEError(
                 f"memory budget {memory.format_size(self.budget_bytes)} is below what {self.path.name} needs "
                 f"held whole ({memory.format_size(need)}: weights {memory.format_size(self._file.file_size)} + "
-                f"KV cache {memory.format_size(self._cache.nbytes)} at n_ctx={self.n_ctx}); lower n_ctx or raise "
+                f"KV cache {memory.format_size(self._kv.nbytes)} at n_ctx={self.n_ctx}); lower n_ctx or raise "
                 f"the budget"
             )
 
@@ -396,10 +426,14 @@ class Model:
         self._check_open()
         ids = _as_ids(token_ids, self.config.n_vocab)
         with self._lock:
-            self._cache.reset()
+            self._kv.reset()
             self._ctx_tokens = []
-            out = np.concatenate([self._engine.forward(ids[i : i + streaming.N_BATCH], self._cache, all_logits=True)
-                                  for i in range(0, len(ids), streaming.N_BATCH)])
+            out = np.concatenate(
+                [
+                    self._engine.forward(ids[i : i + streaming.N_BATCH], self._kv, all_logits=True)
+                    for i in range(0, len(ids), streaming.N_BATCH)
+                ]
+            )
             self._ctx_tokens = list(ids)
             return out
 
@@ -411,12 +445,12 @@ class Model:
                 break
             keep += 1
         keep = min(keep, len(ids) - 1)  # always evaluate at least one token to get logits
-        self._cache.n_past = keep
+        self._kv.n_past = keep
         self._ctx_tokens = self._ctx_tokens[:keep]
         t0 = time.perf_counter()
         todo = np.asarray(ids[keep:])
         for i in range(0, len(todo), streaming.N_BATCH):  # bounded activation scratch
-            logits = self._engine.forward(todo[i : i + streaming.N_BATCH], self._cache, all_logits=False)[-1]
+            logits = self._engine.forward(todo[i : i + streaming.N_BATCH], self._kv, all_logits=False)[-1]
         self._prompt_time += time.perf_counter() - t0
         self._prompt_tokens += len(ids) - keep
         self._ctx_tokens = list(ids)
@@ -487,7 +521,7 @@ class Model:
                     text += pending + dec.flush()
                 if finish is None:
                     t0 = time.perf_counter()
-                    logits = self._engine.forward(np.asarray([tok]), self._cache, all_logits=False)[-1]
+                    logits = self._engine.forward(np.asarray([tok]), self._kv, all_logits=False)[-1]
                     self._decode_time += time.perf_counter() - t0
                     self._ctx_tokens.append(tok)
                 rate = n / max(time.perf_counter() - t_start, 1e-9)
@@ -517,21 +551,56 @@ class Model:
         ids = _as_ids(token_ids, self.config.n_vocab)
         L = self.config.n_layer
         with self._lock:
-            self._cache.reset()
+            self._kv.reset()
             self._ctx_tokens = []
             self._engine.trace = []
             try:
                 for t in ids:
-                    self._engine.forward(np.asarray([t]), self._cache, all_logits=False)
+                    self._engine.forward(np.asarray([t]), self._kv, all_logits=False)
                 rec = self._engine.trace
-                top, w = (np.stack([np.concatenate([r[j] for r in rec[i::L]]) for i in range(L)], axis=1)
-                          for j in (0, 1))
+                top, w = (
+                    np.stack([np.concatenate([r[j] for r in rec[i::L]]) for i in range(L)], axis=1) for j in (0, 1)
+                )
             finally:
                 self._engine.trace = None
-                self._cache.reset()
+                self._kv.reset()
         return (top, w) if weights else top  # [T, L, K]
 
     # ---- stats and lifetime -------------------------------------------------------------------
+
+    def decode_logits(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
+        """Next-token logits [n, vocab] float32 at each position of token_ids, the tokens fed one at
+        a time from a fresh context (one forward step of one token each, as decoding feeds them) at
+        the quality in force. The context is left empty."""
+        self._check_open()
+        ids = [int(t) for t in _as_ids(token_ids, self.config.n_vocab)]
+        if len(ids) > self.n_ctx:
+            raise EdgeMoEError(f"{len(ids)} tokens do not fit the context n_ctx={self.n_ctx}")
+        with self._lock:
+            self._kv.reset()
+            self._ctx_tokens = []
+            try:
+                rows = [self._engine.forward(np.asarray([t]), self._kv, all_logits=False)[-1] for t in ids]
+            finally:
+                self._kv.reset()
+        return np.stack(rows).astype(np.float32)
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (llama.cpp's vocabulary, or tokenizers' for an ONNX import): its
+        chat template, BOS/EOS, apply_chat_template."""
+        return self._tok
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock every generation holds: one request at a time runs on a model."""
+        return self._lock
+
+    @property
+    def streamed_experts(self) -> StoreExperts | None:
+        """The experts streaming from the store through the expert cache, or None when the model runs
+        from its GGUF in place."""
+        return self._experts
 
     def stats(self) -> Stats:
         now = memory.rss()
@@ -546,7 +615,7 @@ class Model:
             peak_resident_bytes=max(peak - BASELINE_RSS, 0),
             budget_bytes=self.budget_bytes,
             model_bytes=self._file.file_size if self._reader is None else self._store_bytes(),
-            kv_bytes=self._cache.nbytes,
+            kv_bytes=self._kv.nbytes,
             n_ctx=self.n_ctx,
             cache=self._experts.snapshot() if self._experts is not None else None,
             quality=self._quality_in_force(),
@@ -580,7 +649,7 @@ class Model:
         if self._experts is not None:
             self._experts.close()
             self._experts.cache.clear()
-        self._engine = self._cache = self._experts = None  # type: ignore[assignment]
+        self._engine = self._kv = self._experts = None  # type: ignore[assignment]
 
     def __enter__(self) -> Model:
         return self

@@ -8,66 +8,23 @@ from collections import Counter
 from pathlib import Path
 
 from .errors import EdgeMoEError
+from .options import add_load_options, add_sampling_options, load_model
 
 EXIT_BAD_INPUT = 2
-
-
-def _add_load_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF model file or expert store directory (default: the bundled model)")
-    p.add_argument("--budget", help="memory budget for everything the model holds, e.g. 1.5GiB or 800MB; "
-                   "a GGUF is converted into an expert store on first use")
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: min(4096, training context))")
-    p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16, as llama.cpp)")
-    p.add_argument("--bits", type=int, default=None, help="read experts at this nested width (default: all planes)")
-    p.add_argument("--policy", choices=["lru", "lfu", "score"], default="score",
-                   help="expert cache eviction policy (default score: recency, frequency and layer distance)")
-    p.add_argument("--quality", default=None,
-                   help="max (the default: every plane of every chosen expert, no skipping; lossless, and "
-                        "always so for a GGUF in place), or, opt-in and lossy, balanced, fast or thresholds "
-                        "'high,low[,naee]' (see README)")
-    p.add_argument("--profile", default=None,
-                   help="device profile (profiles/NAME.yaml or a path): its default budget when --budget is not given")
-    p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
-    p.add_argument("--prefetch", action="store_true",
-                   help="prefetch the next layer's predicted experts (off by default: see docs/benchmarks.md)")
-
-
-def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
-    p.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=40, help="default 40; 0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 = off")
-    p.add_argument("--min-p", type=float, default=0.05, help="default 0.05; 0 = off")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 = off")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-
-
-def budget_of(args: argparse.Namespace):
-    """--budget, else the --profile's default budget, else None."""
-    if args.budget is None and getattr(args, "profile", None):
-        from .profiles import load_profile
-
-        return load_profile(args.profile).default_budget
-    return args.budget
-
-
-def load_model(args: argparse.Namespace, memory_budget=None):
-    """The model the load options name; memory_budget (when given) in place of budget_of(args)."""
-    from .api import load
-
-    budget = budget_of(args) if memory_budget is None else memory_budget
-    return load(args.model, memory_budget=budget, quality=args.quality, n_ctx=args.ctx, kv_type=args.kv_type,
-                bits=args.bits, cache_policy=args.policy, pipeline=not args.no_pipeline,
-                prefetch=args.prefetch)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     with load_model(args) as model:
         last = None
         for r in model.stream(
-            args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed,
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty,
+            seed=args.seed,
             stop=args.stop,
         ):
             sys.stdout.write(r.text)
@@ -80,8 +37,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_stats(s) -> None:
-    from .memory import format_size
-    from .policy import quality_label
+    from .runtime.memory import format_size
+    from .runtime.policy import quality_label
 
     rows = [
         ("quality", quality_label(s.quality, s.lossless)),
@@ -103,20 +60,29 @@ def _print_stats(s) -> None:
             ("bytes read", f"{format_size(c.bytes_read)} ({format_size(c.bytes_read / tokens)} per token)"),
             ("evictions / upgrades / downgrades", f"{c.evictions} / {c.upgrades} / {c.downgrades}"),
             ("I/O stall", f"{c.io_stall_s:.2f} s"),
-            ("resident by bits", ", ".join(f"{b}-bit {format_size(n)}" for b, n in sorted(c.resident_bytes_by_bits.items())) or "-"),
+            (
+                "resident by bits",
+                ", ".join(f"{b}-bit {format_size(n)}" for b, n in sorted(c.resident_bytes_by_bits.items())) or "-",
+            ),
         ]
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), file=sys.stderr)
     if c is not None:
-        print(f"{'layer':>5} {'hits':>7} {'partial':>7} {'misses':>7} {'hit rate':>8} {'read':>11} {'evict':>6} {'stall s':>7}",
-              file=sys.stderr)
+        print(
+            f"{'layer':>5} {'hits':>7} {'partial':>7} {'misses':>7} {'hit rate':>8} {'read':>11} {'evict':>6} "
+            f"{'stall s':>7}",
+            file=sys.stderr,
+        )
         for i, l in enumerate(c.layers):
-            print(f"{i:>5} {l.hits:>7} {l.partial_hits:>7} {l.misses:>7} {l.hit_rate:>8.1%} {format_size(l.bytes_read):>11} "
-                  f"{l.evictions:>6} {l.io_stall_s:>7.2f}", file=sys.stderr)
+            print(
+                f"{i:>5} {l.hits:>7} {l.partial_hits:>7} {l.misses:>7} {l.hit_rate:>8.1%} "
+                f"{format_size(l.bytes_read):>11} {l.evictions:>6} {l.io_stall_s:>7.2f}",
+                file=sys.stderr,
+            )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .serve.server import serve
 
     if args.max_queue < 0:
         raise EdgeMoEError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -129,15 +95,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """NAEE's per-layer skip thresholds from text, saved beside the store (calibration.json)."""
-    from . import evaluate
-    from .policy import Calibration, betas_from_ratios
+    from .runtime import evaluate
+    from .runtime.policy import Calibration, betas_from_ratios
 
     text = _read_text(args.text)
     with load_model(args) as model:
-        if model._experts is None:
+        if model.streamed_experts is None:
             raise EdgeMoEError("calibration needs an expert store: give a store, or a GGUF with --budget")
         model.set_quality("max")
-        exp = model._experts
+        exp = model.streamed_experts
         exp.ratios = [[] for _ in range(model.config.n_layer)]
         ids = model.tokenize(text, add_bos=False)[: args.tokens]
         for w in evaluate.windows_of(ids, min(args.window, len(ids)), None):
@@ -160,8 +126,8 @@ def _read_text(path_str: str) -> str:
 def cmd_emulate(args: argparse.Namespace) -> int:
     """Run a command as if on the profile's device: its RAM as a memory cgroup cap, its storage's
     sequential read speed as a blkio throttle, its readahead, from a cold page cache."""
-    from . import cgroup
-    from .profiles import load_profile
+    from .devices import cgroup
+    from .devices.profiles import load_profile
 
     prof = load_profile(args.profile)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -170,8 +136,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     device, disk = cgroup.block_device_of(args.storage)
     mem = args.memory or prof.ram
     bps = int(prof.storage.seq_read_mbps * 1e6)
-    print(f"edgemoe: emulating {prof.name}: memory {mem / 2**30:.2f} GiB, reads {prof.storage.seq_read_mbps:g} MB/s "
-          f"on {disk} ({device}), readahead {prof.storage.readahead_kb} KB, cold page cache", file=sys.stderr)
+    print(
+        f"edgemoe: emulating {prof.name}: memory {mem / 2**30:.2f} GiB, reads {prof.storage.seq_read_mbps:g} MB/s "
+        f"on {disk} ({device}), readahead {prof.storage.readahead_kb} KB, cold page cache",
+        file=sys.stderr,
+    )
     with cgroup.readahead(disk, prof.storage.readahead_kb):
         cgroup.drop_caches()
         with cgroup.limits(mem_bytes=int(mem), read_bps=bps, device=device) as cgs:
@@ -185,24 +154,25 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert, parse_bits
+    from .store.convert import convert, parse_bits
 
     bits = parse_bits(args.bits) if args.bits else None
-    out = convert(args.model, args.output, bits=bits, scheme=args.scheme, calibration=args.calibration,
-                  force=args.force)
+    out = convert(
+        args.model, args.output, bits=bits, scheme=args.scheme, calibration=args.calibration, force=args.force
+    )
     print(out)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import main as verify_main
+    from .store.verify import main as verify_main
 
     return verify_main(args.store, quiet=args.quiet)
 
 
 def _store_rows(path: Path) -> list[tuple[str, str]]:
-    from .memory import format_size
-    from .store import StoreReader
+    from .runtime.memory import format_size
+    from .store.reader import StoreReader
 
     r = StoreReader(path)
     man = r.manifest
@@ -210,10 +180,16 @@ def _store_rows(path: Path) -> list[tuple[str, str]]:
     per_width = ", ".join(f"{b}-bit {format_size(r.expert_bytes(int(planes_for[str(b)])))}" for b in r.bits)
     experts_all = r.all_experts_bytes()
     rows = [
-        ("expert store", f"format {man['format_version']}, from {man['source']['file']} "
-                         f"({man['source']['expert_bits_per_weight']:g} bits/weight experts)"),
-        ("nested scheme", f"{r.scheme_name}, widths {','.join(map(str, r.bits))}, group {r.group}, "
-                          f"{r.n_planes} planes{', activation-aware' if man['scheme'].get('activation_aware') else ''}"),
+        (
+            "expert store",
+            f"format {man['format_version']}, from {man['source']['file']} "
+            f"({man['source']['expert_bits_per_weight']:g} bits/weight experts)",
+        ),
+        (
+            "nested scheme",
+            f"{r.scheme_name}, widths {','.join(map(str, r.bits))}, group {r.group}, "
+            f"{r.n_planes} planes{', activation-aware' if man['scheme'].get('activation_aware') else ''}",
+        ),
         ("store: dense (resident)", format_size(r.dense_path.stat().st_size)),
         ("store: experts, all planes", format_size(experts_all)),
         ("store: per expert by width", per_width),
@@ -223,10 +199,10 @@ def _store_rows(path: Path) -> list[tuple[str, str]]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .config import ModelArgs
-    from .gguf_file import GGUFFile
-    from .memory import format_size
-    from .store import DENSE, StoreReader, is_store
+    from .models.config import ModelArgs
+    from .models.gguf_file import GGUFFile
+    from .runtime.memory import format_size
+    from .store.reader import DENSE, StoreReader, is_store
 
     store_rows = []
     if is_store(args.model):
@@ -271,8 +247,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import evaluate
-    from .policy import quality_label
+    from .runtime import evaluate
+    from .runtime.policy import quality_label
 
     path = Path(args.text)
     text = _read_text(args.text)
@@ -291,8 +267,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             results.append(evaluate.perplexity("llama.cpp", fn, wins))
         finally:
             close()
-    print(f"text {path}: {len(tokens)} tokens, {len(wins)} windows of {args.window}, "
-          f"{results[0].tokens_scored} tokens scored; edgemoe quality {quality}")
+    print(
+        f"text {path}: {len(tokens)} tokens, {len(wins)} windows of {args.window}, "
+        f"{results[0].tokens_scored} tokens scored; edgemoe quality {quality}"
+    )
     print(f"{'engine':<10} {'perplexity':>11} {'nll/token':>10} {'tokens/s':>9}")
     for r in results:
         print(f"{r.engine:<10} {r.perplexity:>11.4f} {r.nll:>10.5f} {r.tokens_per_s:>9.1f}")
@@ -302,13 +280,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from . import profiler
+    from .devices import profiler
 
     return profiler.run_cli(args)
 
 
 def _size(value: str) -> int:
-    from .memory import parse_size
+    from .runtime.memory import parse_size
 
     return parse_size(value, "size")
 
@@ -322,11 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     r = sub.add_parser("run", help="generate text from a prompt, streamed to stdout")
-    _add_load_options(r)
-    _add_sampling_options(r)
+    add_load_options(r)
+    add_sampling_options(r)
     r.add_argument("prompt", help="the prompt text")
-    r.add_argument("--stats", action="store_true", help="print a summary table (quality, speed, memory, expert "
-                   "cache) to stderr at the end")
+    r.add_argument(
+        "--stats",
+        action="store_true",
+        help="print a summary table (quality, speed, memory, expert cache) to stderr at the end",
+    )
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("info", help="architecture, experts, tensor types and sizes of a GGUF model")
@@ -336,38 +317,59 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="write an expert store (nested-bit experts) from a GGUF model")
     c.add_argument("model", help="GGUF model file")
     c.add_argument("-o", "--output", help="store directory (default: MODEL with the suffix .edgemoe)")
-    c.add_argument("--bits", help="nested widths, e.g. 2,3,4 or 2,4,8 (default: 2,3,4 for sources of <= 5 bits, else 2,4,8)")
-    c.add_argument("--scheme", default="matquant", help="nested quantization scheme: matquant (default; all-Q4_0 experts are stored as matquant-sym, their offsets implied) or d2moe")
+    c.add_argument(
+        "--bits", help="nested widths, e.g. 2,3,4 or 2,4,8 (default: 2,3,4 for sources of <= 5 bits, else 2,4,8)"
+    )
+    c.add_argument(
+        "--scheme",
+        default="matquant",
+        help="nested quantization scheme: matquant (default; all-Q4_0 experts are stored as matquant-sym, "
+        "their offsets implied) or d2moe",
+    )
     c.add_argument("--calibration", help="text file: fit scales activation-aware on it")
     c.add_argument("--force", action="store_true", help="replace an existing store")
     c.set_defaults(func=cmd_convert)
 
-    vf = sub.add_parser("verify", help="check an expert store: manifest, shards, every plane's checksum "
-                        "(exit 0 clean, 2 damaged)")
+    vf = sub.add_parser(
+        "verify", help="check an expert store: manifest, shards, every plane's checksum (exit 0 clean, 2 damaged)"
+    )
     vf.add_argument("store", help="expert store directory")
     vf.add_argument("--quiet", action="store_true", help="print nothing when the store is clean")
     vf.set_defaults(func=cmd_verify)
 
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
-                        "/v1/models, /stats, /metrics)")
-    _add_load_options(sv)
-    sv.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; a non-loopback "
-                    "address serves beyond this machine, without authentication)")
+    sv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /stats, /metrics)",
+    )
+    add_load_options(sv)
+    sv.add_argument(
+        "--host",
+        default=None,
+        help="address to listen on (default 127.0.0.1; a non-loopback "
+        "address serves beyond this machine, without authentication)",
+    )
     sv.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
-    sv.add_argument("--max-queue", type=int, default=8, help="requests that may wait behind the one generating; "
-                    "more are answered 429 (default 8)")
+    sv.add_argument(
+        "--max-queue",
+        type=int,
+        default=8,
+        help="requests that may wait behind the one generating; more are answered 429 (default 8)",
+    )
     sv.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
     sv.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("calibrate", help="calibrate expert skipping (NAEE thresholds) on text; saved beside the store")
-    _add_load_options(k)
+    add_load_options(k)
     k.add_argument("--text", required=True, help="UTF-8 calibration text")
     k.add_argument("--tokens", type=int, default=2048, help="tokens of the text to use (default 2048)")
     k.add_argument("--window", type=int, default=256, help="tokens per evaluation window (default 256)")
     k.set_defaults(func=cmd_calibrate)
 
-    b = sub.add_parser("bench", add_help=False,
-                       help="llama.cpp and edgemoe side by side on an emulated device (see edgemoe bench --help)")
+    b = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="llama.cpp and edgemoe side by side on an emulated device (see edgemoe bench --help)",
+    )
     b.add_argument("rest", nargs=argparse.REMAINDER)
 
     em = sub.add_parser("emulate", help="run a command as if on a device profile (Linux, root, cgroup v1)")
@@ -378,30 +380,33 @@ def build_parser() -> argparse.ArgumentParser:
     em.set_defaults(func=cmd_emulate)
 
     e = sub.add_parser("eval", help="perplexity over a text file, with llama.cpp's as the reference line")
-    _add_load_options(e)
+    add_load_options(e)
     e.add_argument("--text", required=True, help="UTF-8 text file")
     e.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     e.add_argument("--no-reference", action="store_true", help="skip the llama.cpp reference line")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("profile", help="measure this device into a profile YAML, or profile a model's routing "
-                        "on it (-m MODEL --text FILE: report.md with plots and a recommended budget)")
-    from .profiler import add_arguments as _profile_arguments
+    pr = sub.add_parser(
+        "profile",
+        help="measure this device into a profile YAML, or profile a model's routing "
+        "on it (-m MODEL --text FILE: report.md with plots and a recommended budget)",
+    )
+    from .devices.profiler import add_arguments as _profile_arguments
 
     _profile_arguments(pr)
     pr.set_defaults(func=cmd_profile)
 
     from .tui.cli import add_subcommands as _tui_subcommands  # chat, monitor (Textual is imported on use)
 
-    _tui_subcommands(sub, _add_load_options, _add_sampling_options)
+    _tui_subcommands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # its own parser (edgemoe/bench.py), options and --help included
-        args = argparse.Namespace(func=lambda a: __import__("edgemoe.bench", fromlist=["main"]).main(argv[1:]))
+    if argv[:1] == ["bench"]:  # its own parser (edgemoe/devices/bench.py), options and --help included
+        args = argparse.Namespace(func=lambda a: __import__("edgemoe.devices.bench", fromlist=["main"]).main(argv[1:]))
     else:
         args = build_parser().parse_args(argv)
     try:

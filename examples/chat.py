@@ -1,6 +1,6 @@
 """Chat: the model's chat template (base models: a plain User:/Assistant: transcript).
 
-    python examples/chat.py [MODEL]          # default $EDGEMOE_MODEL, else the bundled model
+python examples/chat.py [MODEL]          # default $EDGEMOE_MODEL, else the bundled model
 """
 
 import os

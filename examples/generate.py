@@ -1,7 +1,7 @@
 """Generate text with the embedding API.
 
-    python examples/generate.py [MODEL]      # MODEL: a GGUF file or expert store; default $EDGEMOE_MODEL,
-                                             # else the bundled model
+python examples/generate.py [MODEL]      # MODEL: a GGUF file or expert store; default $EDGEMOE_MODEL,
+                                         # else the bundled model
 """
 
 import os
@@ -18,6 +18,8 @@ with edgemoe.load(path) as model:  # closing the model frees its memory
     greedy = model.generate("JULIET. O Romeo, Romeo!", max_tokens=24, temperature=0)  # temperature 0: greedy
     print(greedy)
     s = model.stats()
-    print(f"{s.generated_tokens} tokens generated, {s.decode_tokens_per_s:.1f} tokens/s, "
-          f"{s.resident_bytes / 2**20:.0f} MiB resident, quality {s.quality} "
-          f"({'lossless' if s.lossless else 'lossy'})")
+    print(
+        f"{s.generated_tokens} tokens generated, {s.decode_tokens_per_s:.1f} tokens/s, "
+        f"{s.resident_bytes / 2**20:.0f} MiB resident, quality {s.quality} "
+        f"({'lossless' if s.lossless else 'lossy'})"
+    )

@@ -1,7 +1,7 @@
 """Talk to `edgemoe serve` with the official OpenAI client (pip install openai).
 
-    edgemoe serve &                                   # http://127.0.0.1:8080/v1
-    python examples/openai_client.py [BASE_URL]       # default $EDGEMOE_BASE_URL, else http://127.0.0.1:8080/v1
+edgemoe serve &                                   # http://127.0.0.1:8080/v1
+python examples/openai_client.py [BASE_URL]       # default $EDGEMOE_BASE_URL, else http://127.0.0.1:8080/v1
 """
 
 import os
@@ -19,14 +19,19 @@ done = client.completions.create(model=model, prompt="ROMEO. What light", max_to
 print("completion:", repr(done.choices[0].text), done.choices[0].finish_reason, done.usage)
 
 chat = client.chat.completions.create(
-    model=model, messages=[{"role": "user", "content": "Good morrow!"}], max_tokens=24, temperature=0.7, seed=1,
+    model=model,
+    messages=[{"role": "user", "content": "Good morrow!"}],
+    max_tokens=24,
+    temperature=0.7,
+    seed=1,
     extra_body={"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1},  # edgemoe's extensions
 )
 print("chat:", repr(chat.choices[0].message.content))
 
 print("stream: ", end="")
-for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Speak!"}],
-                                            max_tokens=24, temperature=0, stream=True):
+for chunk in client.chat.completions.create(
+    model=model, messages=[{"role": "user", "content": "Speak!"}], max_tokens=24, temperature=0, stream=True
+):
     if chunk.choices and chunk.choices[0].delta.content:
         print(chunk.choices[0].delta.content, end="", flush=True)
 print()

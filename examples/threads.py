@@ -14,6 +14,7 @@ path = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("EDGEMOE_MODEL")
 prompts = ["ROMEO.", "JULIET.", "HAMLET. To be", "MACBETH. Is this a dagger"]
 
 with edgemoe.load(path) as model:
+
     def work(prompt: str) -> str:
         return model.generate(prompt, max_tokens=16, temperature=0.8, seed=42)  # seeded: reproducible
 

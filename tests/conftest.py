@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models built by the tests themselves (edgemoe.synth), llama.cpp as reference."""
+"""Shared fixtures: tiny models built by the tests themselves (edgemoe.testing.synth), llama.cpp as reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgemoe import synth
+from edgemoe.testing import synth
 
 _BUILT: dict[tuple, Path] = {}
 
@@ -59,7 +59,9 @@ def load_tool(name: str):
     import sys
 
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "tools" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+        )
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod  # dataclasses look their module up while the class is built
         spec.loader.exec_module(mod)
@@ -72,8 +74,15 @@ def llama_cpp_logits(path: Path | str, ids: list[int], n_ctx: int = 256, kv_type
 
     kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
     llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-        n_threads=2, type_k=kv, type_v=kv,
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+        type_k=kv,
+        type_v=kv,
     )
     try:
         llm.eval([int(t) for t in ids])
@@ -86,8 +95,12 @@ def llama_cpp_greedy(path: Path | str, ids: list[int], n: int, n_ctx: int = 256)
     import llama_cpp
 
     llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, verbose=False, n_threads=2,
-        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+        model_path=str(path),
+        n_ctx=n_ctx,
+        verbose=False,
+        n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
     )
     try:
         out = []
@@ -102,7 +115,7 @@ def llama_cpp_greedy(path: Path | str, ids: list[int], n: int, n_ctx: int = 256)
 
 def kl_per_position(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """KL(ref || ours) of the next-token distributions at each position."""
-    from edgemoe.evaluate import kl_divergence
+    from edgemoe.runtime.evaluate import kl_divergence
 
     return kl_divergence(ref, ours)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe.memory import parse_size
+from edgemoe.runtime.memory import parse_size
 
 
 def test_parse_size():

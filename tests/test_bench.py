@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import load_tool
 
-from edgemoe import cgroup
+from edgemoe.devices import cgroup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,11 +31,24 @@ def test_emulate_caps_memory_and_restores_readahead(tmp_path):
     _, disk = cgroup.block_device_of(tmp_path)
     ra = Path(f"/sys/block/{disk}/queue/read_ahead_kb")
     before = ra.read_text()
-    probe = ("import re; cg = open('/proc/self/cgroup').read(); path = re.search(r':memory:(.*)', cg).group(1); "
-             "print(open('/sys/fs/cgroup/memory' + path + '/memory.limit_in_bytes').read().strip(), "
-             f"open('{ra}').read().strip())")
-    p = cli("emulate", "--profile", "emmc-sbc-4gb", "--memory", "256MiB", "--storage", str(tmp_path),
-            "--", sys.executable, "-c", probe)
+    probe = (
+        "import re; cg = open('/proc/self/cgroup').read(); path = re.search(r':memory:(.*)', cg).group(1); "
+        "print(open('/sys/fs/cgroup/memory' + path + '/memory.limit_in_bytes').read().strip(), "
+        f"open('{ra}').read().strip())"
+    )
+    p = cli(
+        "emulate",
+        "--profile",
+        "emmc-sbc-4gb",
+        "--memory",
+        "256MiB",
+        "--storage",
+        str(tmp_path),
+        "--",
+        sys.executable,
+        "-c",
+        probe,
+    )
     assert p.returncode == 0, p.stderr
     limit, inside_ra = p.stdout.split()
     assert int(limit) == 256 * 2**20 and inside_ra == "128"
@@ -50,8 +63,9 @@ def _bench_model(path: Path) -> Path:
     runtime holds (~180 MiB), so a budget below the expert bytes still leaves an expert cache
     that must evict; written without the routing calibration (a few seconds)."""
     mod = load_tool("make_bench_model")
-    shape = mod.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=64, n_expert_used=4, n_ff_exp=1024,
-                           vocab=1024, n_ctx_train=512)
+    shape = mod.BenchShape(
+        n_layer=4, n_embd=1024, n_head=8, n_expert=64, n_expert_used=4, n_ff_exp=1024, vocab=1024, n_ctx_train=512
+    )
     return mod.write_bench_model(shape, path, log=lambda *a, **k: None, calibrate=False)
 
 
@@ -65,9 +79,26 @@ def test_bench_at_a_binding_budget_prices_lossy_qualities(tmp_path):
     assert p.returncode == 0, p.stderr
     model = _bench_model(tmp_path / "bench.gguf")
     out = tmp_path / "results"
-    b = cli("bench", str(model), "--profile", str(prof), "--budgets", "0.7", "--threads", "1",
-            "--prompt-tokens", "8", "--decode-tokens", "4", "--quality", "max", "--quality", "fast",
-            "--out", str(out))
+    b = cli(
+        "bench",
+        str(model),
+        "--profile",
+        str(prof),
+        "--budgets",
+        "0.7",
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--quality",
+        "max",
+        "--quality",
+        "fast",
+        "--out",
+        str(out),
+    )
     assert b.returncode == 0, b.stderr
     assert "edgemoe/llama.cpp decode" in b.stdout and "targets (pipeline issue)" in b.stdout
     data = json.loads(next(out.glob("*.json")).read_text())
@@ -92,7 +123,9 @@ def test_bench_at_a_binding_budget_prices_lossy_qualities(tmp_path):
     # the oracle and the prediction replay the routing of the very tokens the run processed
     for q in ("max", "fast"):
         e = rows["edgemoe", q]
-        assert e["belady_mb_per_token"] > 0 and e["predicted_tps"] > 0 and 0 < e["run_locality"]["consecutive_reuse"] <= 1
+        assert (
+            e["belady_mb_per_token"] > 0 and e["predicted_tps"] > 0 and 0 < e["run_locality"]["consecutive_reuse"] <= 1
+        )
     # every figure names its quality; lossy ones are priced against max, token by token
     cost = data["quality_cost"]
     assert data["qualities"] == ["max", "fast"] and cost["positions"] == 8 + 4

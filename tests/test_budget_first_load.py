@@ -17,8 +17,9 @@ from conftest import load_tool
 @pytest.fixture(scope="module")
 def big_gguf(tmp_path_factory):
     mb = load_tool("make_bench_model")
-    shape = mb.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=112, n_expert_used=4, n_ff_exp=1024,
-                          vocab=1024, n_ctx_train=512)
+    shape = mb.BenchShape(
+        n_layer=4, n_embd=1024, n_head=8, n_expert=112, n_expert_used=4, n_ff_exp=1024, vocab=1024, n_ctx_train=512
+    )
     return mb.write_bench_model(shape, tmp_path_factory.mktemp("first") / "big.gguf", log=lambda *a, **k: None)
 
 

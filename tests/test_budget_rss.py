@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import load_tool
 
-from edgemoe.convert import convert
+from edgemoe.store.convert import convert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,8 +36,9 @@ print(json.dumps(dict(base=base, hwm=hwm, misses=s.cache.misses, evictions=s.cac
 def big_store(tmp_path_factory):
     mb = load_tool("make_bench_model")
     d = tmp_path_factory.mktemp("big")
-    shape = mb.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=96, n_expert_used=4, n_ff_exp=1024,
-                          vocab=1024, n_ctx_train=512)
+    shape = mb.BenchShape(
+        n_layer=4, n_embd=1024, n_head=8, n_expert=96, n_expert_used=4, n_ff_exp=1024, vocab=1024, n_ctx_train=512
+    )
     src = mb.write_bench_model(shape, d / "big.gguf", log=lambda *a, **k: None)
     st = convert(src, d / "big.edgemoe", progress=False, distinct_experts=4)
     src.unlink()
@@ -50,8 +50,9 @@ def test_peak_rss_stays_within_budget(big_store):
     per_expert = sum(sum(man["plane_bytes"][m]) for m in ("gate", "up", "down"))
     expert_bytes = per_expert * man["n_layer"] * man["n_expert"]
     budget = int(0.45 * expert_bytes)
-    p = subprocess.run([sys.executable, "-c", WORKER, str(big_store), str(budget)],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", WORKER, str(big_store), str(budget)], capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
     store_bytes = sum(f.stat().st_size for f in big_store.iterdir())
@@ -93,8 +94,9 @@ def test_onnxruntime_sessions_stay_within_budget(tmp_path):
     onnxruntime takes its batches; here every call, min_batch=1, so sessions come and go)."""
     pytest.importorskip("onnxruntime")
     mb = load_tool("make_bench_model")
-    shape = mb.BenchShape(n_layer=4, n_embd=1024, n_head=8, n_expert=32, n_expert_used=4, n_ff_exp=512,
-                          vocab=1024, n_ctx_train=512)
+    shape = mb.BenchShape(
+        n_layer=4, n_embd=1024, n_head=8, n_expert=32, n_expert_used=4, n_ff_exp=512, vocab=1024, n_ctx_train=512
+    )
     src = mb.write_bench_model(shape, tmp_path / "m.gguf", log=lambda *a, **k: None)
     st = convert(src, tmp_path / "m.edgemoe", bits=(2, 4, 8), progress=False, distinct_experts=4)
     man = json.loads((st / "manifest.json").read_text())
@@ -104,8 +106,9 @@ def test_onnxruntime_sessions_stay_within_budget(tmp_path):
     probe = subprocess.run([sys.executable, "-c", ONNX_PROBE, str(st)], capture_output=True, text=True, timeout=600)
     assert probe.returncode == 0, probe.stderr
     budget = int(0.45 * per_expert * man["n_layer"] * man["n_expert"]) + int(probe.stdout.strip().splitlines()[-1])
-    p = subprocess.run([sys.executable, "-c", ONNX_WORKER, str(st), str(budget)],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", ONNX_WORKER, str(st), str(budget)], capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
     used = r["hwm"] - r["base"]

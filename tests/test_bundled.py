@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from conftest import assert_matches_quantized, llama_cpp_logits
 
 import edgemoe
-from edgemoe import evaluate
 from edgemoe.api import bundled_model_path
-from conftest import assert_matches_quantized, llama_cpp_logits
+from edgemoe.runtime import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD = ROOT / "models" / "shakespeare-moe.md"

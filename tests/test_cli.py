@@ -8,24 +8,27 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import kl_per_position, llama_cpp_logits, random_ids
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgemoe", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "edgemoe", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _stat(stderr: str, name: str) -> str:
     """The value of one row of `edgemoe run --stats`."""
-    return next(line[len(name):].strip() for line in stderr.splitlines() if line.startswith(name + "  "))
+    return next(line[len(name) :].strip() for line in stderr.splitlines() if line.startswith(name + "  "))
 
 
 def test_run_streams_text(build_model):
     path = build_model("olmoe")
-    p = cli("run", "-m", str(path), "The quick brown fox", "--max-tokens", "8", "--temperature", "0",
-            "--stats")
+    p = cli("run", "-m", str(path), "The quick brown fox", "--max-tokens", "8", "--temperature", "0", "--stats")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip()
     assert "decode tokens/s" in p.stderr and "resident peak" in p.stderr
@@ -55,7 +58,7 @@ def test_eval_reports_perplexity_next_to_llama_cpp(build_model, tmp_path):
 
 WORKER = """
 import json, sys, numpy as np, edgemoe
-from edgemoe import kernels
+from edgemoe.quant import kernels
 with edgemoe.load(sys.argv[1], kv_type="f32", n_ctx=128) as m:
     out = m.logits(json.loads(sys.argv[2]))
 np.save(sys.argv[3], out)
@@ -68,9 +71,13 @@ def test_forced_numpy_kernels_match_llama_cpp(build_model, tmp_path):
         path = build_model("qwen3moe", ftype)
         ids = random_ids(24, 256, seed=5)
         out = tmp_path / f"{ftype}.npy"
-        p = subprocess.run([sys.executable, "-c", WORKER, str(path), json.dumps(ids), str(out)],
-                           capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "EDGEMOE_KERNELS": "numpy"})
+        p = subprocess.run(
+            [sys.executable, "-c", WORKER, str(path), json.dumps(ids), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "EDGEMOE_KERNELS": "numpy"},
+        )
         assert p.returncode == 0, p.stderr
         assert p.stdout.strip() == "numpy"
         ours, ref = np.load(out), llama_cpp_logits(path, ids)

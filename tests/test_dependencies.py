@@ -53,11 +53,15 @@ def undeclared(package: Path, pyproject: Path) -> list[str]:
             provided_by = {_norm(d) for d in dists.get(mod, [])}
             assert provided_by, f"{f}: `import {mod}`: no installed distribution provides it"
             if top and not provided_by & base:
-                bad.append(f"{f.relative_to(package.parent)}: `import {mod}` at top level needs a base dependency "
-                           f"({', '.join(sorted(provided_by))})")
+                bad.append(
+                    f"{f.relative_to(package.parent)}: `import {mod}` at top level needs a base dependency "
+                    f"({', '.join(sorted(provided_by))})"
+                )
             elif not top and not provided_by & (base | extras):
-                bad.append(f"{f.relative_to(package.parent)}: `import {mod}` is declared in no dependency or extra "
-                           f"({', '.join(sorted(provided_by))})")
+                bad.append(
+                    f"{f.relative_to(package.parent)}: `import {mod}` is declared in no dependency or extra "
+                    f"({', '.join(sorted(provided_by))})"
+                )
     return bad
 
 
@@ -72,7 +76,8 @@ def test_an_undeclared_import_is_found(tmp_path):
     (pkg / "a.py").write_text("import numpy\nimport xxhash\n\ndef f():\n    import yaml\n")
     (pkg / "b.py").write_text("from rich.text import Text\n")
     (tmp_path / "pyproject.toml").write_text(
-        '[project]\nname = "p"\ndependencies = ["numpy>=1"]\n[project.optional-dependencies]\nx = ["rich"]\n')
+        '[project]\nname = "p"\ndependencies = ["numpy>=1"]\n[project.optional-dependencies]\nx = ["rich"]\n'
+    )
     bad = undeclared(pkg, tmp_path / "pyproject.toml")
     assert len(bad) == 3, bad
     assert any("`import xxhash` at top level" in b for b in bad)

@@ -103,10 +103,13 @@ def test_missing_tensor(build_model, tmp_path):
 
 def test_unsupported_weight_type(build_model, tmp_path):
     """A tensor whose type edgemoe has no kernel for: the error names tensor and type."""
-    from edgemoe import kernels
+    from edgemoe.quant import kernels
 
-    unsupported = [t for t in gguf.GGMLQuantizationType if not kernels.supported(t)
-                   and t in gguf.GGML_QUANT_SIZES and t.name not in ("I8", "I16", "I32", "I64", "F64")]
+    unsupported = [
+        t
+        for t in gguf.GGMLQuantizationType
+        if not kernels.supported(t) and t in gguf.GGML_QUANT_SIZES and t.name not in ("I8", "I16", "I32", "I64", "F64")
+    ]
     if not unsupported:
         pytest.skip("every GGML type is supported")
     qt = unsupported[0]
@@ -128,8 +131,13 @@ def test_unsupported_weight_type(build_model, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,needle",
-    [(dict(memory_budget="lots"), "lots"), (dict(memory_budget=-5), "positive"),
-     (dict(n_ctx=0), "n_ctx"), (dict(quality="ultra"), "ultra"), (dict(memory_budget="1KB"), "budget")],
+    [
+        (dict(memory_budget="lots"), "lots"),
+        (dict(memory_budget=-5), "positive"),
+        (dict(n_ctx=0), "n_ctx"),
+        (dict(quality="ultra"), "ultra"),
+        (dict(memory_budget="1KB"), "budget"),
+    ],
 )
 def test_bad_load_options(build_model, kwargs, needle):
     with pytest.raises(edgemoe.EdgeMoEError, match=needle):
@@ -138,8 +146,12 @@ def test_bad_load_options(build_model, kwargs, needle):
 
 def test_bad_generation_options(build_model):
     with edgemoe.load(build_model("qwen3moe")) as m:
-        for kw, needle in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-                           (dict(max_tokens=0), "max_tokens"), (dict(stop=[""]), "stop")]:
+        for kw, needle in [
+            (dict(temperature=-1), "temperature"),
+            (dict(top_p=0), "top_p"),
+            (dict(max_tokens=0), "max_tokens"),
+            (dict(stop=[""]), "stop"),
+        ]:
             with pytest.raises(edgemoe.EdgeMoEError, match=needle):
                 m.generate("hi", **kw)
         with pytest.raises(edgemoe.EdgeMoEError, match="out of range"):
@@ -151,8 +163,11 @@ def test_bad_generation_options(build_model):
 def test_tensor_shape_contradicting_the_config(build_model, tmp_path):
     """A tensor whose shape does not fit the metadata is an error at load, not a crash mid-generation."""
     bad = tmp_path / "shrunk.gguf"
-    _rewrite(build_model("qwen3moe"), bad,
-             tensor_fn=lambda name, data: (data[:-16], None) if name == "blk.1.attn_k.weight" else None)
+    _rewrite(
+        build_model("qwen3moe"),
+        bad,
+        tensor_fn=lambda name, data: (data[:-16], None) if name == "blk.1.attn_k.weight" else None,
+    )
     with pytest.raises(edgemoe.EdgeMoEError, match="do not fit the model's configuration"):
         edgemoe.load(bad)
     assert_one_line_error(cli("run", "-m", str(bad), "hi"), "shrunk.gguf", "configuration")

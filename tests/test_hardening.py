@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 import edgemoe
-from edgemoe import store as store_mod
-from edgemoe.convert import convert
-from edgemoe.gguf_file import GGUFFile
-from edgemoe.verify import verify
+from edgemoe.models.gguf_file import GGUFFile
+from edgemoe.store import reader as store_mod
+from edgemoe.store.convert import convert
+from edgemoe.store.verify import verify
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ROOT / "tests" / "fuzz" / "seeds"
@@ -29,31 +29,50 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgemoe", *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    return subprocess.run(
+        [sys.executable, "-m", "edgemoe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
 
 
 # ---- hostile GGUF headers --------------------------------------------------------------------------
 
 EXPECTED = {
-    "huge-tensor-count": "tensors cannot fit", "huge-kv-count": "key-values cannot fit",
-    "absurd-key-length": "a string of 9223372036854775808 bytes", "absurd-tensor-name-length": "name of tensor 1",
-    "huge-dims": "cannot fit in a file", "dims-product-overflow": "cannot fit in a file",
-    "offset-past-end": "ends at byte", "overlapping-tensors": "overlap", "misaligned-offset": "not a multiple of the alignment",
-    "unknown-tensor-type": "unknown type 4242", "too-many-dims": "7 dimensions", "zero-dim": "zero dimension",
-    "unknown-value-type": "unknown value type 77", "huge-array-count": "an array of 1152921504606846976",
-    "array-of-unknown-type": "unknown array element type 99", "bad-version": "version 99",
-    "key-not-utf8": "not UTF-8", "truncated-header": "truncated", "truncated-data": "truncated GGUF file",
-    "duplicate-key": "duplicate metadata key", "duplicate-token": "appears more than once",
-    "token-nul-duplicate": "appears more than once", "scores-length-mismatch": "token_type has 1 entries",
-    "alignment-zero": "alignment 0", "alignment-not-power-of-two": "alignment 48",
+    "huge-tensor-count": "tensors cannot fit",
+    "huge-kv-count": "key-values cannot fit",
+    "absurd-key-length": "a string of 9223372036854775808 bytes",
+    "absurd-tensor-name-length": "name of tensor 1",
+    "huge-dims": "cannot fit in a file",
+    "dims-product-overflow": "cannot fit in a file",
+    "offset-past-end": "ends at byte",
+    "overlapping-tensors": "overlap",
+    "misaligned-offset": "not a multiple of the alignment",
+    "unknown-tensor-type": "unknown type 4242",
+    "too-many-dims": "7 dimensions",
+    "zero-dim": "zero dimension",
+    "unknown-value-type": "unknown value type 77",
+    "huge-array-count": "an array of 1152921504606846976",
+    "array-of-unknown-type": "unknown array element type 99",
+    "bad-version": "version 99",
+    "key-not-utf8": "not UTF-8",
+    "truncated-header": "truncated",
+    "truncated-data": "truncated GGUF file",
+    "duplicate-key": "duplicate metadata key",
+    "duplicate-token": "appears more than once",
+    "token-nul-duplicate": "appears more than once",
+    "scores-length-mismatch": "token_type has 1 entries",
+    "alignment-zero": "alignment 0",
+    "alignment-not-power-of-two": "alignment 48",
 }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_hostile_header_is_refused_before_parsing(name, monkeypatch):
     path = SEEDS / f"{name}.gguf"
-    import edgemoe.gguf_file as gf_mod
+    import edgemoe.models.gguf_file as gf_mod
 
     def no_reader(*a, **k):  # the pre-scan must refuse these before gguf-py allocates anything
         raise AssertionError("GGUFReader reached")
@@ -86,6 +105,7 @@ def test_prescan_accepts_real_files(build_model):
 
 
 # ---- edgemoe verify --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def store(build_model, tmp_path_factory) -> Path:
@@ -121,8 +141,10 @@ def test_verify_names_flipped_plane(damaged):
     buf[pos] ^= 0x10
     shard.write_bytes(buf)
     lines = _verify_lines(damaged)
-    assert lines == [f"{shard}: layer 1 expert 5 plane 2: checksum mismatch (bytes {pos - 7}.."
-                     f"{ent['offset'] + ent['plane_offsets'][3]})"], lines
+    assert lines == [
+        f"{shard}: layer 1 expert 5 plane 2: checksum mismatch (bytes {pos - 7}.."
+        f"{ent['offset'] + ent['plane_offsets'][3]})"
+    ], lines
 
 
 def test_verify_truncated_shard(damaged):
@@ -139,13 +161,16 @@ def test_verify_missing_shard(damaged):
     assert _verify_lines(damaged) == [f"{damaged / 'experts-001.gguf'}: missing shard (layer 1)"]
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda m: m.update(format_version=7), "format version 7"),
-    (lambda m: m["scheme"].update(bits=[4, 2]), "bits must be strictly ascending"),
-    (lambda m: m["plane_bytes"]["up"].__setitem__(0, 10**12), "plane_bytes"),
-    (lambda m: m.update(n_expert="8"), "n_expert"),
-    (lambda m: m["experts"].pop(), "experts must be a list"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda m: m.update(format_version=7), "format version 7"),
+        (lambda m: m["scheme"].update(bits=[4, 2]), "bits must be strictly ascending"),
+        (lambda m: m["plane_bytes"]["up"].__setitem__(0, 10**12), "plane_bytes"),
+        (lambda m: m.update(n_expert="8"), "n_expert"),
+        (lambda m: m["experts"].pop(), "experts must be a list"),
+    ],
+)
 def test_verify_bad_manifest(damaged, edit, words):
     m = json.loads((damaged / "manifest.json").read_text())
     edit(m)
@@ -158,8 +183,9 @@ def test_verify_bad_entry_and_unreadable_manifest(damaged):
     m = json.loads((damaged / "manifest.json").read_text())
     m["experts"][0][3]["checksums"] = [1, 2]
     (damaged / "manifest.json").write_text(json.dumps(m))
-    assert _verify_lines(damaged) == [f"{damaged / 'experts-000.gguf'}: layer 0 expert 3: bad manifest entry "
-                                      f"(2 checksums for 3 planes)"]
+    assert _verify_lines(damaged) == [
+        f"{damaged / 'experts-000.gguf'}: layer 0 expert 3: bad manifest entry (2 checksums for 3 planes)"
+    ]
     (damaged / "manifest.json").write_text("{not json")
     assert any("unreadable manifest" in line for line in _verify_lines(damaged))
 
@@ -175,6 +201,7 @@ def test_verify_not_a_store(tmp_path):
 
 
 # ---- crash safety of convert -----------------------------------------------------------------------
+
 
 @pytest.mark.timeout(400)
 def test_convert_killed_at_random_points(tmp_path):
@@ -221,9 +248,15 @@ def test_stale_old_dir_of_a_killed_force_conversion(build_model, tmp_path):
 
 # ---- soak ------------------------------------------------------------------------------------------
 
+
 def _tool(*args: str, timeout: float) -> dict:
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "soak.py"), *args, "--json"], capture_output=True,
-                       text=True, timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "soak.py"), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert r.stdout.strip(), r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -301,16 +334,18 @@ def test_store_model_from_four_threads_equals_serial(tight_store_model):
 def test_server_on_store_parallel_equals_serial(tight_store_model):
     from fuzz.targets_server import send
 
-    from edgemoe.server import Server
+    from edgemoe.serve.server import Server
 
     with Server(tight_store_model, "127.0.0.1", 0, max_queue=8) as srv:
         srv.start()
 
         def one(p: str) -> tuple:
-            a = send(srv.port, "/v1/completions", json.dumps(
-                {"prompt": p, "max_tokens": 8, "temperature": 0}).encode())
-            b = send(srv.port, "/v1/chat/completions", json.dumps(
-                {"messages": [{"role": "user", "content": p}], "max_tokens": 8, "temperature": 0}).encode())
+            a = send(srv.port, "/v1/completions", json.dumps({"prompt": p, "max_tokens": 8, "temperature": 0}).encode())
+            b = send(
+                srv.port,
+                "/v1/chat/completions",
+                json.dumps({"messages": [{"role": "user", "content": p}], "max_tokens": 8, "temperature": 0}).encode(),
+            )
             assert a[0] == 200 and b[0] == 200, (a, b)
             return a[1]["choices"][0]["text"], b[1]["choices"][0]["message"]["content"]
 

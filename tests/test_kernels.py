@@ -11,19 +11,59 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from edgemoe import kernels
 from edgemoe.errors import EdgeMoEError
+from edgemoe.quant import kernels
 
 # byte offsets of the fp16 scale fields in each block (ggml-common.h block layouts)
 _FP16_FIELDS = {
-    QT.Q4_0: [0], QT.Q4_1: [0, 2], QT.Q5_0: [0], QT.Q5_1: [0, 2], QT.Q8_0: [0],
-    QT.Q2_K: [80, 82], QT.Q3_K: [108], QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208],
-    QT.IQ2_XXS: [0], QT.IQ2_XS: [0], QT.IQ2_S: [0], QT.IQ3_XXS: [0], QT.IQ3_S: [0],
-    QT.IQ1_S: [0], QT.IQ4_NL: [0], QT.IQ4_XS: [0], QT.TQ1_0: [52], QT.TQ2_0: [64],
+    QT.Q4_0: [0],
+    QT.Q4_1: [0, 2],
+    QT.Q5_0: [0],
+    QT.Q5_1: [0, 2],
+    QT.Q8_0: [0],
+    QT.Q2_K: [80, 82],
+    QT.Q3_K: [108],
+    QT.Q4_K: [0, 2],
+    QT.Q5_K: [0, 2],
+    QT.Q6_K: [208],
+    QT.IQ2_XXS: [0],
+    QT.IQ2_XS: [0],
+    QT.IQ2_S: [0],
+    QT.IQ3_XXS: [0],
+    QT.IQ3_S: [0],
+    QT.IQ1_S: [0],
+    QT.IQ4_NL: [0],
+    QT.IQ4_XS: [0],
+    QT.TQ1_0: [52],
+    QT.TQ2_0: [64],
 }
-TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q2_K,
-         QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.MXFP4, QT.IQ4_NL, QT.IQ4_XS, QT.IQ2_XXS,
-         QT.IQ2_XS, QT.IQ2_S, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M, QT.TQ1_0, QT.TQ2_0]
+TYPES = [
+    QT.F32,
+    QT.F16,
+    QT.BF16,
+    QT.Q8_0,
+    QT.Q4_0,
+    QT.Q4_1,
+    QT.Q5_0,
+    QT.Q5_1,
+    QT.Q2_K,
+    QT.Q3_K,
+    QT.Q4_K,
+    QT.Q5_K,
+    QT.Q6_K,
+    QT.MXFP4,
+    QT.IQ4_NL,
+    QT.IQ4_XS,
+    QT.IQ2_XXS,
+    QT.IQ2_XS,
+    QT.IQ2_S,
+    QT.IQ3_XXS,
+    QT.IQ3_S,
+    QT.IQ1_S,
+    QT.IQ1_M,
+    QT.TQ1_0,
+    QT.TQ2_0,
+]
 
 
 def random_blocks(qtype: QT, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
@@ -43,7 +83,7 @@ def random_blocks(qtype: QT, n_out: int, n_in: int, rng: np.random.Generator) ->
     else:
         for off in _FP16_FIELDS[qtype]:
             d = rng.uniform(0.002, 0.02, size=nb).astype(np.float16)
-            b[:, off:off + 2] = d.view(np.uint8).reshape(nb, 2)
+            b[:, off : off + 2] = d.view(np.uint8).reshape(nb, 2)
     return b.reshape(n_out, n_in // block * tsize)
 
 
@@ -110,8 +150,7 @@ def test_matmul_matches_reference(backend, qtype, T):
     assert y1.shape == (n_out,) and rel_err(y1, y[0]) < 1e-5
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.IQ4_NL, QT.MXFP4],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.IQ4_NL, QT.MXFP4], ids=lambda t: t.name)
 def test_ggml_does_what_llama_cpp_does(qtype):
     """For weights dotted with Q8_0 activations, ggml's result is x rounded to Q8_0 times W."""
     if kernels.BACKEND != "ggml":
@@ -154,8 +193,7 @@ def test_expert_slice_of_3d_tensor(backend):
 def test_weights_straight_from_gguf_reader(tmp_path):
     """QWeight on what GGUFReader returns: 2-D tensors and expert slices of a 3-D tensor."""
     n_exp, n_out, n_in = 4, 64, 256
-    specs = {"w.f32": QT.F32, "w.f16": QT.F16, "w.bf16": QT.BF16, "w.q4_0": QT.Q4_0,
-             "w.q6_k": QT.Q6_K}
+    specs = {"w.f32": QT.F32, "w.f16": QT.F16, "w.bf16": QT.BF16, "w.q4_0": QT.Q4_0, "w.q6_k": QT.Q6_K}
     writer = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
     refs = {}
     for name, q in specs.items():
@@ -196,8 +234,10 @@ def test_large_output_tiles(backend):
 def test_concurrent_calls_from_threads():
     from concurrent.futures import ThreadPoolExecutor
 
-    ws = [kernels.QWeight(make_weight(q, 96, 512, seed=i)[0], q, 512)
-          for i, q in enumerate([QT.Q4_K, QT.Q8_0, QT.Q6_K, QT.F16])]
+    ws = [
+        kernels.QWeight(make_weight(q, 96, 512, seed=i)[0], q, 512)
+        for i, q in enumerate([QT.Q4_K, QT.Q8_0, QT.Q6_K, QT.F16])
+    ]
     x = np.random.default_rng(6).standard_normal((4, 512)).astype(np.float32)
     expect = [kernels.matmul(w, x) for w in ws]
     with ThreadPoolExecutor(4) as pool:
@@ -209,8 +249,11 @@ def test_concurrent_calls_from_threads():
 
 def test_unsupported_type_names_tensor_and_type():
     data = np.zeros((4, 8 * 4), dtype=np.uint8)
-    with pytest.raises(EdgeMoEError, match=r"tensor blk\.3\.attn_q\.weight: weight type I32 "
-                                           r"is not supported"):
+    with pytest.raises(
+        EdgeMoEError,
+        match=r"tensor blk\.3\.attn_q\.weight: weight type I32 "
+        r"is not supported",
+    ):
         kernels.QWeight(data, QT.I32, 8, name="blk.3.attn_q.weight")
     assert not kernels.supported(QT.I32)
     assert not kernels.supported(12345)
@@ -248,8 +291,9 @@ def test_numpy_path_scratch_is_bounded(monkeypatch):
 
 
 def test_import_is_quick_and_compiles_nothing():
-    code = ("import time; t=time.perf_counter(); import edgemoe.kernels as k; "
-            "print(time.perf_counter()-t, k.BACKEND)")
+    code = (
+        "import time; t=time.perf_counter(); import edgemoe.quant.kernels as k; print(time.perf_counter()-t, k.BACKEND)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     seconds, name = out.stdout.split()
     assert name in ("ggml", "numpy")
@@ -259,9 +303,8 @@ def test_import_is_quick_and_compiles_nothing():
 def _import_in_subprocess(env: dict) -> subprocess.CompletedProcess:
     import os
 
-    code = "import edgemoe.kernels as k; print(k.BACKEND)"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env})
+    code = "import edgemoe.quant.kernels as k; print(k.BACKEND)"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
 
 
 def test_missing_library_falls_back_to_numpy(tmp_path):
@@ -282,8 +325,10 @@ def test_bad_env_var(monkeypatch):
         importlib.reload(kernels)
 
 
-@pytest.mark.skipif(kernels.BACKEND != "ggml" or kernels._lib.q4_0x8 is None,
-                    reason="ggml's repacked Q4_0 kernels are not in this build")
+@pytest.mark.skipif(
+    kernels.BACKEND != "ggml" or kernels._lib.q4_0x8 is None,
+    reason="ggml's repacked Q4_0 kernels are not in this build",
+)
 @pytest.mark.parametrize("T", [1, 3, 4, 5, 9, 32])
 def test_repacked_q4_0_gives_the_per_row_result(T):
     """pack() rewrites Q4_0 rows into ggml's block_q4_0x8 layout in place; gemv (T < 4) and
@@ -312,7 +357,7 @@ def test_pack_leaves_what_it_cannot_take():
     ro.flags.writeable = False
     q8, _ = make_weight(QT.Q8_0, 64, 256)
     odd, _ = make_weight(QT.Q4_0, 60, 256)
-    for d, q, n in ((ro, QT.Q4_0, 64), (q8, QT.Q8_0, 64), (odd, QT.Q4_0, 60)):
+    for d, q, _n in ((ro, QT.Q4_0, 64), (q8, QT.Q8_0, 64), (odd, QT.Q4_0, 60)):
         w = kernels.QWeight(d, q, 256)
         before = d.copy()
         assert not kernels.can_pack(w)

@@ -1,12 +1,13 @@
-"""Nested (matryoshka) bit-plane quantization: edgemoe.nested."""
+"""Nested (matryoshka) bit-plane quantization: edgemoe.quant.nested."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgemoe import nested
-from edgemoe.nested import SCHEMES, D2MoE, MatQuant, default_bits, naive_msb_slices
+from edgemoe.quant import nested_fit, nested_kernels
+from edgemoe.quant.nested import SCHEMES, D2MoE, MatQuant, default_bits
+from edgemoe.quant.nested_fit import naive_msb_slices
 
 FAMILIES = [(2, 3, 4), (2, 4, 8)]
 SHAPE = (48, 256)  # small: the whole file stays well under a minute
@@ -61,7 +62,7 @@ def test_interface():
 def test_symmetric_matquant_stores_no_offsets():
     """matquant-sym is matquant with m = -2^(B-1) s implied (a Q4_0 source): plane 0 holds only s,
     half a bit per weight less at group 32, and computes exactly what matquant does."""
-    from edgemoe.nested import MatQuantSym
+    from edgemoe.quant.nested import MatQuantSym
 
     rng = np.random.default_rng(5)
     a, b = MatQuant((2, 3, 4), 32), MatQuantSym((2, 3, 4), 32)
@@ -75,8 +76,9 @@ def test_symmetric_matquant_stores_no_offsets():
     x = rng.standard_normal((3, n_in)).astype(np.float32)
     for k in (1, 2, 3):
         np.testing.assert_array_equal(b.matmul(pb[:k], n_out, n_in, x), a.matmul(pa[:k], n_out, n_in, x))
-        np.testing.assert_allclose(b.matmul(pb[:k], n_out, n_in, x, backend="numpy"),
-                                   a.matmul(pa[:k], n_out, n_in, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            b.matmul(pb[:k], n_out, n_in, x, backend="numpy"), a.matmul(pa[:k], n_out, n_in, x), rtol=1e-5, atol=1e-5
+        )
     qq, ss, mm = b.codes(pb, n_out, n_in)
     assert np.array_equal(qq, q) and np.array_equal(ss, s) and np.array_equal(mm, m)
     with pytest.raises(ValueError, match="offsets"):
@@ -104,14 +106,14 @@ def test_planes_are_self_contained_bytes(encoded, name, bits):
 @pytest.mark.parametrize("bits", FAMILIES)
 def test_error_decreases_with_width(encoded, w, name, bits):
     sch, parts = encoded[name, bits]
-    errs = [_rel(sch.dequantize(parts["planes"][:sch.planes_for(b)], *SHAPE), w) for b in bits]
+    errs = [_rel(sch.dequantize(parts["planes"][: sch.planes_for(b)], *SHAPE), w) for b in bits]
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     # and every width is close to (or better than) independent RTN at that width; matquant-sym
     # ties the offset to the scale (it exists to hold symmetric sources such as Q4_0 exactly), so
     # on a float matrix it gives up some accuracy against asymmetric RTN
     slack = 1.6 if name == "matquant-sym" else 1.25
     for b, e in zip(bits, errs):
-        assert e < slack * _rel(nested.rtn_quantize(w, b), w), (b, e)
+        assert e < slack * _rel(nested_fit.rtn_quantize(w, b), w), (b, e)
 
 
 @pytest.mark.parametrize("bits", FAMILIES)
@@ -132,18 +134,17 @@ def test_nested_property_d2moe(encoded, bits):
 def test_nested_property_matquant(encoded, bits):
     sch, parts = encoded["matquant", bits]
     q, B = parts["q"], bits[-1]
-    assert q.min() >= 0 and q.max() < 2 ** B
+    assert q.min() >= 0 and q.max() < 2**B
     s = np.repeat(parts["s"].astype(np.float64), sch.group, axis=1)
     m = np.repeat(parts["m"].astype(np.float64), sch.group, axis=1)
     for r in bits:
         k = sch.planes_for(r)
         got = sch.dequantize(parts["planes"][:k], *SHAPE)
-        np.testing.assert_allclose(got, sch.reconstruct(parts, k), rtol=0,
-                                   atol=1e-6 * np.abs(got).max())
+        np.testing.assert_allclose(got, sch.reconstruct(parts, k), rtol=0, atol=1e-6 * np.abs(got).max())
         # MatQuant's rounded slice S(q', r) = clamp(round(q'/d), 0, 2^r-1) * d of the code in the
         # half-step-offset domain q' = q - (d-1)/2, read back at the bin centre
         d = 2.0 ** (B - r)
-        qs = np.clip(np.round((q - (d - 1) / 2) / d), 0, 2 ** r - 1) * d
+        qs = np.clip(np.round((q - (d - 1) / 2) / d), 0, 2**r - 1) * d
         want = s * (qs + (d - 1) / 2) + m
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
@@ -166,7 +167,7 @@ def test_matmul_matches_dequantize(encoded, name, bits, T):
     assert y1.shape == (SHAPE[0],)
 
 
-@pytest.mark.skipif(not nested.HAVE_NUMBA, reason="numba not installed")
+@pytest.mark.skipif(not nested_kernels.HAVE_NUMBA, reason="numba not installed")
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_numpy_fallback_equals_numba(encoded, name):
     sch, parts = encoded[name, (2, 4, 8)]
@@ -252,5 +253,5 @@ def test_constant_and_zero_groups():
             sch = SCHEMES[name](bits)
             planes = sch.encode(w)
             for b in bits:
-                got = sch.dequantize(planes[:sch.planes_for(b)], *w.shape)
+                got = sch.dequantize(planes[: sch.planes_for(b)], *w.shape)
                 np.testing.assert_allclose(got, w, atol=2e-3)

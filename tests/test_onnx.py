@@ -2,7 +2,7 @@
 the `tokenizers` tokenizer, and agreement with the GGUF path and with onnxruntime itself.
 
 The ONNX models are written here with onnx.helper from the same seeded weights as a tiny GGUF
-(edgemoe.synth): a full decoder (embedding, RMS norms, GQA attention with neox rope, qk-norm, the
+(edgemoe.testing.synth): a full decoder (embedding, RMS norms, GQA attention with neox rope, qk-norm, the
 MoE FFN, the output layer) that onnxruntime runs for a fixed sequence length.
 """
 
@@ -24,9 +24,9 @@ from onnx import helper as oh  # noqa: E402
 from onnx import numpy_helper as onh  # noqa: E402
 
 import edgemoe  # noqa: E402
-from edgemoe import synth  # noqa: E402
-from edgemoe.convert import convert  # noqa: E402
 from edgemoe.errors import EdgeMoEError  # noqa: E402
+from edgemoe.store.convert import convert  # noqa: E402
+from edgemoe.testing import synth  # noqa: E402
 
 SPEC = dict(n_embd=64, n_ff_exp=64, n_expert=8, n_layer=2)
 IDS = [5, 17, 99, 250, 3, 42, 77, 8]
@@ -104,11 +104,13 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
         if experts == "nbits" and "/experts." in pfx:
             b, s, z = quant_nbits(w_numpy_out_in)
             n, k = w_numpy_out_in.shape
-            ins = [x, init(pfx[1:].replace("/", ".") + "NBits.weight_Q4", b.reshape(n, k // 32, 16)),
-                   init(pfx[1:].replace("/", ".") + "NBits.weight_scales", s),
-                   init(pfx[1:].replace("/", ".") + "NBits.weight_zp", z)]
-            return node("MatMulNBits", ins, pfx + "NBits", domain="com.microsoft", K=k, N=n, bits=4,
-                        block_size=32)
+            ins = [
+                x,
+                init(pfx[1:].replace("/", ".") + "NBits.weight_Q4", b.reshape(n, k // 32, 16)),
+                init(pfx[1:].replace("/", ".") + "NBits.weight_scales", s),
+                init(pfx[1:].replace("/", ".") + "NBits.weight_zp", z),
+            ]
+            return node("MatMulNBits", ins, pfx + "NBits", domain="com.microsoft", K=k, N=n, bits=4, block_size=32)
         w = init(pfx[1:].replace("/", ".") + ".weight", np.ascontiguousarray(w_numpy_out_in.T))
         return node("MatMul", [x, w], pfx)
 
@@ -132,8 +134,9 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
         rot = node("Concat", [node("Neg", [x2], pfx + "/neg"), x1], pfx + "/rot", axis=-1)
         return node("Add", [node("Mul", [x, cos], pfx + "/c"), node("Mul", [rot, sin], pfx + "/s")], pfx + "/rope")
 
-    x = node("Gather", [init("model.embed_tokens.weight", t["token_embd.weight"]), "input_ids"],
-             "/model/embed_tokens/Gather")
+    x = node(
+        "Gather", [init("model.embed_tokens.weight", t["token_embd.weight"]), "input_ids"], "/model/embed_tokens/Gather"
+    )
     for i in range(spec.n_layer):
         p, L = f"blk.{i}.", f"/model/layers.{i}"
         h = rms(x, t[p + "attn_norm.weight"], f"{L}/input_layernorm")
@@ -142,15 +145,22 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
             wq, wk = unpermute(wq, H), unpermute(wk, KV)
         if experts == "moe":  # the model builder's packed Q|K|V MatMul
             qkv = matmul(h, np.concatenate([wq, wk, wv]), f"{L}/attn/qkv_proj/MatMul")
-            q, k, v = node("Split", [qkv, const(np.array([H * hd, KV * hd, KV * hd]))], f"{L}/attn/split",
-                           n_out=3, axis=-1)
+            q, k, v = node(
+                "Split", [qkv, const(np.array([H * hd, KV * hd, KV * hd]))], f"{L}/attn/split", n_out=3, axis=-1
+            )
         else:
             q = matmul(h, wq, f"{L}/attn/q_proj/MatMul")
             k = matmul(h, wk, f"{L}/attn/k_proj/MatMul")
             v = matmul(h, wv, f"{L}/attn/v_proj/MatMul")
             if qwen2:
-                q, k, v = (node("Add", [z, init(f"model.layers.{i}.attn.{w}_proj.bias", t[p + f"attn_{w}.bias"])],
-                                f"{L}/attn/{w}_proj/Add") for z, w in ((q, "q"), (k, "k"), (v, "v")))
+                q, k, v = (
+                    node(
+                        "Add",
+                        [z, init(f"model.layers.{i}.attn.{w}_proj.bias", t[p + f"attn_{w}.bias"])],
+                        f"{L}/attn/{w}_proj/Add",
+                    )
+                    for z, w in ((q, "q"), (k, "k"), (v, "v"))
+                )
         if olmoe:
             q = rms(q, t[p + "attn_q_norm.weight"], f"{L}/attn/q_norm")
             k = rms(k, t[p + "attn_k_norm.weight"], f"{L}/attn/k_norm")
@@ -167,28 +177,52 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
             z = node("Unsqueeze", [z, const(np.array([1]))], name + "/us")
             z = node("Expand", [z, const(np.array([KV, H // KV, seq, hd]))], name + "/ex")
             return node("Reshape", [z, const(np.array([H, seq, hd]))], name + "/rs")
+
         qh = node("Transpose", [q], f"{L}/attn/q_tr", perm=[1, 0, 2])
         kh, vh = heads(k, f"{L}/attn/k_heads"), heads(v, f"{L}/attn/v_heads")
         s = node("MatMul", [qh, node("Transpose", [kh], f"{L}/attn/kT", perm=[0, 2, 1])], f"{L}/attn/qk")
-        s = node("Add", [node("Mul", [s, const(np.float32(1 / np.sqrt(hd)))], f"{L}/attn/scale"), mask], f"{L}/attn/mask")
+        s = node(
+            "Add", [node("Mul", [s, const(np.float32(1 / np.sqrt(hd)))], f"{L}/attn/scale"), mask], f"{L}/attn/mask"
+        )
         a = node("MatMul", [node("Softmax", [s], f"{L}/attn/softmax", axis=-1), vh], f"{L}/attn/av")
-        a = node("Reshape", [node("Transpose", [a], f"{L}/attn/a_tr", perm=[1, 0, 2]), const(np.array([seq, H * hd]))], f"{L}/attn/a_rs")
+        a = node(
+            "Reshape",
+            [node("Transpose", [a], f"{L}/attn/a_tr", perm=[1, 0, 2]), const(np.array([seq, H * hd]))],
+            f"{L}/attn/a_rs",
+        )
         x = node("Add", [x, matmul(a, t[p + "attn_output.weight"], f"{L}/attn/o_proj/MatMul")], f"{L}/attn_residual")
         h = rms(x, t[p + "ffn_norm.weight"], f"{L}/post_attention_layernorm")
         logits = matmul(h, t[p + "ffn_gate_inp.weight"], f"{L}/moe/gate/MatMul")
         G, U, Dn = t[p + "ffn_gate_exps.weight"], t[p + "ffn_up_exps.weight"], t[p + "ffn_down_exps.weight"]
         if experts == "moe":
             fc1 = np.stack([G, U], 2).reshape(E, 2 * G.shape[1], D)  # interleaved gate, up rows
-            y = node("MoE", [h, logits, init(f"model.layers.{i}.moe.fc1_experts_weights", fc1), "",
-                             init(f"model.layers.{i}.moe.fc2_experts_weights", Dn)], f"{L}/moe/MoE",
-                     domain="com.microsoft", k=K, activation_type="swiglu", swiglu_fusion=1,
-                     activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=1)
+            y = node(
+                "MoE",
+                [
+                    h,
+                    logits,
+                    init(f"model.layers.{i}.moe.fc1_experts_weights", fc1),
+                    "",
+                    init(f"model.layers.{i}.moe.fc2_experts_weights", Dn),
+                ],
+                f"{L}/moe/MoE",
+                domain="com.microsoft",
+                k=K,
+                activation_type="swiglu",
+                swiglu_fusion=1,
+                activation_alpha=1.0,
+                activation_beta=0.0,
+                normalize_routing_weights=1,
+            )
         else:
             probs = node("Softmax", [logits], f"{L}/moe/probs", axis=-1)
             tv, ti = node("TopK", [probs, const(np.array([K]))], f"{L}/moe/topk", n_out=2, axis=-1)
             if not (qwen2 or olmoe):
-                tv = node("Div", [tv, node("ReduceSum", [tv, const(np.array([-1]))], f"{L}/moe/sum", keepdims=1)],
-                          f"{L}/moe/norm")
+                tv = node(
+                    "Div",
+                    [tv, node("ReduceSum", [tv, const(np.array([-1]))], f"{L}/moe/sum", keepdims=1)],
+                    f"{L}/moe/norm",
+                )
             wts = node("ScatterElements", [const(np.zeros((seq, E), np.float32)), ti, tv], f"{L}/moe/scatter", axis=1)
             y = None
             for e in range(E):
@@ -197,7 +231,9 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
                 u = matmul(h, U[e], f"{pe}/up_proj/MatMul")
                 act = node("Mul", [node("Mul", [g, node("Sigmoid", [g], pe + "/sig")], pe + "/silu"), u], pe + "/act")
                 o = matmul(act, Dn[e], f"{pe}/down_proj/MatMul")
-                we = node("Slice", [wts, const(np.array([e])), const(np.array([e + 1])), const(np.array([1]))], pe + "/w")
+                we = node(
+                    "Slice", [wts, const(np.array([e])), const(np.array([e + 1])), const(np.array([1]))], pe + "/w"
+                )
                 o = node("Mul", [o, we], pe + "/weighted")
                 y = o if y is None else node("Add", [y, o], pe + "/sum")
         if qwen2:
@@ -206,28 +242,53 @@ def build_onnx(spec: synth.SynthSpec, out: Path, experts: str = "matmul", seq: i
             u = matmul(h, t[p + "ffn_up_shexp.weight"], f"{ps}/up_proj/MatMul")
             act = node("Mul", [node("Mul", [g, node("Sigmoid", [g], ps + "/sig")], ps + "/silu"), u], ps + "/act")
             o = matmul(act, t[p + "ffn_down_shexp.weight"], f"{ps}/down_proj/MatMul")
-            gate = node("Sigmoid", [matmul(h, t[p + "ffn_gate_inp_shexp.weight"], f"{L}/mlp/shared_expert_gate/MatMul")],
-                        f"{L}/mlp/shared_expert_gate/Sigmoid")
+            gate = node(
+                "Sigmoid",
+                [matmul(h, t[p + "ffn_gate_inp_shexp.weight"], f"{L}/mlp/shared_expert_gate/MatMul")],
+                f"{L}/mlp/shared_expert_gate/Sigmoid",
+            )
             y = node("Add", [y, node("Mul", [o, gate], ps + "/gated")], ps + "/sum")
         x = node("Add", [x, y], f"{L}/moe_residual")
     x = rms(x, t["output_norm.weight"], f"/model/layers.{spec.n_layer}/final_norm_layernorm")
     out_w = t.get("output.weight", t["token_embd.weight"])
     lg = matmul(x, out_w, "/lm_head/MatMul")
     nodes.append(oh.make_node("Identity", [lg], ["logits"], name="/logits"))
-    g = oh.make_graph(nodes, "edgemoe-test", [oh.make_tensor_value_info("input_ids", TP.INT64, [seq])],
-                      [oh.make_tensor_value_info("logits", TP.FLOAT, [seq, spec.n_vocab])], inits)
+    g = oh.make_graph(
+        nodes,
+        "edgemoe-test",
+        [oh.make_tensor_value_info("input_ids", TP.INT64, [seq])],
+        [oh.make_tensor_value_info("logits", TP.FLOAT, [seq, spec.n_vocab])],
+        inits,
+    )
     model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.microsoft", 1)])
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
     onnx.save(model, str(path))
-    (out / "config.json").write_text(json.dumps(dict(
-        model_type="mixtral" if llama else "qwen2_moe" if qwen2 else "olmoe" if olmoe else "qwen3_moe",
-        num_local_experts=E, hidden_size=D, num_attention_heads=H, num_key_value_heads=KV, head_dim=hd,
-        num_hidden_layers=spec.n_layer, vocab_size=spec.n_vocab, max_position_embeddings=spec.n_ctx_train,
-        num_experts=E, num_experts_per_tok=K, moe_intermediate_size=spec.n_ff_exp, rms_norm_eps=eps,
-        rope_theta=spec.rope_theta, norm_topk_prob=not (qwen2 or olmoe), tie_word_embeddings="output.weight" not in t,
-        shared_expert_intermediate_size=spec.n_ff_shexp,
-        bos_token_id=spec.bos_id, eos_token_id=spec.eos_id)))
+    (out / "config.json").write_text(
+        json.dumps(
+            dict(
+                model_type="mixtral" if llama else "qwen2_moe" if qwen2 else "olmoe" if olmoe else "qwen3_moe",
+                num_local_experts=E,
+                hidden_size=D,
+                num_attention_heads=H,
+                num_key_value_heads=KV,
+                head_dim=hd,
+                num_hidden_layers=spec.n_layer,
+                vocab_size=spec.n_vocab,
+                max_position_embeddings=spec.n_ctx_train,
+                num_experts=E,
+                num_experts_per_tok=K,
+                moe_intermediate_size=spec.n_ff_exp,
+                rms_norm_eps=eps,
+                rope_theta=spec.rope_theta,
+                norm_topk_prob=not (qwen2 or olmoe),
+                tie_word_embeddings="output.weight" not in t,
+                shared_expert_intermediate_size=spec.n_ff_shexp,
+                bos_token_id=spec.bos_id,
+                eos_token_id=spec.eos_id,
+            )
+        )
+    )
     write_tokenizer(spec, out)
     return path
 
@@ -245,10 +306,11 @@ def write_tokenizer(spec: synth.SynthSpec, out: Path) -> None:
     tk = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(s, special=True) for s in tokens[spec.vocab:]])
+    tk.add_special_tokens([AddedToken(s, special=True) for s in tokens[spec.vocab :]])
     tk.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(dict(
-        add_bos_token=True, bos_token="<|bos|>", eos_token="<|endoftext|>")))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(dict(add_bos_token=True, bos_token="<|bos|>", eos_token="<|endoftext|>"))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -313,15 +375,18 @@ def test_onnx_store_equals_gguf_store_and_is_lossy_only_by_8_bits(spec, gguf_sto
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 7 / 8
 
 
-@pytest.mark.parametrize("arch,experts,tensors", [
-    # Mixtral (HF rotate_half q/k rows) -> llama.cpp's `llama` with the converter's q/k permutation
-    ("llama", "matmul", ()),
-    ("llama", "moe", ()),
-    # Qwen2-MoE: q/k/v biases, a sigmoid-gated shared expert, top-k weights not renormalised
-    ("qwen2moe", "matmul", ("blk.0.attn_q.bias", "blk.0.ffn_gate_inp_shexp.weight", "blk.1.ffn_down_shexp.weight")),
-    # OLMoE: q/k RMS-normed over the whole projection, top-k weights not renormalised
-    ("olmoe", "matmul", ()),
-])
+@pytest.mark.parametrize(
+    "arch,experts,tensors",
+    [
+        # Mixtral (HF rotate_half q/k rows) -> llama.cpp's `llama` with the converter's q/k permutation
+        ("llama", "matmul", ()),
+        ("llama", "moe", ()),
+        # Qwen2-MoE: q/k/v biases, a sigmoid-gated shared expert, top-k weights not renormalised
+        ("qwen2moe", "matmul", ("blk.0.attn_q.bias", "blk.0.ffn_gate_inp_shexp.weight", "blk.1.ffn_down_shexp.weight")),
+        # OLMoE: q/k RMS-normed over the whole projection, top-k weights not renormalised
+        ("olmoe", "matmul", ()),
+    ],
+)
 def test_onnx_families(tmp_path, arch, experts, tensors):
     """Each family imports into the same store as its GGUF (same planes, same logits), and
     onnxruntime on the graph agrees with the GGUF run in place."""
@@ -342,7 +407,8 @@ def test_onnx_matmulnbits_experts_dequantized_exactly_then_stored_lossily(spec, 
     them at the source's width (nested 2,3,4, groups of 64 over the source's blocks of 32): lossy,
     so the store's logits agree with onnxruntime's only within a KL bound."""
     from conftest import kl_per_position
-    from edgemoe.onnx_import import OnnxSource
+
+    from edgemoe.store.onnx_import import OnnxSource
 
     path = build_onnx(spec, tmp_path / "nbits", "nbits")
     t = synth._tensors(spec)
@@ -354,8 +420,11 @@ def test_onnx_matmulnbits_experts_dequantized_exactly_then_stored_lossily(spec, 
                 for e in range(spec.n_expert):
                     # exact: codes and zero points are small integers (exact in float32), their
                     # difference is exact, and one float32 product rounds the same everywhere
-                    np.testing.assert_array_equal(np.asarray(got[e]), nbits_reference(t[f"blk.{i}.ffn_{m}_exps.weight"][e]),
-                                                  err_msg=f"blk.{i}.ffn_{m}_exps expert {e}")
+                    np.testing.assert_array_equal(
+                        np.asarray(got[e]),
+                        nbits_reference(t[f"blk.{i}.ffn_{m}_exps.weight"][e]),
+                        err_msg=f"blk.{i}.ffn_{m}_exps expert {e}",
+                    )
     finally:
         src.close()
     st = convert(path, tmp_path / "nbits.edgemoe", progress=False)
@@ -409,8 +478,10 @@ def test_unknown_onnx_layout_is_one_clear_error(spec, tmp_path):
         if t.name == "model.layers.0.attn.q_proj.MatMul.weight":
             t.name = "model.layers.0.attn.mystery.MatMul.weight"
     for n in m.graph.node:
-        n.input[:] = ["model.layers.0.attn.mystery.MatMul.weight" if x == "model.layers.0.attn.q_proj.MatMul.weight"
-                      else x for x in n.input]
+        n.input[:] = [
+            "model.layers.0.attn.mystery.MatMul.weight" if x == "model.layers.0.attn.q_proj.MatMul.weight" else x
+            for x in n.input
+        ]
         if n.name == "/model/layers.0/attn/q_proj/MatMul":
             n.name = "/model/layers.0/attn/mystery/MatMul"
     onnx.save(m, str(path))
@@ -429,19 +500,24 @@ def test_onnx_expert_backend_counts_rows_and_matches_up_to_activation_rounding(s
     backend's rows. Experts in ggml's repacked Q4_0 form (a Q4_0 source) never go to onnxruntime:
     ggml is faster."""
     from conftest import kl_per_position
-    from edgemoe import kernels, nested
-    from edgemoe.onnx_experts import expert_model, full_codes
+
+    from edgemoe.quant import kernels, nested
+    from edgemoe.store.onnx_experts import expert_model, full_codes
 
     QT = gguf.GGMLQuantizationType
     ids = [int(i) for i in np.random.default_rng(1).integers(0, 288, 40)]
     small = dict(n_embd=96, n_ff_exp=96, n_expert=8, n_layer=2)
-    for name, sp in (("f32", spec), ("q4_1", synth.SynthSpec.tiny("qwen3moe", dtype="Q4_1", **small)),
-                     ("q4_0", synth.SynthSpec.tiny("qwen3moe", dtype="Q4_0", **small))):
+    for name, sp in (
+        ("f32", spec),
+        ("q4_1", synth.SynthSpec.tiny("qwen3moe", dtype="Q4_1", **small)),
+        ("q4_0", synth.SynthSpec.tiny("qwen3moe", dtype="Q4_0", **small)),
+    ):
         src = synth.write_model(sp, tmp_path / f"{name}.gguf")
         st = convert(src, tmp_path / f"{name}.edgemoe", bits=(2, 3, 4), progress=False)
         ref = _logits(st, ids)
-        with edgemoe.load(st, kv_type="f32", quality="max", progress=False,
-                          onnx_experts=dict(min_rows=6, min_batch=1, pool="8MB")) as m:
+        with edgemoe.load(
+            st, kv_type="f32", quality="max", progress=False, onnx_experts=dict(min_rows=6, min_batch=1, pool="8MB")
+        ) as m:
             first = m.logits(ids)
             again = m.logits(ids)
             c = m.stats().cache
@@ -481,9 +557,9 @@ def test_onnx_expert_backend_counts_rows_and_matches_up_to_activation_rounding(s
 
 def test_export_store_expert_shards(spec, tmp_path):
     """STORE/onnx/blk.L.exp.E.onnx files, derived from the planes, compute the expert's FFN."""
-    from edgemoe import nested
-    from edgemoe.onnx_experts import export_store
-    from edgemoe.store import StoreReader
+    from edgemoe.quant import nested
+    from edgemoe.store.onnx_experts import export_store
+    from edgemoe.store.reader import StoreReader
 
     src = synth.write_model(spec, tmp_path / "m.gguf")
     st = convert(src, tmp_path / "m.edgemoe", progress=False)  # F32 source: widths 2,4,8
@@ -509,12 +585,20 @@ def test_external_data_and_qmoe(spec, gguf_store, tmp_path):
     _, gstore = gguf_store
     path = build_onnx(spec, tmp_path / "ext", "moe")
     m = onnx.load(str(path))
-    onnx.save(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data",
-              size_threshold=0)
+    onnx.save(
+        m,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext" / "model.onnx.data").stat().st_size > path.stat().st_size
     st = convert(path, tmp_path / "ext.edgemoe", progress=False)
-    assert json.loads((st / "manifest.json").read_text())["experts"] == \
-        json.loads((gstore / "manifest.json").read_text())["experts"]
+    assert (
+        json.loads((st / "manifest.json").read_text())["experts"]
+        == json.loads((gstore / "manifest.json").read_text())["experts"]
+    )
     # QMoE: replace each MoE node by QMoE with the same weights quantized to 4 bits
     nb = build_onnx(spec, tmp_path / "nb", "nbits")
     q = build_onnx(spec, tmp_path / "q", "moe")
@@ -529,15 +613,40 @@ def test_external_data_and_qmoe(spec, gguf_store, tmp_path):
         for name, w in (("fc1", fc1), ("fc2", fc2)):
             parts = [quant_nbits(w[e]) for e in range(w.shape[0])]
             E, N = w.shape[:2]
-            new += [onh.from_array(np.stack([p[0] for p in parts]).reshape(E, N, -1), f"{n.name}.{name}.w"),
-                    onh.from_array(np.stack([p[1] for p in parts]).reshape(E, N, -1), f"{n.name}.{name}.s"),
-                    onh.from_array(np.stack([p[2] for p in parts]).reshape(E, N, -1), f"{n.name}.{name}.z")]
+            new += [
+                onh.from_array(np.stack([p[0] for p in parts]).reshape(E, N, -1), f"{n.name}.{name}.w"),
+                onh.from_array(np.stack([p[1] for p in parts]).reshape(E, N, -1), f"{n.name}.{name}.s"),
+                onh.from_array(np.stack([p[2] for p in parts]).reshape(E, N, -1), f"{n.name}.{name}.z"),
+            ]
         m.graph.initializer.extend(new)
-        ins = [n.input[0], n.input[1], f"{n.name}.fc1.w", f"{n.name}.fc1.s", "", f"{n.name}.fc2.w",
-               f"{n.name}.fc2.s", "", "", "", "", f"{n.name}.fc1.z", f"{n.name}.fc2.z"]
+        ins = [
+            n.input[0],
+            n.input[1],
+            f"{n.name}.fc1.w",
+            f"{n.name}.fc1.s",
+            "",
+            f"{n.name}.fc2.w",
+            f"{n.name}.fc2.s",
+            "",
+            "",
+            "",
+            "",
+            f"{n.name}.fc1.z",
+            f"{n.name}.fc2.z",
+        ]
         attrs = {a.name: oh.get_attribute_value(a) for a in n.attribute}
-        n.CopyFrom(oh.make_node("QMoE", ins, list(n.output), name=n.name, domain="com.microsoft",
-                                expert_weight_bits=4, block_size=32, **attrs))
+        n.CopyFrom(
+            oh.make_node(
+                "QMoE",
+                ins,
+                list(n.output),
+                name=n.name,
+                domain="com.microsoft",
+                expert_weight_bits=4,
+                block_size=32,
+                **attrs,
+            )
+        )
     onnx.save(m, str(q))
     sq = convert(q, tmp_path / "q.edgemoe", progress=False)
     snb = convert(nb, tmp_path / "nb.edgemoe", progress=False)
@@ -561,9 +670,12 @@ def test_float16_weights_stay_f16(tmp_path):
             t.CopyFrom(onh.from_array(a.astype(np.float16), t.name))
     onnx.save(m, str(path))
     ostore = convert(path, tmp_path / "h.edgemoe", progress=False)
-    assert json.loads((ostore / "manifest.json").read_text())["experts"] == \
-        json.loads((gstore / "manifest.json").read_text())["experts"]
-    from edgemoe.gguf_file import GGUFFile
+    assert (
+        json.loads((ostore / "manifest.json").read_text())["experts"]
+        == json.loads((gstore / "manifest.json").read_text())["experts"]
+    )
+    from edgemoe.models.gguf_file import GGUFFile
+
     f = GGUFFile(ostore / "dense.gguf")
     assert f.tensor("token_embd.weight").qtype.name == "F16" and f.tensor("blk.0.attn_norm.weight").qtype.name == "F32"
     f.close()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_matches_quantized, llama_cpp_greedy, llama_cpp_logits, random_ids
 
 import edgemoe
-from edgemoe import engine, synth
-from conftest import assert_matches_quantized, llama_cpp_greedy, llama_cpp_logits, random_ids
+from edgemoe.runtime import engine
+from edgemoe.testing import synth
 
 pytest.importorskip("llama_cpp")
 
@@ -64,9 +65,19 @@ def test_quantized_every_arch(build_model, arch, ftype):
 
 @pytest.mark.parametrize(
     "ftype,expect",
-    [("BF16", "BF16"), ("Q4_0", "Q4_0"), ("Q4_1", "Q4_1"), ("Q5_0", "Q5_0"), ("Q5_1", "Q5_1"),
-     ("Q2_K", "Q2_K"), ("Q3_K_M", "Q3_K"), ("Q5_K_M", "Q5_K"), ("Q6_K", "Q6_K"),
-     ("MXFP4_MOE", "MXFP4"), ("IQ4_NL", "IQ4_NL")],
+    [
+        ("BF16", "BF16"),
+        ("Q4_0", "Q4_0"),
+        ("Q4_1", "Q4_1"),
+        ("Q5_0", "Q5_0"),
+        ("Q5_1", "Q5_1"),
+        ("Q2_K", "Q2_K"),
+        ("Q3_K_M", "Q3_K"),
+        ("Q5_K_M", "Q5_K"),
+        ("Q6_K", "Q6_K"),
+        ("MXFP4_MOE", "MXFP4"),
+        ("IQ4_NL", "IQ4_NL"),
+    ],
 )
 def test_quantized_types(build_model, ftype, expect):
     if ftype in synth.WRITE_DTYPES:
@@ -132,8 +143,11 @@ def test_tokenization_matches_llama_cpp(build_model, text):
     [("llama", "linear"), ("qwen3moe", "yarn"), ("granitemoe", "linear"), ("olmoe", "yarn")],
 )
 def test_rope_scaling_matches_llama_cpp(build_model, arch, scaling):
-    kv = ((f"{arch}.rope.scaling.type", scaling), (f"{arch}.rope.scaling.factor", 4.0),
-          (f"{arch}.rope.scaling.original_context_length", 128))
+    kv = (
+        (f"{arch}.rope.scaling.type", scaling),
+        (f"{arch}.rope.scaling.factor", 4.0),
+        (f"{arch}.rope.scaling.original_context_length", 128),
+    )
     path = build_model(arch, extra_kv=kv)
     with edgemoe.load(path, kv_type="f32", n_ctx=256) as m:
         assert m.config.rope_scaling == scaling
@@ -144,7 +158,7 @@ def test_rope_scaling_matches_llama_cpp(build_model, arch, scaling):
 
 def test_long_prompt_crosses_batch_boundaries(build_model):
     """Prompts are evaluated in batches of streaming.N_BATCH tokens; results must not change."""
-    from edgemoe import streaming
+    from edgemoe.runtime import streaming
 
     path = build_model("qwen2moe")
     n = 2 * streaming.N_BATCH + 21

@@ -12,10 +12,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import assert_matches_quantized, llama_cpp_greedy, llama_cpp_logits, random_ids
 
 import edgemoe
-from edgemoe import engine, synth
-from conftest import assert_matches_quantized, llama_cpp_greedy, llama_cpp_logits, random_ids
+from edgemoe.runtime import experts
+from edgemoe.testing import synth
 
 pytest.importorskip("llama_cpp")
 
@@ -23,9 +24,20 @@ N_TOKENS = 40  # > 8 = the tiny gpt-oss sliding window
 
 # deepseek2 variants (SynthSpec fields); all have a leading dense layer and two MoE layers
 DS_LITE = dict(n_layer=3, n_leading_dense=1)
-DS_V3 = dict(n_layer=3, n_leading_dense=1, n_expert=8, q_lora_rank=24, expert_gating_func=2, exp_probs_b=True,
-             n_expert_groups=4, n_group_used=2, n_expert_used=3, expert_weights_norm=True,
-             expert_weights_scale=2.5, n_shared_expert=2)
+DS_V3 = dict(
+    n_layer=3,
+    n_leading_dense=1,
+    n_expert=8,
+    q_lora_rank=24,
+    expert_gating_func=2,
+    exp_probs_b=True,
+    n_expert_groups=4,
+    n_group_used=2,
+    n_expert_used=3,
+    expert_weights_norm=True,
+    expert_weights_scale=2.5,
+    n_shared_expert=2,
+)
 DS_YARN = dict(n_layer=3, n_leading_dense=1, rope_scaling_factor=4.0, yarn_log_multiplier=0.0707)
 GPT_OSS = dict(n_layer=3)  # SWA on layers 0 and 2, full attention on layer 1
 GPT_OSS_WIDE_HEAD = dict(n_layer=2, head_dim=24)  # n_head * head_dim != n_embd, as in the real model
@@ -88,8 +100,12 @@ def test_config_reads_the_new_keys(build_model):
         assert c.cache_dims == (1, 48, 0)
     with edgemoe.load(_build(build_model, "gpt-oss")) as m:
         c = m.config
-        assert (c.gating, c.expert_act, c.n_swa, c.swa_layers) == ("softmax_weight", "swiglu_oai", 8,
-                                                                   (True, False, True))
+        assert (c.gating, c.expert_act, c.n_swa, c.swa_layers) == (
+            "softmax_weight",
+            "swiglu_oai",
+            8,
+            (True, False, True),
+        )
         assert c.rope_scaling == "yarn" and not c.norm_topk
 
 
@@ -116,16 +132,23 @@ def check_quantized(path, expect: dict[str, str]) -> None:
 @pytest.mark.parametrize("ftype", ["MXFP4_MOE", "Q4_K_M"])
 def test_gpt_oss_quantized(build_model, ftype):
     exps = {"MXFP4_MOE": "MXFP4", "Q4_K_M": "Q4_K"}[ftype]
-    check_quantized(_build(build_model, "gpt-oss", ftype),
-                    {"blk.0.ffn_gate_exps.weight": exps, "blk.0.ffn_gate_exps.bias": "F32",
-                     "blk.0.attn_sinks.weight": "F32", "blk.0.ffn_gate_inp.bias": "F32"})
+    check_quantized(
+        _build(build_model, "gpt-oss", ftype),
+        {
+            "blk.0.ffn_gate_exps.weight": exps,
+            "blk.0.ffn_gate_exps.bias": "F32",
+            "blk.0.attn_sinks.weight": "F32",
+            "blk.0.ffn_gate_inp.bias": "F32",
+        },
+    )
 
 
 # ds-v3 in Q4_K_M is left out: there llama.cpp's batched K-quant path differs from its own
 # token-by-token results by more than the argmax check's near-tie margin (sigmoid + group-limited
 # routing amplifies it); the same file in Q8_0 agrees with llama.cpp bit for bit.
-@pytest.mark.parametrize("variant,ftype", [("ds-lite", "Q8_0"), ("ds-lite", "Q4_K_M"), ("ds-v3", "Q8_0"),
-                                           ("ds-qlora", "Q8_0")])
+@pytest.mark.parametrize(
+    "variant,ftype", [("ds-lite", "Q8_0"), ("ds-lite", "Q4_K_M"), ("ds-v3", "Q8_0"), ("ds-qlora", "Q8_0")]
+)
 def test_deepseek2_quantized(build_model, variant, ftype):
     exps = {"Q8_0": "Q8_0", "Q4_K_M": "Q4_K"}[ftype]
     expect = {"blk.1.ffn_gate_exps.weight": exps, "blk.0.ffn_gate.weight": exps}
@@ -141,6 +164,7 @@ def _layers(attr: str, value):
     def patch(eng):
         for layer in eng.layers:
             setattr(layer, attr, value)
+
     return patch
 
 
@@ -148,23 +172,28 @@ def _args(**changes):
     def patch(eng):
         eng.args = dataclasses.replace(eng.args, **changes)
         eng.expert_src.args = eng.args  # GGUFExperts keeps the args it was built with
+
     return patch
 
 
 BROKEN = {
     "gpt-oss sinks ignored": ("gpt-oss", _layers("sinks", None)),
     "gpt-oss sliding window ignored": ("gpt-oss", _layers("swa", False)),
-    "gpt-oss window on odd layers": ("gpt-oss", lambda eng: [setattr(l, "swa", i % 2 == 1)
-                                                            for i, l in enumerate(eng.layers)]),
+    "gpt-oss window on odd layers": (
+        "gpt-oss",
+        lambda eng: [setattr(l, "swa", i % 2 == 1) for i, l in enumerate(eng.layers)],
+    ),
     "gpt-oss router bias ignored": ("gpt-oss", _layers("router_b", None)),
     "gpt-oss plain swiglu": ("gpt-oss", _args(expert_act="silu")),
-    "gpt-oss softmax over all experts": ("gpt-oss", lambda eng: setattr(eng, "_route", eng.route_softmax)),
+    "gpt-oss softmax over all experts": ("gpt-oss", _args(gating="softmax")),
     "ds-v3 group limit ignored": ("ds-v3", _args(n_expert_groups=0)),
     "ds-v3 selection bias ignored": ("ds-v3", _layers("exp_probs_b", None)),
     "ds-v3 softmax instead of sigmoid": ("ds-v3", _args(gating_func="softmax")),
     "ds-v3 weights scale ignored": ("ds-v3", _args(expert_weights_scale=1.0)),
-    "ds-yarn log multiplier ignored": ("ds-yarn", lambda eng: setattr(
-        eng, "args", dataclasses.replace(eng.args, attn_scale=1.0 / np.sqrt(eng.args.head_dim)))),
+    "ds-yarn log multiplier ignored": (
+        "ds-yarn",
+        lambda eng: setattr(eng, "args", dataclasses.replace(eng.args, attn_scale=1.0 / np.sqrt(eng.args.head_dim))),
+    ),
 }
 
 
@@ -188,8 +217,8 @@ def test_swiglu_oai_clamps_and_is_exercised(build_model, monkeypatch):
     u = np.array([[-9.0, -1.0, 0.0, 8.0, 3.0]], dtype=np.float32)
     x = np.minimum(g, 7.0)
     want = x / (1 + np.exp(-1.702 * x)) * (np.clip(u, -7, 7) + 1)
-    np.testing.assert_allclose(engine.expert_act(args, g, u), want, rtol=1e-6)
-    monkeypatch.setattr(engine, "_OAI_LIMIT", np.inf)
+    np.testing.assert_allclose(experts.expert_act(args, g, u), want, rtol=1e-6)
+    monkeypatch.setattr(experts, "_OAI_LIMIT", np.inf)
     assert rel_err(_ours(path, ids), llama_cpp_logits(path, ids)) > 1e-3
 
 
@@ -197,7 +226,7 @@ def test_swiglu_oai_clamps_and_is_exercised(build_model, monkeypatch):
 def test_long_prompt_crosses_batch_boundaries(build_model, variant):
     """Prompts are evaluated in batches of streaming.N_BATCH tokens: the MLA latent cache and the
     sliding window must carry across them."""
-    from edgemoe import streaming
+    from edgemoe.runtime import streaming
 
     path = _build(build_model, variant)
     n = 2 * streaming.N_BATCH + 21

@@ -7,17 +7,19 @@ import time
 
 import numpy as np
 import pytest
+from conftest import random_ids
 
 import edgemoe
-from edgemoe import pipeline, policy
-from edgemoe.convert import convert
-from conftest import random_ids
+from edgemoe.runtime import pipeline, policy
+from edgemoe.store.convert import convert
 
 
 def test_hebf_order():
-    reqs = [pipeline.Request(0, 3, 3, hotness=1.0, queue=[0, 1, 2]),
-            pipeline.Request(0, 7, 3, hotness=5.0, queue=[1, 2]),  # plane 0 already resident
-            pipeline.Request(0, 1, 3, hotness=2.0, queue=[0, 1, 2])]
+    reqs = [
+        pipeline.Request(0, 3, 3, hotness=1.0, queue=[0, 1, 2]),
+        pipeline.Request(0, 7, 3, hotness=5.0, queue=[1, 2]),  # plane 0 already resident
+        pipeline.Request(0, 1, 3, hotness=2.0, queue=[0, 1, 2]),
+    ]
     assert pipeline.hebf_order(reqs) == [(7, 1), (7, 2), (1, 0), (1, 1), (1, 2), (3, 0), (3, 1), (3, 2)]
 
 

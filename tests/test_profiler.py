@@ -1,6 +1,6 @@
 """`edgemoe profile`: the device profiler writes a profile the loader accepts; the shipped profiles
 load; the model profiler writes report.md (and plots) with sane numbers; the fast cache simulator
-gives exactly edgemoe.replay's figures."""
+gives exactly edgemoe.devices.replay's figures."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from edgemoe import profiler, profiles, replay, synth
 from edgemoe.cli import main
+from edgemoe.devices import cachesim, kernel_speed, measure, model_profile, profiles, replay
+from edgemoe.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "profiles").glob("*.yaml"))
@@ -21,8 +22,24 @@ def test_device_profile_is_accepted_by_the_loader(tmp_path, capsys):
     out = tmp_path / "prof" / "tiny-box.yaml"
     storage = tmp_path / "disk"
     storage.mkdir()
-    rc = main(["profile", "--storage", str(storage), "--out", str(out), "--name", "tiny-box", "--size", "8MiB",
-               "--mem-size", "16MiB", "--time-limit", "0.5", "--no-kernels"])
+    rc = main(
+        [
+            "profile",
+            "--storage",
+            str(storage),
+            "--out",
+            str(out),
+            "--name",
+            "tiny-box",
+            "--size",
+            "8MiB",
+            "--mem-size",
+            "16MiB",
+            "--time-limit",
+            "0.5",
+            "--no-kernels",
+        ]
+    )
     assert rc == 0
     p = profiles.load_profile(out)  # the loader `edgemoe bench --profile` uses
     assert p.name == "tiny-box"
@@ -43,11 +60,11 @@ def test_device_profile_is_accepted_by_the_loader(tmp_path, capsys):
 
 
 def test_kernel_measurements_record_every_type():
-    k = profiler.measure_kernels(n_out=64, n_in=256, budget_s=0.01, nested_bits=(2, 4))
+    k = kernel_speed.measure_kernels(n_out=64, n_in=256, budget_s=0.01, nested_bits=(2, 4))
     assert set(k["gguf"]) == {"Q4_0", "Q8_0", "Q4_K"}
     for r in k["gguf"].values():
         assert r.get("gbps", 0) > 0 or "error" in r
-    nested = k["nested"]  # edgemoe.nested may be unfinished: an error is recorded, nothing raised
+    nested = k["nested"]  # edgemoe.quant.nested may be unfinished: an error is recorded, nothing raised
     assert "error" in nested or all("widths" in r or "error" in r for r in nested.values())
     for r in nested.values():
         for w in r.get("widths", {}).values() if isinstance(r, dict) else ():
@@ -68,49 +85,69 @@ def test_shipped_profiles_load(path):
     assert p.default_budget <= 0.75 * p.ram  # room for the OS
     for line in path.read_text().splitlines():  # every figure carries a comment
         key = line.split(":")[0].strip()
-        if key in ("ram", "default_budget", "cores", "memory_bandwidth_gbps", "seq_read_mbps",
-                   "rand_read_mbps", "read_latency_us", "readahead_kb"):
+        if key in (
+            "ram",
+            "default_budget",
+            "cores",
+            "memory_bandwidth_gbps",
+            "seq_read_mbps",
+            "rand_read_mbps",
+            "read_latency_us",
+            "readahead_kb",
+        ):
             assert "#" in line, line
 
 
 def test_the_five_devices_are_shipped():
     names = {p.stem for p in SHIPPED}
-    assert {"raspberry-pi-5-8gb-microsd", "raspberry-pi-5-8gb-nvme", "jetson-orin-nano-8gb",
-            "ufs31-phone-board", "laptop-16gb-nvme"} <= names
+    assert {
+        "raspberry-pi-5-8gb-microsd",
+        "raspberry-pi-5-8gb-nvme",
+        "jetson-orin-nano-8gb",
+        "ufs31-phone-board",
+        "laptop-16gb-nvme",
+    } <= names
 
 
 def test_fast_simulator_matches_replay():
     rng = np.random.default_rng(3)
     trace = rng.integers(0, 10, size=(50, 3, 3))
     trace[:, 0, :] = -1  # a dense layer
-    reqs = profiler.trace_requests(trace)
+    reqs = cachesim.trace_requests(trace)
     rr = replay.requests(trace)
     assert list(zip(reqs[1].tolist(), reqs[2].tolist())) == [(r[0], r[1]) for r in rr]
     for slots in (3, 4, 7, 12, 20):
         for p in ("lru", "lfu", "score"):
-            assert profiler.simulate(reqs, 3, 10, slots, p, 50).sum() == replay.replay_policy(rr, 3, 1, slots, p)
-        assert profiler.simulate(reqs, 3, 10, slots, "belady", 50).sum() == replay.replay_belady(rr, slots)
+            assert cachesim.simulate(reqs, 3, 10, slots, p, 50).sum() == replay.replay_policy(rr, 3, 1, slots, p)
+        assert cachesim.simulate(reqs, 3, 10, slots, "belady", 50).sum() == replay.replay_belady(rr, slots)
 
 
 def test_reuse_and_popularity_definitions():
     # one layer, top-2: token t picks {t%4, (t+1)%4}
     trace = np.array([[[t % 4, (t + 1) % 4]] for t in range(40)])
-    r = profiler.reuse(trace, 4, windows=(1, 2, 3))
+    r = cachesim.reuse(trace, 4, windows=(1, 2, 3))
     assert r[1]["measured"] == pytest.approx(0.5)  # t was used by the previous token, t+1 was not
     assert r[2]["measured"] == pytest.approx(0.5)  # nor by the one before
     assert r[3]["measured"] == pytest.approx(1.0)  # t+1 = t-3 (mod 4)
     assert r[1]["uniform"] == pytest.approx(0.5)
-    pop = profiler.popularity(trace, 8)
+    pop = cachesim.popularity(trace, 8)
     assert pop["top_eighth_share"][0] == pytest.approx(0.25)
     assert pop["entropy_bits"][0] == pytest.approx(2.0)
 
 
 def test_prediction_formula():
-    p = profiles.parse_profile(dict(name="d", description="d", ram="8GiB", default_budget="4GiB", cores=4,
-                                    memory_bandwidth_gbps=10.0,
-                                    storage=dict(kind="nvme", seq_read_mbps=1000, rand_read_mbps=500,
-                                                 read_latency_us=100, readahead_kb=128)))
-    r = profiler.predict(2.0, 8.0, 1_000_000, 2_000_000, p)
+    p = profiles.parse_profile(
+        dict(
+            name="d",
+            description="d",
+            ram="8GiB",
+            default_budget="4GiB",
+            cores=4,
+            memory_bandwidth_gbps=10.0,
+            storage=dict(kind="nvme", seq_read_mbps=1000, rand_read_mbps=500, read_latency_us=100, readahead_kb=128),
+        )
+    )
+    r = model_profile.predict(2.0, 8.0, 1_000_000, 2_000_000, p)
     assert r["t_compute"] == pytest.approx((2e6 + 8e6) / 10e9)
     assert r["t_io"] == pytest.approx(2 * (1e6 / 500e6 + 100e-6))
     assert r["tokens_per_s"] == pytest.approx(1 / r["t_io"]) and r["bound"] == "storage"
@@ -121,21 +158,35 @@ def model_report(tmp_path_factory):
     d = tmp_path_factory.mktemp("mprof")
     model = synth.write_model(synth.SynthSpec.tiny("qwen3moe", n_expert=16, n_layer=4), d / "tiny.gguf")
     text = d / "text.txt"
-    text.write_text(getattr(synth, "_SAMPLE_TEXT", "") + "The quick brown fox jumps over the lazy dog. " * 20,
-                    encoding="utf-8")
+    text.write_text(
+        getattr(synth, "_SAMPLE_TEXT", "") + "The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8"
+    )
     dev = d / "dev.yaml"
     dev.write_text((ROOT / "profiles" / "raspberry-pi-5-8gb-nvme.yaml").read_text())
     out = d / "out"
-    rc = main(["profile", "-m", str(model), "--text", str(text), "--tokens", "48", "--out-dir", str(out),
-               "--device", str(dev)])
+    rc = main(
+        [
+            "profile",
+            "-m",
+            str(model),
+            "--text",
+            str(text),
+            "--tokens",
+            "48",
+            "--out-dir",
+            str(out),
+            "--device",
+            str(dev),
+        ]
+    )
     assert rc == 0
-    return out, profiler.profile_model(model, text, d / "out2", tokens=48, device=dev, plots=False)
+    return out, model_profile.profile_model(model, text, d / "out2", tokens=48, device=dev, plots=False)
 
 
 def _cache_misses(reqs, n_layer: int, slots: int, policy: str, warm_from: int) -> tuple[int, int]:
     """(all misses, misses from request warm_from on) of the real ExpertCache holding `slots`
-    one-plane experts of one byte each, visited as edgemoe.replay.replay_policy visits it."""
-    from edgemoe.cache import ExpertCache
+    one-plane experts of one byte each, visited as edgemoe.devices.replay.replay_policy visits it."""
+    from edgemoe.runtime.cache import ExpertCache
 
     cache = ExpertCache(replay.PlaneCounter(n_layer, [1]), slots, policy)
     before = 0
@@ -152,8 +203,13 @@ def _cache_misses(reqs, n_layer: int, slots: int, policy: str, warm_from: int) -
 def test_model_profile_report(model_report):
     out, res = model_report
     report = (out / "report.md").read_text()
-    for heading in ("Expert popularity", "Token-to-token reuse", "Hit rate against cache size",
-                    "Prediction for this device", "Recommendation"):
+    for heading in (
+        "Expert popularity",
+        "Token-to-token reuse",
+        "Hit rate against cache size",
+        "Prediction for this device",
+        "Recommendation",
+    ):
         assert heading in report
     assert res["trace_shape"] == [48, 4, 2]
     trace = np.load(out.parent / "out2" / "trace.npy")
@@ -165,7 +221,7 @@ def test_model_profile_report(model_report):
     for r in res["hit_rows"]:
         assert r["requests"] == len(rr) and r["warm_requests"] == len(rr) - warm_from
         for p in ("lru", "lfu", "score"):
-            # the misses of edgemoe.cache.ExpertCache itself replaying the same requests
+            # the misses of edgemoe.runtime.cache.ExpertCache itself replaying the same requests
             cold, warm = _cache_misses(rr, 4, r["slots"], p, warm_from)
             assert (r[p], r[p + "_warm"]) == (cold, warm), (p, r)
         assert r["belady"] == replay.replay_belady(rr, r["slots"])
@@ -193,15 +249,16 @@ def test_model_profile_plots(model_report):
 def test_model_profile_from_a_saved_trace(model_report, tmp_path):
     out, res = model_report
     model = out.parent / "tiny.gguf"
-    again = profiler.profile_model(model, None, tmp_path / "again", device=out.parent / "dev.yaml", plots=False,
-                                   trace_path=out / "trace.npy")
+    again = model_profile.profile_model(
+        model, None, tmp_path / "again", device=out.parent / "dev.yaml", plots=False, trace_path=out / "trace.npy"
+    )
     assert again["hit_rows"] == res["hit_rows"]
     assert "saved trace" in (tmp_path / "again" / "report.md").read_text()
 
 
 def test_storage_without_o_direct_drops_the_page_cache(tmp_path, monkeypatch):
-    monkeypatch.delattr(profiler.os, "O_DIRECT", raising=False)
-    st = profiler.measure_storage(tmp_path, size=8 * profiler.MiB, time_limit=0.2)
+    monkeypatch.delattr(measure.os, "O_DIRECT", raising=False)
+    st = measure.measure_storage(tmp_path, size=8 * measure.MiB, time_limit=0.2)
     assert st["method"].startswith("posix_fadvise")
     assert st["seq_read_mbps"] > 0 and st["read_latency_us"] > 0
     assert not list(tmp_path.iterdir())

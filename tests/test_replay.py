@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def _tool():
-    from edgemoe import replay
+    from edgemoe.devices import replay
 
     return replay
 
@@ -24,8 +25,13 @@ def _brute_force_misses(trace: np.ndarray, slots: int) -> tuple[int, int]:
     the definitions alone: requests token by token, layer by layer, each layer's distinct experts
     ascending (-1 skipped); LRU evicts the least recently requested; Belady the one whose next
     request is farthest away (never again = infinitely far; ties to the earliest inserted)."""
-    reqs = [(l, int(e)) for t in range(trace.shape[0]) for l in range(trace.shape[1])
-            for e in sorted(set(trace[t, l].tolist())) if e >= 0]
+    reqs = [
+        (l, int(e))
+        for t in range(trace.shape[0])
+        for l in range(trace.shape[1])
+        for e in sorted(set(trace[t, l].tolist()))
+        if e >= 0
+    ]
     lru: list = []  # least recent first
     lru_misses = 0
     for key in reqs:
@@ -43,7 +49,8 @@ def _brute_force_misses(trace: np.ndarray, slots: int) -> tuple[int, int]:
             continue
         opt_misses += 1
         if len(resident) == slots:
-            def next_use(k):
+
+            def next_use(k, i=i):
                 return next((j for j in range(i + 1, len(reqs)) if reqs[j] == k), len(reqs))
 
             resident.remove(max(resident, key=next_use))  # max keeps the first of equals
@@ -91,7 +98,7 @@ def test_locality_counts_reuse_within_each_sequence_and_the_chance_baseline():
 
 
 def test_replay_run_reads_fewer_bytes_at_lower_quality():
-    from edgemoe.policy import PRESETS
+    from edgemoe.runtime.policy import PRESETS
 
     rt = _tool()
     rng = np.random.default_rng(1)

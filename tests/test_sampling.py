@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from edgemoe.errors import EdgeMoEError
-from edgemoe.sampling import Sampler, SamplingParams
+from edgemoe.runtime.sampling import Sampler, SamplingParams
 
 
 def draw(params: SamplingParams, logits, n=2000, history=()):
@@ -52,8 +52,9 @@ def test_seed_reproducible():
     assert (draw(p, logits, n=50) == draw(p, logits, n=50)).all()
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(top_p=1.5), dict(min_p=1.0), dict(top_k=-1),
-                                dict(repeat_penalty=0)])
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=-0.1), dict(top_p=1.5), dict(min_p=1.0), dict(top_k=-1), dict(repeat_penalty=0)]
+)
 def test_bad_params(kw):
     with pytest.raises(EdgeMoEError):
         SamplingParams(**kw)

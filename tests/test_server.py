@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 import edgemoe
-from edgemoe import metrics
 from edgemoe.api import Stats
-from edgemoe.server import Server, is_loopback, stats_to_dict
-from edgemoe.streaming import CacheStats, LayerCacheStats
+from edgemoe.runtime.streaming import CacheStats, LayerCacheStats
+from edgemoe.serve import metrics
+from edgemoe.serve.server import Server, is_loopback, stats_to_dict
 
 openai = pytest.importorskip("openai")
 prom_parser = pytest.importorskip("prometheus_client.parser")
@@ -78,6 +78,7 @@ def assert_error_shape(obj: dict) -> dict:
 
 # ---- OpenAI client ---------------------------------------------------------------------------------
 
+
 def test_models_list(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == [server.name] and models[0].object == "model"
@@ -93,8 +94,16 @@ def test_completion_matches_generate(client, server, model):
     n_prompt = len(model.tokenize(prompt, special=True))
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
 
-    chunks = list(client.completions.create(model=server.name, prompt=prompt, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=server.name,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
     finals = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finals[-1] == "length" and all(f is None for f in finals[:-1])
@@ -121,8 +130,9 @@ def test_chat_matches_model_chat(client, server, model):
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
 
-    chunks = list(client.chat.completions.create(model=server.name, messages=MESSAGES, max_tokens=16,
-                                                 temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=server.name, messages=MESSAGES, max_tokens=16, temperature=0, stream=True)
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
@@ -132,8 +142,9 @@ def test_chat_matches_model_chat(client, server, model):
 def test_sampling_params_and_extensions(client, server, model):
     kw = dict(max_tokens=12, temperature=0.9, top_p=0.9, seed=5)
     want = model.generate("Seeded", top_k=20, min_p=0.1, repeat_penalty=1.1, **kw)
-    r = client.completions.create(model=server.name, prompt="Seeded", extra_body={"top_k": 20, "min_p": 0.1,
-                                  "repeat_penalty": 1.1}, **kw)
+    r = client.completions.create(
+        model=server.name, prompt="Seeded", extra_body={"top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1}, **kw
+    )
     assert r.choices[0].text == want
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model=server.name, prompt="x", temperature=5)
@@ -145,8 +156,13 @@ def test_parallel_requests_equal_serial(client, server):
 
     def one(p: str) -> tuple[str, str]:
         a = client.completions.create(model=server.name, prompt=p, max_tokens=8, temperature=0).choices[0].text
-        b = client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": p}],
-                                           max_tokens=8, temperature=0).choices[0].message.content
+        b = (
+            client.chat.completions.create(
+                model=server.name, messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
         return a, b
 
     serial = [one(p) for p in prompts]
@@ -157,30 +173,34 @@ def test_parallel_requests_equal_serial(client, server):
 
 # ---- raw HTTP: validation --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, body, status, param", [
-    ("/v1/completions", b"{not json", 400, None),
-    ("/v1/completions", b"", 400, None),
-    ("/v1/completions", b"[1, 2]", 400, None),
-    ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
-    ("/v1/completions", {"prompt": 5}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
-    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
-    ("/v1/completions", {"prompt": "x", "top_k": -1}, 400, "top_k"),
-    ("/v1/completions", {"prompt": "x", "stop": 3}, 400, "stop"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
-    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
-    ("/v1/completions", {"prompt": [99999999]}, 400, None),  # token id out of range: EdgeMoEError -> 400
-    ("/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
-    ("/v1/chat/completions", {"messages": ["hi"]}, 400, "messages[0]"),
-    ("/v1/chat/completions", {"messages": MESSAGES, "model": 7}, 400, "model"),
-    ("/v1/nothing", {}, 404, None),
-])
+
+@pytest.mark.parametrize(
+    "path, body, status, param",
+    [
+        ("/v1/completions", b"{not json", 400, None),
+        ("/v1/completions", b"", 400, None),
+        ("/v1/completions", b"[1, 2]", 400, None),
+        ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+        ("/v1/completions", {"prompt": 5}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {"prompt": "x", "top_k": -1}, 400, "top_k"),
+        ("/v1/completions", {"prompt": "x", "stop": 3}, 400, "stop"),
+        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+        ("/v1/completions", {"prompt": [99999999]}, 400, None),  # token id out of range: EdgeMoEError -> 400
+        ("/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": ["hi"]}, 400, "messages[0]"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "model": 7}, 400, "model"),
+        ("/v1/nothing", {}, 404, None),
+    ],
+)
 def test_bad_requests_get_openai_errors(server, path, body, status, param):
     got, _, obj = raw(server, "POST", path, body)
     assert got == status
@@ -202,17 +222,43 @@ def test_wrong_method_and_keepalive(server):
 
 # ---- /stats and /metrics ---------------------------------------------------------------------------
 
-STATS_KEYS = {"prompt_tokens", "generated_tokens", "prompt_tokens_per_s", "decode_tokens_per_s", "resident_bytes",
-              "peak_resident_bytes", "budget_bytes", "model_bytes", "kv_bytes", "n_ctx", "cache", "quality", "lossless"}
+STATS_KEYS = {
+    "prompt_tokens",
+    "generated_tokens",
+    "prompt_tokens_per_s",
+    "decode_tokens_per_s",
+    "resident_bytes",
+    "peak_resident_bytes",
+    "budget_bytes",
+    "model_bytes",
+    "kv_bytes",
+    "n_ctx",
+    "cache",
+    "quality",
+    "lossless",
+}
 
 
 def fake_stats() -> Stats:
-    layer = LayerCacheStats(**{f.name: v for f, v in zip(dataclasses.fields(LayerCacheStats),
-                                                         (3, 1, 1, 4096, 1, 0, 0, 0.25, *[0] * 20))})
-    known = dict(hits=6, misses=2, partial_hits=2, bytes_read=8192, evictions=2, upgrades=0, downgrades=0,
-                 io_stall_s=0.5, cache_bytes=1000, cache_capacity=2000, resident_bytes_by_bits={2: 400, 4: 600},
-                 layers=(layer, layer), experts={(0, 3): (3, 1, 1), (1, 7): (3, 1, 1)},
-                 resident_bits={(0, 3): 4, (1, 7): 2})
+    layer = LayerCacheStats(
+        **{f.name: v for f, v in zip(dataclasses.fields(LayerCacheStats), (3, 1, 1, 4096, 1, 0, 0, 0.25, *[0] * 20))}
+    )
+    known = dict(
+        hits=6,
+        misses=2,
+        partial_hits=2,
+        bytes_read=8192,
+        evictions=2,
+        upgrades=0,
+        downgrades=0,
+        io_stall_s=0.5,
+        cache_bytes=1000,
+        cache_capacity=2000,
+        resident_bytes_by_bits={2: 400, 4: 600},
+        layers=(layer, layer),
+        experts={(0, 3): (3, 1, 1), (1, 7): (3, 1, 1)},
+        resident_bits={(0, 3): 4, (1, 7): 2},
+    )
     for f in dataclasses.fields(CacheStats):  # counters added since: zero / {bits: n}
         known.setdefault(f.name, {4: 1} if str(f.type).startswith("dict") else 0)
     cache = CacheStats(**known)
@@ -249,8 +295,13 @@ def test_metrics_endpoint_parses(server, client):
     got, headers, text = raw(server, "GET", "/metrics")
     assert got == 200 and headers["Content-Type"].startswith("text/plain")
     fam = _families(text)
-    for name in ("edgemoe_generated_tokens", "edgemoe_decode_tokens_per_second", "edgemoe_resident_bytes",
-                 "edgemoe_queue_depth", "edgemoe_requests"):
+    for name in (
+        "edgemoe_generated_tokens",
+        "edgemoe_decode_tokens_per_second",
+        "edgemoe_resident_bytes",
+        "edgemoe_queue_depth",
+        "edgemoe_requests",
+    ):
         assert name in fam, name
     reqs = {(s.labels["endpoint"], s.labels["status"]): s.value for s in fam["edgemoe_requests"].samples}
     assert reqs[("/v1/completions", "200")] >= 1 and reqs[("/v1/completions", "400")] >= 1
@@ -272,6 +323,7 @@ def test_metrics_render_cache_per_layer():
 
 # ---- queue, disconnects, shutdown ------------------------------------------------------------------
 
+
 def _wait(cond, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while not cond():
@@ -283,8 +335,10 @@ def test_queue_limit_answers_429(server, model):
     body = {"prompt": "queued", "max_tokens": 2, "temperature": 0}
     results: list[int] = []
     with model._lock:  # the model is busy: requests wait behind it
-        threads = [threading.Thread(target=lambda: results.append(raw(server, "POST", "/v1/completions", body)[0]))
-                   for _ in range(1 + server.gate.max_queue)]
+        threads = [
+            threading.Thread(target=lambda: results.append(raw(server, "POST", "/v1/completions", body)[0]))
+            for _ in range(1 + server.gate.max_queue)
+        ]
         for t in threads:
             t.start()
         _wait(lambda: server.gate.in_flight == 1 + server.gate.max_queue)
@@ -314,8 +368,10 @@ def test_client_disconnect_stops_generation(server, slow_model):
     before = slow_model.stats().generated_tokens
     s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     body = json.dumps({"prompt": "long", "max_tokens": 400, "temperature": 0, "stream": True}).encode()
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     got = b""
     while b"data: " not in got:
         chunk = s.recv(4096)
@@ -346,15 +402,20 @@ def test_non_loopback_host_is_refused(model):
 
 
 def test_cli_serve_and_ctrl_c(tiny):
-    p = subprocess.Popen([sys.executable, "-m", "edgemoe", "serve", "-m", str(tiny), "--port", "0", "--quiet"],
-                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "edgemoe", "serve", "-m", str(tiny), "--port", "0", "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         line = p.stderr.readline()
         assert "serving" in line, line
         url = line.split(" at ", 1)[1].split()[0]
         c = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=20)
-        assert c.completions.create(model=c.models.list().data[0].id, prompt="hi",
-                                    max_tokens=2).choices[0].finish_reason
+        assert (
+            c.completions.create(model=c.models.list().data[0].id, prompt="hi", max_tokens=2).choices[0].finish_reason
+        )
         p.send_signal(signal.SIGINT)
         assert p.wait(15) == 0
     finally:
@@ -365,10 +426,12 @@ def test_cli_serve_and_ctrl_c(tiny):
 
 # ---- examples --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["generate", "stream", "chat", "threads", "openai_client"])
 def test_examples_run(name, tiny, server):
     env = dict(os.environ, EDGEMOE_MODEL=str(tiny), EDGEMOE_BASE_URL=server.url + "/v1")
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py")], env=env, capture_output=True,
-                       text=True, timeout=50)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / f"{name}.py")], env=env, capture_output=True, text=True, timeout=50
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip()

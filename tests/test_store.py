@@ -8,12 +8,14 @@ import os
 import gguf
 import numpy as np
 import pytest
+from conftest import random_ids
 
 import edgemoe
-from edgemoe import store, streaming
-from edgemoe.cache import ExpertCache
-from edgemoe.convert import convert
-from conftest import random_ids
+from edgemoe.runtime import streaming
+from edgemoe.runtime.cache import ExpertCache
+from edgemoe.store import reader as store
+from edgemoe.store.convert import convert
+
 
 @pytest.fixture(scope="module")
 def tiny_store(build_model, tmp_path_factory):
@@ -61,7 +63,7 @@ def test_store_defaults_to_lossless_max(tiny_store):
     src, st = tiny_store
     ids = random_ids(16, 256, seed=7)
     with edgemoe.load(st, kv_type="f32", n_ctx=64) as m:
-        assert m.quality == edgemoe.policy.DEFAULT == "max"
+        assert m.quality == edgemoe.runtime.policy.DEFAULT == "max"
         out = m.logits(ids)
         s = m.stats()
         assert (s.quality, s.lossless) == ("max", True)
@@ -72,8 +74,12 @@ def test_store_defaults_to_lossless_max(tiny_store):
         assert m.store_path is not None and m.quality == "max" and m.stats().lossless
     with edgemoe.load(src, kv_type="f32", n_ctx=64) as m:  # in place
         assert m.store_path is None and (m.stats().quality, m.stats().lossless) == ("max", True)
-    for kw, name in ((dict(quality="fast"), "fast"), (dict(quality="balanced"), "balanced"),
-                     (dict(quality="1,1"), "1,1"), (dict(bits=4), "max at 4 bits")):
+    for kw, name in (
+        (dict(quality="fast"), "fast"),
+        (dict(quality="balanced"), "balanced"),
+        (dict(quality="1,1"), "1,1"),
+        (dict(bits=4), "max at 4 bits"),
+    ):
         with edgemoe.load(st, kv_type="f32", n_ctx=64, **kw) as m:
             s = m.stats()
             assert (s.quality, s.lossless) == (name, False), kw
@@ -126,8 +132,8 @@ def test_top_width_reproduces_a_4bit_source(build_model, tmp_path):
     """Q4_0 source into 2,3,4: stored as matquant-sym (offsets implied, half a bit per weight less
     than matquant), the 4-bit level gives the source's weights back exactly, and the lower widths
     are usable (error grows as bits go)."""
-    from edgemoe import nested
-    from edgemoe.store import StoreReader
+    from edgemoe.quant import nested
+    from edgemoe.store.reader import StoreReader
 
     src = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
     st = convert(src, tmp_path / "q4.edgemoe", progress=False)
@@ -142,8 +148,9 @@ def test_top_width_reproduces_a_4bit_source(build_model, tmp_path):
         r.read_planes(layer, e, 0, bufs)
         for mat, n_out, n_in in [("gate", r.n_ff_exp, r.n_embd), ("down", r.n_embd, r.n_ff_exp)]:
             planes = [r.split_plane(b, k)[mat] for k, b in enumerate(bufs)]
-            ref = gguf.quants.dequantize(np.asarray(tensors[f"blk.{layer}.ffn_{mat}_exps.weight"].data[e]),
-                                         gguf.GGMLQuantizationType.Q4_0)
+            ref = gguf.quants.dequantize(
+                np.asarray(tensors[f"blk.{layer}.ffn_{mat}_exps.weight"].data[e]), gguf.GGMLQuantizationType.Q4_0
+            )
             np.testing.assert_array_equal(sch.dequantize(planes, n_out, n_in), ref)
             errs = [np.abs(sch.dequantize(planes[:k], n_out, n_in) - ref).mean() for k in (1, 2)]
             assert errs[0] > errs[1] > 0
@@ -211,7 +218,7 @@ def test_other_format_version(tiny_store, tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing(build_model, tmp_path, monkeypatch):
-    from edgemoe import nested
+    from edgemoe.quant import nested
 
     src = build_model("qwen3moe", "F32", n_embd=128, n_ff_exp=128)
     calls = {"n": 0}
@@ -275,11 +282,14 @@ def test_cache_lfu_keeps_the_frequent_expert():
     assert (0, 0) in c.entries and c.resident_planes().get((0, 1), 0) < 3
 
 
-@pytest.mark.parametrize("arch,kw", [
-    ("gpt-oss", dict(n_embd=128, n_ff_exp=128)),
-    ("deepseek2", dict(n_layer=3, n_leading_dense=1, n_embd=128, n_ff_exp=128)),
-    ("qwen2moe", dict(n_embd=128, n_ff_exp=128)),
-])
+@pytest.mark.parametrize(
+    "arch,kw",
+    [
+        ("gpt-oss", dict(n_embd=128, n_ff_exp=128)),
+        ("deepseek2", dict(n_layer=3, n_leading_dense=1, n_embd=128, n_ff_exp=128)),
+        ("qwen2moe", dict(n_embd=128, n_ff_exp=128)),
+    ],
+)
 def test_store_runs_every_architecture(build_model, tmp_path, arch, kw):
     """Expert biases, gpt-oss's activation, dense leading layers and shared experts survive conversion:
     at 8 bits the store gives the source model's predictions."""
@@ -317,7 +327,7 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
     """A Q4_0 source's store at full width is transcoded to ggml blocks that hold the source's
     exact weights: Q4_0 in the repacked layout of ggml's gemv (kernels.pack) where the kernels
     exist, else Q4_1 (same values); the planes are freed; evicted whole, never downgraded."""
-    from edgemoe import kernels
+    from edgemoe.quant import kernels
 
     QT = gguf.GGMLQuantizationType
     src = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
@@ -341,11 +351,16 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
         per = [exp.reader.split_plane(b, p)["up"] for p, b in enumerate(bufs)]
         q41 = streaming.q41_blocks(exp.scheme, per, 256, 256)
         fw = streaming.fast_weight(exp.scheme, per, 256, 256, "up")
-        np.testing.assert_array_equal(gguf.quants.dequantize(kernels.unpack(fw), fw.qtype),
-                                      gguf.quants.dequantize(q41, QT.Q4_1))
+        np.testing.assert_array_equal(
+            gguf.quants.dequantize(kernels.unpack(fw), fw.qtype), gguf.quants.dequantize(q41, QT.Q4_1)
+        )
         x = np.random.default_rng(2).standard_normal((5, 256)).astype(np.float32)
-        np.testing.assert_allclose(kernels.matmul(fw, x), kernels.matmul(kernels.QWeight(kernels.unpack(fw), fw.qtype, 256), x),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            kernels.matmul(fw, x),
+            kernels.matmul(kernels.QWeight(kernels.unpack(fw), fw.qtype, 256), x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         kernel, streaming._q4_211 = streaming._q4_211, None
         try:  # the numpy route: same Q4_1 bytes
             np.testing.assert_array_equal(streaming.q41_blocks(exp.scheme, per, 256, 256), q41)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 from conftest import load_tool
 
-import gguf
-
-from edgemoe.synth import ARCHES, SynthSpec, build_vocab, quantize_model, tensor_types, write_model
+from edgemoe.testing.synth import ARCHES, SynthSpec, build_vocab, quantize_model, tensor_types, write_model
 
 
 def _bench_module():
@@ -24,8 +23,7 @@ TEXTS = [
 
 def _logits(path, tokens, n_ctx=64):
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2,
-                          n_threads_batch=2, verbose=False)
+    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, n_threads_batch=2, verbose=False)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float64), llm
@@ -56,8 +54,7 @@ def test_written_file_metadata(tmp_path, arch):
     r = gguf.GGUFReader(str(p))
     names = {t.name: t for t in r.tensors}
     assert names["token_embd.weight"].shape.tolist() == [spec.n_embd, spec.n_vocab]
-    assert names["blk.0.ffn_gate_exps.weight"].shape.tolist() == [spec.n_embd, spec.n_ff_exp,
-                                                                   spec.n_expert]
+    assert names["blk.0.ffn_gate_exps.weight"].shape.tolist() == [spec.n_embd, spec.n_ff_exp, spec.n_expert]
     assert names["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
     assert p.stat().st_size < 5e6
     assert not list(tmp_path.glob("*.tmp"))
@@ -98,8 +95,9 @@ def test_llama_cpp_tokenizes_text(tmp_path, arch):
     assert len(llm.tokenize(b"the the the", add_bos=False)) < len(b"the the the")
 
 
-@pytest.mark.parametrize("arch,ftype", [("qwen2moe", "Q4_K_M"), ("olmoe", "MXFP4_MOE"),
-                                        ("phimoe", "Q2_K"), ("granitemoe", "Q6_K")])
+@pytest.mark.parametrize(
+    "arch,ftype", [("qwen2moe", "Q4_K_M"), ("olmoe", "MXFP4_MOE"), ("phimoe", "Q2_K"), ("granitemoe", "Q6_K")]
+)
 def test_quantize_reports_real_types(tmp_path, arch, ftype):
     pytest.importorskip("llama_cpp")
     spec = SynthSpec.for_quant(arch)
@@ -109,8 +107,12 @@ def test_quantize_reports_real_types(tmp_path, arch, ftype):
     assert types["blk.0.ffn_gate_inp.weight"] == "F32"
     assert types["blk.0.attn_norm.weight"] == "F32"
     exp = types["blk.0.ffn_down_exps.weight"]
-    assert exp == {"Q4_K_M": "Q4_K", "MXFP4_MOE": "MXFP4", "Q2_K": "Q2_K", "Q6_K": "Q6_K"}[ftype] \
-        or exp in ("Q3_K", "Q4_K", "Q5_K", "Q6_K"), exp  # K-quant mixes bump some layers
+    assert exp == {"Q4_K_M": "Q4_K", "MXFP4_MOE": "MXFP4", "Q2_K": "Q2_K", "Q6_K": "Q6_K"}[ftype] or exp in (
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+    ), exp  # K-quant mixes bump some layers
     rng = np.random.default_rng(2)
     tokens = [spec.bos_id] + rng.integers(0, spec.vocab, 11).tolist()
     scores, _ = _logits(tmp_path / f"{ftype}.gguf", tokens)
@@ -135,8 +137,7 @@ def test_bench_quant_blocks_have_requested_stats(qname):
 def test_bench_writer_small_shape_runs_in_llama_cpp(tmp_path):
     pytest.importorskip("llama_cpp")
     mb = _bench_module()
-    shape = mb.BenchShape(n_layer=2, n_embd=256, n_head=4, n_expert=8, n_expert_used=2,
-                          n_ff_exp=256, vocab=400)
+    shape = mb.BenchShape(n_layer=2, n_embd=256, n_head=4, n_expert=8, n_expert_used=2, n_ff_exp=256, vocab=400)
     p = mb.write_bench_model(shape, tmp_path / "b.gguf", log=lambda *_: None)
     types = tensor_types(p)
     assert types["blk.0.ffn_up_exps.weight"] == "Q4_0"
@@ -162,15 +163,16 @@ def test_bench_writer_calibration_matches_the_engine(tmp_path):
     """The writer's numpy forward pass (which chose each layer's attention gain) routes its
     calibration tokens as edgemoe's engine does on the written file, and reaches the targets."""
     import edgemoe
-    from edgemoe.replay import locality
+    from edgemoe.devices.replay import locality
 
     mb = _bench_module()
-    shape = mb.BenchShape(n_layer=4, n_embd=256, n_head=4, n_expert=16, n_expert_used=4,
-                          n_ff_exp=128, vocab=400)
+    shape = mb.BenchShape(n_layer=4, n_embd=256, n_head=4, n_expert=16, n_expert_used=4, n_ff_exp=128, vocab=400)
     p = mb.write_bench_model(shape, tmp_path / "c.gguf", seed=3, log=lambda *_: None)
     r = gguf.GGUFReader(str(p))
     field = lambda k: [float(r.fields[k].parts[i][0]) for i in r.fields[k].data]  # noqa: E731
-    target, reached, gains = (field("edgemoe.bench." + k) for k in ("reuse_target", "reuse_calibrated", "attn_gain"))
+    target, reached, gains = (
+        field("edgemoe.devices.bench." + k) for k in ("reuse_target", "reuse_calibrated", "attn_gain")
+    )
     for t, got, g in zip(target, reached, gains):
         if mb.GAIN_RANGE[0] + 1e-6 < g < mb.GAIN_RANGE[1] - 1e-6:  # not held at a bound
             assert abs(got - t) < 0.02

@@ -21,12 +21,12 @@ pytest.importorskip("textual")
 from rich.console import Console
 
 import edgemoe
-from edgemoe import synth
 from edgemoe.api import Response, Stats
-from edgemoe.convert import convert
 from edgemoe.errors import EdgeMoEError
-from edgemoe.streaming import CacheStats, LayerCacheStats
-from edgemoe.tui import stats_to_dict
+from edgemoe.runtime.snapshot import stats_to_dict
+from edgemoe.runtime.streaming import CacheStats, LayerCacheStats
+from edgemoe.store.convert import convert
+from edgemoe.testing import synth
 from edgemoe.tui.app import ChatApp
 from edgemoe.tui.monitor import MonitorApp
 from edgemoe.tui.widgets import MessageView, PromptInput, StatsPanel

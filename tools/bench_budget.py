@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Budgets from the minimum to the whole model: edgemoe against llama.cpp under the same memory cap.
 
-A thin front for `edgemoe bench` (edgemoe/bench.py) with budgets 100%, 50% and 30% of the GGUF by
+A thin front for `edgemoe bench` (edgemoe/devices/bench.py) with budgets 100%, 50% and 30% of the GGUF by
 default, this machine's storage unthrottled unless --throttle is given:
 
     python tools/bench_budget.py MODEL.gguf [--profile emmc-sbc-4gb] [--budgets 1,0.5,0.3] [--throttle]
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgemoe.bench import main as bench  # noqa: E402
+from edgemoe.devices.bench import main as bench  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -23,7 +23,7 @@ from pathlib import Path
 WORKER = r"""
 import json, sys, time
 import edgemoe
-from edgemoe import memory
+from edgemoe.runtime import memory
 base = edgemoe.BASELINE_RSS
 t0 = time.perf_counter()
 m = edgemoe.load(sys.argv[1], memory_budget=int(sys.argv[2]), n_ctx=256, progress=False)
@@ -40,8 +40,9 @@ print(json.dumps(dict(base=base, hwm=memory.peak_rss(), loaded=loaded, load_s=lo
 def measure(model: Path, budget: int, cache_dir: Path, tokens: int = 16) -> dict:
     """One first load in a fresh process (EDGEMOE_CACHE=cache_dir, which must hold no store of it)."""
     env = dict(os.environ, EDGEMOE_CACHE=str(cache_dir))
-    p = subprocess.run([sys.executable, "-c", WORKER, str(model), str(budget), str(tokens)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", WORKER, str(model), str(budget), str(tokens)], capture_output=True, text=True, env=env
+    )
     if p.returncode != 0:
         raise RuntimeError(f"first load failed (exit {p.returncode}): {p.stderr.strip()}")
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -51,13 +52,15 @@ def measure(model: Path, budget: int, cache_dir: Path, tokens: int = 16) -> dict
 
 def report(r: dict) -> str:
     mib = 1 << 20
-    return (f"first load of {r['model_bytes'] / mib:.0f} MiB at a budget of {r['budget'] / mib:.0f} MiB "
-            f"(file {r['model_bytes'] / r['budget']:.2f}x the budget), quality {r['quality']}: peak RSS over "
-            f"the post-import RSS {r['peak'] / mib:.0f} MiB = {r['peak'] / r['budget']:.2f}x the budget "
-            f"({(r['loaded'] - r['base']) / mib:.0f} MiB by the end of the load, {r['load_s']:.1f} s with the "
-            f"conversion); plan: runtime {r['runtime'] / mib:.0f} MiB, dense {r['dense'] / mib:.1f} MiB, "
-            f"KV {r['kv'] / mib:.1f} MiB, expert cache {r['cache'] / mib:.0f} MiB; {r['misses']} misses, "
-            f"decode {r['decode_tps']:.2f} tok/s")
+    return (
+        f"first load of {r['model_bytes'] / mib:.0f} MiB at a budget of {r['budget'] / mib:.0f} MiB "
+        f"(file {r['model_bytes'] / r['budget']:.2f}x the budget), quality {r['quality']}: peak RSS over "
+        f"the post-import RSS {r['peak'] / mib:.0f} MiB = {r['peak'] / r['budget']:.2f}x the budget "
+        f"({(r['loaded'] - r['base']) / mib:.0f} MiB by the end of the load, {r['load_s']:.1f} s with the "
+        f"conversion); plan: runtime {r['runtime'] / mib:.0f} MiB, dense {r['dense'] / mib:.1f} MiB, "
+        f"KV {r['kv'] / mib:.1f} MiB, expert cache {r['cache'] / mib:.0f} MiB; {r['misses']} misses, "
+        f"decode {r['decode_tps']:.2f} tok/s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

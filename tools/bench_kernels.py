@@ -24,7 +24,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from edgemoe import kernels  # noqa: E402
+from edgemoe.quant import kernels  # noqa: E402
 
 SHAPES = [(2048, 1024), (1024, 2048)]  # [n_out, n_in]
 TS = [1, 32]
@@ -125,14 +125,15 @@ def nested_backends(data: np.ndarray, n_in: int):
     the cache)."""
     from types import SimpleNamespace
 
-    from edgemoe import nested, streaming
-    from edgemoe.convert import _source_codes
+    from edgemoe.quant import nested
+    from edgemoe.runtime import streaming
+    from edgemoe.store.convert import _source_codes
 
     n_out = data.shape[0]
     sch = nested.SCHEMES["matquant"]((2, 3, 4), 32)
     planes = sch.from_codes(*_source_codes(SimpleNamespace(data=data[None], qtype=QT.Q4_0), 0))
-    out = [(f"planes-{b}bit", lambda x, k=sch.planes_for(b): sch.matmul(planes[:k], n_out, n_in, x))
-           for b in sch.widths]
+    ks = {b: sch.planes_for(b) for b in sch.widths}
+    out = [(f"planes-{b}bit", lambda x, k=ks[b]: sch.matmul(planes[:k], n_out, n_in, x)) for b in sch.widths]
     q41 = kernels.QWeight(streaming.q41_blocks(sch, planes, n_out, n_in), QT.Q4_1, n_in, name="bench")
     out.append(("planes->Q4_1", lambda x: kernels.matmul(q41, x)))
     fast = streaming.fast_weight(sch, planes, n_out, n_in, "bench")  # a Q4_0 source: repacked Q4_0
@@ -163,21 +164,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of timing per cell")
-    ap.add_argument("--threads", default=str(kernels.THREADS),
-                    help="comma-separated thread counts for the kernels (default: %(default)s)")
-    ap.add_argument("--cold", action="store_true",
-                    help="cycle through enough weight copies (>= 256 MB) to defeat the caches")
+    ap.add_argument(
+        "--threads",
+        default=str(kernels.THREADS),
+        help="comma-separated thread counts for the kernels (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--cold", action="store_true", help="cycle through enough weight copies (>= 256 MB) to defeat the caches"
+    )
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     threads = [int(t) for t in args.threads.split(",")]
     rows = []
-    print(f"active backend: {kernels.BACKEND}; threads tried: {threads}; "
-          f"{'cold' if args.cold else 'warm'} cache; times are median and min per call;\n"
-          "'vs f32' = time of numpy float32 x @ W.T on a pre-dequantized matrix / this time, "
-          "by median and by min")
-    hdr = (f"{'type':5} {'shape':>9} {'T':>2} {'thr':>3} {'backend':13} {'median us':>10} "
-           f"{'min us':>9} {'GB/s':>7} {'vs f32':>8} {'(min)':>8}")
+    print(
+        f"active backend: {kernels.BACKEND}; threads tried: {threads}; "
+        f"{'cold' if args.cold else 'warm'} cache; times are median and min per call;\n"
+        "'vs f32' = time of numpy float32 x @ W.T on a pre-dequantized matrix / this time, "
+        "by median and by min"
+    )
+    hdr = (
+        f"{'type':5} {'shape':>9} {'T':>2} {'thr':>3} {'backend':13} {'median us':>10} "
+        f"{'min us':>9} {'GB/s':>7} {'vs f32':>8} {'(min)':>8}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for name in args.types.split(","):
@@ -185,43 +194,56 @@ def main(argv=None) -> int:
         for n_out, n_in in SHAPES:
             data = make(qtype, n_out, n_in, rng)
             w, impls = backends_for(qtype, data, n_in, own=not args.cold)
-            wf = gguf.quants.dequantize(data, qtype).reshape(n_out, n_in).astype(np.float32) \
-                if qtype not in (QT.F32, QT.F16) else data.astype(np.float32)
+            wf = (
+                gguf.quants.dequantize(data, qtype).reshape(n_out, n_in).astype(np.float32)
+                if qtype not in (QT.F32, QT.F16)
+                else data.astype(np.float32)
+            )
             if args.cold:
                 nq = max(2, -(-(256 << 20) // data.nbytes))
                 nf = max(2, -(-(256 << 20) // wf.nbytes))
                 wfs = [wf.copy() for _ in range(nf)]
-                per_copy = [backends_for(qtype, data.copy(), n_in, own=False)[1]
-                            for _ in range(nq)]
-                impls = [(b, _cycle([pc[i][1] for pc in per_copy]))
-                         for i, (b, _) in enumerate(impls)]
+                per_copy = [backends_for(qtype, data.copy(), n_in, own=False)[1] for _ in range(nq)]
+                impls = [(b, _cycle([pc[i][1] for pc in per_copy])) for i, (b, _) in enumerate(impls)]
                 ref_fn = _cycle([lambda x, m=m: x @ m.T for m in wfs])
             else:
-                ref_fn = lambda x: x @ wf.T  # noqa: E731
+                ref_fn = lambda x, wf=wf: x @ wf.T
             for T in TS:
                 x = rng.standard_normal((T, n_in)).astype(np.float32)
-                ref_med, ref_min = timeit(lambda: ref_fn(x), args.budget)
+                ref_med, ref_min = timeit(lambda ref_fn=ref_fn, x=x: ref_fn(x), args.budget)
                 res = [("numpy-f32-ref", 0, ref_med, ref_min)]
                 for bname, fn in impls:
                     for nt in threads if bname != "numpy-tile" else [threads[-1]]:
                         set_threads(nt)
-                        res.append((bname, nt, *timeit(lambda fn=fn: fn(x), args.budget)))
+                        res.append((bname, nt, *timeit(lambda fn=fn, x=x: fn(x), args.budget)))
                 for bname, nt, med, mn in res:
                     nbytes = wf.nbytes if bname == "numpy-f32-ref" else w.nbytes
-                    row = dict(type=name, n_out=n_out, n_in=n_in, T=T, backend=bname,
-                               threads=nt, us=med * 1e6, us_min=mn * 1e6,
-                               gbps=nbytes / med / 1e9, speedup=ref_med / med,
-                               speedup_min=ref_min / mn, weight_bytes=nbytes,
-                               cold=args.cold)
+                    row = dict(
+                        type=name,
+                        n_out=n_out,
+                        n_in=n_in,
+                        T=T,
+                        backend=bname,
+                        threads=nt,
+                        us=med * 1e6,
+                        us_min=mn * 1e6,
+                        gbps=nbytes / med / 1e9,
+                        speedup=ref_med / med,
+                        speedup_min=ref_min / mn,
+                        weight_bytes=nbytes,
+                        cold=args.cold,
+                    )
                     rows.append(row)
-                    print(f"{name:5} {f'{n_out}x{n_in}':>9} {T:2d} {nt or '-':>3} {bname:13} "
-                          f"{med * 1e6:10.1f} {mn * 1e6:9.1f} {row['gbps']:7.2f} "
-                          f"{row['speedup']:7.2f}x {row['speedup_min']:7.2f}x", flush=True)
+                    print(
+                        f"{name:5} {f'{n_out}x{n_in}':>9} {T:2d} {nt or '-':>3} {bname:13} "
+                        f"{med * 1e6:10.1f} {mn * 1e6:9.1f} {row['gbps']:7.2f} "
+                        f"{row['speedup']:7.2f}x {row['speedup_min']:7.2f}x",
+                        flush=True,
+                    )
             set_threads(threads[-1])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(backend=kernels.BACKEND, threads=threads, cold=args.cold, rows=rows),
-                      f, indent=1)
+            json.dump(dict(backend=kernels.BACKEND, threads=threads, cold=args.cold, rows=rows), f, indent=1)
     return 0
 
 

@@ -15,7 +15,7 @@ Weight sets:
   synth: a Student-t (df 4) 1024x2048 matrix (OLMoE expert shape); activations x ~ N(0,1) * c_j
          with log-normal per-column magnitudes c_j (sigma 1) - synthetic, not real activations.
 Kernel timings: nested matmul at each width (1024x2048 and 2048x1024, T=1 and T=8), median of
-repeats, us and effective GB/s of plane bytes read, next to edgemoe.kernels.matmul on Q4_0/Q8_0.
+repeats, us and effective GB/s of plane bytes read, next to edgemoe.quant.kernels.matmul on Q4_0/Q8_0.
 
 usage: python tools/bench_nested.py [--model PATH] [--json OUT] [--skip-model] [--skip-timing]
 """
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgemoe import nested  # noqa: E402
+from edgemoe.quant import nested, nested_fit, nested_kernels  # noqa: E402
 
 FAMILIES = [(2, 3, 4), (2, 4, 8)]
 METHODS = ["d2moe", "d2moe-aa", "matquant", "matquant-aa", "naive-round", "naive-trunc", "rtn"]
@@ -46,10 +46,10 @@ def _recons(w: np.ndarray, act: np.ndarray | None, bits) -> dict:
         sch = nested.SCHEMES[name](bits)
         for tag, a in ((name, None), (name + "-aa", act)):
             planes = sch.encode(w, act_scale=a)
-            out[tag] = {b: sch.dequantize(planes[:sch.planes_for(b)], *w.shape) for b in bits}
-    out["naive-round"] = nested.naive_msb_slices(w, bits, mode="round")
-    out["naive-trunc"] = nested.naive_msb_slices(w, bits, mode="trunc")
-    out["rtn"] = {b: nested.rtn_quantize(w, b) for b in bits}
+            out[tag] = {b: sch.dequantize(planes[: sch.planes_for(b)], *w.shape) for b in bits}
+    out["naive-round"] = nested_fit.naive_msb_slices(w, bits, mode="round")
+    out["naive-trunc"] = nested_fit.naive_msb_slices(w, bits, mode="trunc")
+    out["rtn"] = {b: nested_fit.rtn_quantize(w, b) for b in bits}
     return out
 
 
@@ -80,8 +80,9 @@ def accuracy(mats: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
                 for b, wh in rec.items():
                     acc.add((method, b, "w"), float(((w - wh) ** 2).sum()), float((w * w).sum()))
                     acc.add((method, b, "y"), float(((y - xe @ wh.T) ** 2).sum()), float((y * y).sum()))
-        res[str(bits)] = {m: {str(b): {"weight": acc.rel((m, b, "w")), "output": acc.rel((m, b, "y"))}
-                              for b in bits} for m in METHODS}
+        res[str(bits)] = {
+            m: {str(b): {"weight": acc.rel((m, b, "w")), "output": acc.rel((m, b, "y"))} for b in bits} for m in METHODS
+        }
     return res
 
 
@@ -112,12 +113,15 @@ def model_mats(path: Path, n_tokens: int, max_mats: int) -> tuple[list, str]:
     for i in range(n_layers):
         h = np.concatenate(recorded[i])  # [T, D]
         top, _ = eng.route(eng.layers[i], h)
-        W = {k: gguf.quants.dequantize(tens[f"blk.{i}.ffn_{k}_exps.weight"].data,
-                                        tens[f"blk.{i}.ffn_{k}_exps.weight"].tensor_type)
-             for k in ("gate", "up", "down")}
+        W = {
+            k: gguf.quants.dequantize(
+                tens[f"blk.{i}.ffn_{k}_exps.weight"].data, tens[f"blk.{i}.ffn_{k}_exps.weight"].tensor_type
+            )
+            for k in ("gate", "up", "down")
+        }
         n_exp = W["gate"].shape[0]
         counts = [(int((top == e).sum()), e) for e in range(n_exp)]
-        for cnt, e in sorted(counts, reverse=True)[:2]:  # the two busiest experts per layer
+        for _cnt, e in sorted(counts, reverse=True)[:2]:  # the two busiest experts per layer
             rows = np.nonzero((top == e).any(-1))[0]
             if rows.size < 16:
                 continue
@@ -130,8 +134,10 @@ def model_mats(path: Path, n_tokens: int, max_mats: int) -> tuple[list, str]:
                 names.append(f"blk.{i}.{k}[{e}]")
     m.close()
     mats = mats[:max_mats]
-    desc = (f"{path.name}: {len(mats)} expert matrices ({', '.join(sorted({str(w.shape) for w, _, _ in mats}))}),"
-            f" {len(ids)} validation tokens, real activations (routed tokens; half calibrate, half test)")
+    desc = (
+        f"{path.name}: {len(mats)} expert matrices ({', '.join(sorted({str(w.shape) for w, _, _ in mats}))}),"
+        f" {len(ids)} validation tokens, real activations (routed tokens; half calibrate, half test)"
+    )
     return mats, desc
 
 
@@ -141,8 +147,10 @@ def synth_mats(seed: int = 0) -> tuple[list, str]:
     c = np.exp(rng.normal(0, 1.0, 2048)).astype(np.float32)
     xc = (rng.standard_normal((256, 2048)) * c).astype(np.float32)
     xe = (rng.standard_normal((256, 2048)) * c).astype(np.float32)
-    return [(w, xc, xe)], ("Student-t(df=4) 1024x2048; synthetic x ~ N(0,1)*c_j, c_j log-normal "
-                           "(sigma 1) per column, 256 calibration / 256 test rows")
+    return [(w, xc, xe)], (
+        "Student-t(df=4) 1024x2048; synthetic x ~ N(0,1)*c_j, c_j log-normal "
+        "(sigma 1) per column, 256 calibration / 256 test rows"
+    )
 
 
 def _median_us(f, repeats: int) -> tuple[float, float]:
@@ -159,7 +167,7 @@ def _median_us(f, repeats: int) -> tuple[float, float]:
 def timings(repeats: int) -> list[dict]:
     import gguf
 
-    from edgemoe import kernels
+    from edgemoe.quant import kernels
 
     QT = gguf.GGMLQuantizationType
     rng = np.random.default_rng(0)
@@ -175,18 +183,40 @@ def timings(repeats: int) -> list[dict]:
             x = rng.standard_normal((T, shape[1])).astype(np.float32)
             for qt in ("Q4_0", "Q8_0"):
                 qw = kernels.QWeight(gguf.quants.quantize(w, QT[qt]), QT[qt], shape[1])
-                us, mn = _median_us(lambda: kernels.matmul(qw, x), repeats)
-                rows.append(dict(shape=list(shape), T=T, method=f"ggml {qt}", bits=None,
-                                 us=us, min_us=mn, bytes=qw.nbytes, gbps=qw.nbytes / us / 1e3))
+                us, mn = _median_us(lambda qw=qw, x=x: kernels.matmul(qw, x), repeats)
+                rows.append(
+                    dict(
+                        shape=list(shape),
+                        T=T,
+                        method=f"ggml {qt}",
+                        bits=None,
+                        us=us,
+                        min_us=mn,
+                        bytes=qw.nbytes,
+                        gbps=qw.nbytes / us / 1e3,
+                    )
+                )
             for (name, bits), (sch, planes) in enc.items():
                 for b in bits:
                     if bits == (2, 4, 8) and b in (2, 4) and name == "d2moe":
                         continue  # same planes as the (2,3,4) family
                     k = sch.planes_for(b)
                     nbytes = sum(p.nbytes for p in planes[:k])
-                    us, mn = _median_us(lambda: sch.matmul(planes[:k], *shape, x), repeats)
-                    rows.append(dict(shape=list(shape), T=T, method=f"{name}{list(bits)}", bits=b,
-                                     us=us, min_us=mn, bytes=nbytes, gbps=nbytes / us / 1e3))
+                    us, mn = _median_us(
+                        lambda sch=sch, p=planes[:k], shape=shape, x=x: sch.matmul(p, *shape, x), repeats
+                    )
+                    rows.append(
+                        dict(
+                            shape=list(shape),
+                            T=T,
+                            method=f"{name}{list(bits)}",
+                            bits=b,
+                            us=us,
+                            min_us=mn,
+                            bytes=nbytes,
+                            gbps=nbytes / us / 1e3,
+                        )
+                    )
     return rows
 
 
@@ -207,15 +237,18 @@ def print_timings(rows: list[dict]) -> None:
     print("| shape | T | method | bits | median us | min us | MB | GB/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['method']} | "
-              f"{r['bits'] if r['bits'] is not None else ''} | {r['us']:.0f} | {r['min_us']:.0f} | "
-              f"{r['bytes'] / 1e6:.3f} | {r['gbps']:.2f} |")
+        print(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['T']} | {r['method']} | "
+            f"{r['bits'] if r['bits'] is not None else ''} | {r['us']:.0f} | {r['min_us']:.0f} | "
+            f"{r['bytes'] / 1e6:.3f} | {r['gbps']:.2f} |"
+        )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF MoE model (default: models/shakespeare-moe.gguf "
-                    "or the bundled model)")
+    ap.add_argument(
+        "--model", default=None, help="GGUF MoE model (default: models/shakespeare-moe.gguf or the bundled model)"
+    )
     ap.add_argument("--tokens", type=int, default=512, help="validation tokens to run for activations")
     ap.add_argument("--max-mats", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=30)
@@ -224,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write all results as JSON here")
     args = ap.parse_args(argv)
 
-    out: dict = {"numba": nested.HAVE_NUMBA, "threads": None}
+    out: dict = {"numba": nested_kernels.HAVE_NUMBA, "threads": None}
     try:
         import numba
 

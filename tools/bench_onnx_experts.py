@@ -28,12 +28,17 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from edgemoe import kernels, memory, nested, onnx_experts, streaming
+    from edgemoe.quant import kernels, nested
+    from edgemoe.runtime import memory, streaming
+    from edgemoe.store import onnx_experts
 except ImportError:  # run from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from edgemoe import kernels, memory, nested, onnx_experts, streaming
-from edgemoe.store import MATRICES
+    from edgemoe.quant import kernels, nested
+    from edgemoe.runtime import memory, streaming
+    from edgemoe.store import onnx_experts
 from gguf import GGMLQuantizationType as QT
+
+from edgemoe.store.reader import MATRICES
 
 
 def best(fn, reps: int) -> float:
@@ -72,10 +77,12 @@ def churn(sch, shapes, live: int = 10, created: int = 200) -> float:
     import json
     import subprocess
 
-    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-            f"import bench_onnx_experts as b; from edgemoe import nested; "
-            f"print(json.dumps(b._churn(nested.SCHEMES['matquant']({tuple(sch.widths)!r}, 32), {shapes!r}, "
-            f"{live}, {created})))")
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+        f"import bench_onnx_experts as b; from edgemoe.quant import nested; "
+        f"print(json.dumps(b._churn(nested.SCHEMES['matquant']({tuple(sch.widths)!r}, 32), {shapes!r}, "
+        f"{live}, {created})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -115,10 +122,12 @@ def e2e(store: str, prompt_tokens: int, decode_tokens: int, budget: str | None) 
             n = len(list(m.stream(ids[:16], max_tokens=decode_tokens, temperature=0, ignore_eos=True)))
             dec = time.perf_counter() - t0
             c = m.stats().cache
-            print(f"onnx_experts={on!s:<5}  prefill {prompt_tokens} tokens: {prompt_tokens / times[0]:7.1f} tok/s "
-                  f"(first pass), {prompt_tokens / times[1]:7.1f} tok/s (second);  16-token prompt + {n} decoded: "
-                  f"{n / dec:6.2f} tok/s;  rows {c.backend_rows}, sessions {c.onnx_sessions}, "
-                  f"charged {c.onnx_bytes / 2**20:.1f} MiB of a {m.memory_plan.onnx_pool / 2**20:.0f} MiB pool")
+            print(
+                f"onnx_experts={on!s:<5}  prefill {prompt_tokens} tokens: {prompt_tokens / times[0]:7.1f} tok/s "
+                f"(first pass), {prompt_tokens / times[1]:7.1f} tok/s (second);  16-token prompt + {n} decoded: "
+                f"{n / dec:6.2f} tok/s;  rows {c.backend_rows}, sessions {c.onnx_sessions}, "
+                f"charged {c.onnx_bytes / 2**20:.1f} MiB of a {m.memory_plan.onnx_pool / 2**20:.0f} MiB pool"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,21 +146,26 @@ def main(argv: list[str] | None = None) -> int:
         e2e(args.e2e, args.prompt_tokens, args.decode_tokens, args.budget)
         return 0
     shapes = {"gate": (args.n_ff, args.n_embd), "up": (args.n_ff, args.n_embd), "down": (args.n_embd, args.n_ff)}
-    print(f"expert {args.n_embd}x{args.n_ff} (gate, up, down), group 32; onnxruntime "
-          f"{onnx_experts._ort().__version__}, {args.threads} thread(s); edgemoe kernels: {kernels.BACKEND}, "
-          f"{kernels.THREADS} thread(s); best of {args.reps}, ms per call of the whole expert")
+    print(
+        f"expert {args.n_embd}x{args.n_ff} (gate, up, down), group 32; onnxruntime "
+        f"{onnx_experts._ort().__version__}, {args.threads} thread(s); edgemoe kernels: {kernels.BACKEND}, "
+        f"{kernels.THREADS} thread(s); best of {args.reps}, ms per call of the whole expert"
+    )
     for widths in ((2, 3, 4), (2, 4, 8)):
         sch = nested.SCHEMES["matquant"](widths, 32)
         r = onnx_experts.measure(sch, args.n_embd, args.n_ff, rows=(1, 16, 64), reps=args.reps, threads=args.threads)
-        print(f"\nmatquant {','.join(map(str, widths))} at {widths[-1]} bits: graph build {r['build_s'] * 1e3:.1f} ms, "
-              f"session {r['session_s'] * 1e3:.1f} ms; break-even {r['break_even_rows']:.1f} rows "
-              f"(onnxruntime vs numba planes)")
-        cols = {"onnxruntime": {T: v["ort_s"] for T, v in r["per_rows"].items()},
-                "edgemoe numba planes": {T: v["edgemoe_s"] for T, v in r["per_rows"].items()}}
+        print(
+            f"\nmatquant {','.join(map(str, widths))} at {widths[-1]} bits: graph build {r['build_s'] * 1e3:.1f} ms, "
+            f"session {r['session_s'] * 1e3:.1f} ms; break-even {r['break_even_rows']:.1f} rows "
+            f"(onnxruntime vs numba planes)"
+        )
+        cols = {
+            "onnxruntime": {T: v["ort_s"] for T, v in r["per_rows"].items()},
+            "edgemoe numba planes": {T: v["edgemoe_s"] for T, v in r["per_rows"].items()},
+        }
         if widths[-1] == 4:
             rng = np.random.default_rng(0)
-            per = {m: sch.encode(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[1]))
-                   for m, s in shapes.items()}
+            per = {m: sch.encode(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[1])) for m, s in shapes.items()}
             for name, ws in ggml_forms(sch, per, shapes).items():
                 cols[name] = {}
                 for T in r["per_rows"]:
@@ -161,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         for T in r["per_rows"]:
             print(f"  {T:>4}  " + "  ".join(f"{cols[c][T] * 1e3:>20.3f}" for c in cols))
         if args.churn:
-            print(f"  resident bytes per live session / initializer bytes: {churn(sch, shapes):.2f} "
-                  f"(charged {onnx_experts.SESSION_OVERHEAD[widths[-1]]})")
+            print(
+                f"  resident bytes per live session / initializer bytes: {churn(sch, shapes):.2f} "
+                f"(charged {onnx_experts.SESSION_OVERHEAD[widths[-1]]})"
+            )
     return 0
 
 

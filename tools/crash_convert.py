@@ -5,8 +5,8 @@
 
 Each trial runs `python -m edgemoe convert SRC -o DST --force` in a subprocess and kills it with
 SIGKILL after a random delay within one conversion's run time (measured first). After each kill DST
-must be absent or a complete store that edgemoe.verify accepts (the previous store, or the new one);
-the temp directories of killed conversions must not break later ones (edgemoe.convert removes the
+must be absent or a complete store that edgemoe.store.verify accepts (the previous store, or the new one);
+the temp directories of killed conversions must not break later ones (edgemoe.store.convert removes the
 `.DST.tmp-PID` directories whose pid is dead). At the end one conversion runs to completion, and
 `edgemoe verify DST` must accept it. Prints a JSON summary; exit 1 if any check failed.
 """
@@ -33,7 +33,7 @@ SPEC = dict(n_embd=128, n_ff_exp=128, n_expert=16, n_layer=4, dtype="F32")
 
 
 def make_source(work: Path) -> Path:
-    from edgemoe import synth
+    from edgemoe.testing import synth
 
     return synth.write_model(synth.SynthSpec.tiny("qwen3moe", **SPEC), work / "src.gguf")
 
@@ -47,7 +47,7 @@ def leftovers(dst: Path) -> list[str]:
 
 
 def run(kills: int, seed: int, work: Path, log=None) -> dict:
-    from edgemoe.verify import verify
+    from edgemoe.store.verify import verify
 
     rng = random.Random(seed)
     src = make_source(work)
@@ -57,8 +57,16 @@ def run(kills: int, seed: int, work: Path, log=None) -> dict:
     subprocess.run(convert_cmd(src, work / "timing.edgemoe"), check=True, capture_output=True, env=env)
     duration = time.monotonic() - t0
     shutil.rmtree(work / "timing.edgemoe")
-    res = dict(kills=0, finished_before_kill=0, dst_absent=0, dst_verified=0, failures=[],
-               convert_seconds=round(duration, 2), kill_delays=[], max_stale_temps=0)
+    res = dict(
+        kills=0,
+        finished_before_kill=0,
+        dst_absent=0,
+        dst_verified=0,
+        failures=[],
+        convert_seconds=round(duration, 2),
+        kill_delays=[],
+        max_stale_temps=0,
+    )
     for i in range(kills):
         delay = rng.uniform(0.0, duration * 1.1)
         p = subprocess.Popen(convert_cmd(src, dst), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -87,15 +95,18 @@ def run(kills: int, seed: int, work: Path, log=None) -> dict:
         stale = [n for n in leftovers(dst) if ".tmp-" in n]
         res["max_stale_temps"] = max(res["max_stale_temps"], len(stale))
         if log:
-            print(f"trial {i}: {'finished' if finished else f'killed at {delay:.3f} s'}, DST "
-                  f"{'absent' if not dst.exists() else 'ok'}, leftovers {leftovers(dst)}", file=log, flush=True)
+            print(
+                f"trial {i}: {'finished' if finished else f'killed at {delay:.3f} s'}, DST "
+                f"{'absent' if not dst.exists() else 'ok'}, leftovers {leftovers(dst)}",
+                file=log,
+                flush=True,
+            )
     # a last conversion to completion: the killed ones' temp directories must not get in its way
     before = leftovers(dst)
     r = subprocess.run(convert_cmd(src, dst), capture_output=True, text=True, env=env)
     if r.returncode != 0:
         res["failures"].append(f"final conversion failed: {r.stderr[-300:]}")
-    v = subprocess.run([sys.executable, "-m", "edgemoe", "verify", str(dst)], capture_output=True, text=True,
-                       env=env)
+    v = subprocess.run([sys.executable, "-m", "edgemoe", "verify", str(dst)], capture_output=True, text=True, env=env)
     res["final_verify_exit"] = v.returncode
     res["final_verify"] = v.stdout.strip().splitlines()[-1] if v.stdout.strip() else v.stderr.strip()
     if v.returncode != 0:

@@ -11,6 +11,7 @@ Norms and the router stay F32; the other matrices are F16, or Q8_0 when F16 woul
 
 Usage: python tools/export_qwen3moe_gguf.py HF_DIR OUT.gguf [--qtype auto|f32|f16|q8_0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,14 @@ KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight")
 
 def gguf_tensors(state: dict, cfg) -> list[tuple[str, np.ndarray]]:
     """HF state dict (torch tensors) -> [(gguf name, float32 array in numpy order)]."""
+
     def f32(t):
         return t.detach().to("cpu").float().numpy()
 
-    out = [("token_embd.weight", f32(state["model.embed_tokens.weight"])),
-           ("output_norm.weight", f32(state["model.norm.weight"]))]
+    out = [
+        ("token_embd.weight", f32(state["model.embed_tokens.weight"])),
+        ("output_norm.weight", f32(state["model.norm.weight"])),
+    ]
     if not cfg.tie_word_embeddings and "lm_head.weight" in state:
         out.append(("output.weight", f32(state["lm_head.weight"])))
     n_ff = cfg.moe_intermediate_size
@@ -88,8 +92,11 @@ def dequantized_state(hf_dir: Path, qtype: str) -> dict:
     dq = {}
     for n, a in q.items():
         t = tensor_type(n, a, qtype)
-        dq[n] = gguf.quants.dequantize(encode(n, a, t), t).reshape(a.shape).astype(np.float32) \
-            if t != gguf.GGMLQuantizationType.F32 else a
+        dq[n] = (
+            gguf.quants.dequantize(encode(n, a, t), t).reshape(a.shape).astype(np.float32)
+            if t != gguf.GGMLQuantizationType.F32
+            else a
+        )
     inv = {v: k for k, v in LAYER_MAP.items()}
     for n, a in dq.items():
         if n == "token_embd.weight":
@@ -106,7 +113,8 @@ def dequantized_state(hf_dir: Path, qtype: str) -> dict:
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}.mlp.experts."
         state[p + "gate_up_proj"] = torch.from_numpy(
-            np.concatenate([dq[f"blk.{i}.ffn_gate_exps.weight"], dq[f"blk.{i}.ffn_up_exps.weight"]], axis=1))
+            np.concatenate([dq[f"blk.{i}.ffn_gate_exps.weight"], dq[f"blk.{i}.ffn_up_exps.weight"]], axis=1)
+        )
         state[p + "down_proj"] = torch.from_numpy(dq[f"blk.{i}.ffn_down_exps.weight"])
         assert state[p + "gate_up_proj"].shape[1] == 2 * n_ff
     if cfg.tie_word_embeddings:
@@ -147,8 +155,14 @@ def add_tokenizer(w: gguf.GGUFWriter, hf_dir: Path, n_vocab: int, add_bos: bool)
     w.add_add_eos_token(False)
 
 
-def export(hf_dir: Path, out_path: Path, qtype: str = "auto", max_bytes: int = 20 * 1024 * 1024,
-           add_bos: bool = True, name: str = "shakespeare-moe") -> dict:
+def export(
+    hf_dir: Path,
+    out_path: Path,
+    qtype: str = "auto",
+    max_bytes: int = 20 * 1024 * 1024,
+    add_bos: bool = True,
+    name: str = "shakespeare-moe",
+) -> dict:
     import torch
     from transformers import Qwen3MoeForCausalLM
 
@@ -159,11 +173,15 @@ def export(hf_dir: Path, out_path: Path, qtype: str = "auto", max_bytes: int = 2
     assert cfg.norm_topk_prob, "llama.cpp renormalizes qwen3moe top-k weights; norm_topk_prob must be True"
     tensors = gguf_tensors(model.state_dict(), cfg)
     if qtype == "auto":
-        f16_bytes = sum(a.size * (4 if tensor_type(n, a, "f16") == gguf.GGMLQuantizationType.F32 else 2)
-                        for n, a in tensors)
+        f16_bytes = sum(
+            a.size * (4 if tensor_type(n, a, "f16") == gguf.GGMLQuantizationType.F32 else 2) for n, a in tensors
+        )
         qtype = "f16" if f16_bytes + 1_000_000 <= max_bytes else "q8_0"
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+    ftype = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[qtype]
 
     tmp = out_path.with_name(out_path.name + ".tmp")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +219,7 @@ def export(hf_dir: Path, out_path: Path, qtype: str = "auto", max_bytes: int = 2
         tmp.unlink()
         raise ValueError(f"{out_path}: {size} bytes exceeds the {max_bytes}-byte limit with qtype {qtype}")
     os.replace(tmp, out_path)
-    info = {"path": str(out_path), "bytes": size, "qtype": qtype, "tensor_types": types,
-            "n_tensors": len(tensors)}
+    info = {"path": str(out_path), "bytes": size, "qtype": qtype, "tensor_types": types, "n_tensors": len(tensors)}
     print(json.dumps(info))
     return info
 
@@ -215,8 +232,13 @@ def main(argv=None):
     ap.add_argument("--max-mb", type=float, default=20.0, help="size limit in MiB (0 = none)")
     ap.add_argument("--no-add-bos", action="store_true")
     args = ap.parse_args(argv)
-    export(args.hf_dir, args.out, args.qtype, int(args.max_mb * 1024 * 1024) if args.max_mb else 1 << 62,
-           add_bos=not args.no_add_bos)
+    export(
+        args.hf_dir,
+        args.out,
+        args.qtype,
+        int(args.max_mb * 1024 * 1024) if args.max_mb else 1 << 62,
+        add_bos=not args.no_add_bos,
+    )
 
 
 if __name__ == "__main__":

@@ -83,17 +83,17 @@ class Tally:
                 self.findings[key] = f"{detail} -> {dest}"
 
     def report(self) -> dict:
-        return {"target": self.name, "inputs": sum(self.counts.values()), **self.counts,
-                "findings": self.findings}
+        return {"target": self.name, "inputs": sum(self.counts.values()), **self.counts, "findings": self.findings}
 
 
 # ---- targets ---------------------------------------------------------------------------------------
+
 
 def fuzz_gguf(n: int, rng: random.Random, work: Path, tally: Tally, timeout: float) -> None:
     from fuzz.targets import INTERESTING, KINDS, Seed, check_gguf, mutate
 
     import edgemoe
-    from edgemoe import synth
+    from edgemoe.testing import synth
 
     seed_path = synth.write_model(synth.SynthSpec.tiny("qwen3moe"), work / "seed.gguf")
     with edgemoe.load(seed_path, n_ctx=16) as m:  # compile the kernels once, before forking
@@ -109,19 +109,18 @@ def fuzz_gguf(n: int, rng: random.Random, work: Path, tally: Tally, timeout: flo
         data = mutate(seed, muts)
         path.write_bytes(data)
         outcome, detail = run_isolated(check_gguf, path, timeout)
-        tally.add(outcome, detail, lambda dest: dest.with_suffix(".gguf").write_bytes(data))
+        tally.add(outcome, detail, lambda dest, data=data: dest.with_suffix(".gguf").write_bytes(data))
 
 
 def _store_seed(work: Path) -> Path:
-    from edgemoe import synth
-    from edgemoe.convert import convert
+    from edgemoe.store.convert import convert
+    from edgemoe.testing import synth
 
     src = synth.write_model(synth.SynthSpec.tiny("qwen3moe"), work / "seed.gguf")
     return convert(src, work / "seed.edgemoe", progress=False)
 
 
-def fuzz_manifest(n: int, rng: random.Random, work: Path, tally: Tally, timeout: float,
-                  validate: bool = True) -> None:
+def fuzz_manifest(n: int, rng: random.Random, work: Path, tally: Tally, timeout: float, validate: bool = True) -> None:
     import shutil
 
     from fuzz.targets import DELETE, check_store, manifest_paths, set_path
@@ -129,8 +128,35 @@ def fuzz_manifest(n: int, rng: random.Random, work: Path, tally: Tally, timeout:
     seed = _store_seed(work)
     manifest = json.loads((seed / "manifest.json").read_text())
     paths = list(manifest_paths(manifest))
-    junk = [None, True, False, 0, -1, 1, 2, 3, 7, 2**31, 2**63, 2**64, -2**63, 1.5, float("nan"), "", "x",
-            "matquant", [], [0], [1, 2, 3], {}, {"a": 1}, DELETE, "1e999", 4096, 10**12]
+    junk = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        1,
+        2,
+        3,
+        7,
+        2**31,
+        2**63,
+        2**64,
+        -(2**63),
+        1.5,
+        float("nan"),
+        "",
+        "x",
+        "matquant",
+        [],
+        [0],
+        [1, 2, 3],
+        {},
+        {"a": 1},
+        DELETE,
+        "1e999",
+        4096,
+        10**12,
+    ]
     root = work / "m.edgemoe"
     for _ in range(n):
         if root.exists():
@@ -185,8 +211,8 @@ def fuzz_server(n: int, rng: random.Random, work: Path, tally: Tally, timeout: f
     from fuzz.targets_server import random_body, send
 
     import edgemoe
-    from edgemoe import synth
-    from edgemoe.server import Server
+    from edgemoe.serve.server import Server
+    from edgemoe.testing import synth
 
     path = synth.write_model(synth.SynthSpec.tiny("qwen3moe"), work / "seed.gguf")
     with edgemoe.load(path, n_ctx=64) as model, Server(model, "127.0.0.1", 0, max_queue=4) as srv:
@@ -200,16 +226,21 @@ def fuzz_server(n: int, rng: random.Random, work: Path, tally: Tally, timeout: f
                 detail = f"HTTP {status}: {str(obj)[:200]} for {body[:200]!r}"
             except TimeoutError:
                 outcome, detail = "hang", f"no answer in {timeout:g} s for {body[:200]!r}"
-            tally.add(outcome, detail, lambda dest: dest.with_suffix(".json").write_bytes(body))
+            tally.add(outcome, detail, lambda dest, body=body: dest.with_suffix(".json").write_bytes(body))
 
 
 def fuzz_manifest_raw(n: int, rng: random.Random, work: Path, tally: Tally, timeout: float) -> None:
-    """StoreReader on the manifest as store.py reads it today, without edgemoe.verify.check_manifest."""
+    """StoreReader on the manifest as store.py reads it today, without edgemoe.store.format.check_manifest."""
     fuzz_manifest(n, rng, work, tally, timeout, validate=False)
 
 
-TARGETS = {"gguf": fuzz_gguf, "manifest": fuzz_manifest, "manifest-raw": fuzz_manifest_raw, "shard": fuzz_shard,
-           "server": fuzz_server}
+TARGETS = {
+    "gguf": fuzz_gguf,
+    "manifest": fuzz_manifest,
+    "manifest-raw": fuzz_manifest_raw,
+    "shard": fuzz_shard,
+    "server": fuzz_server,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,13 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds per input before it counts as a hang")
     ap.add_argument("--out", default="fuzz-findings", help="where reproducers of failures go")
-    ap.add_argument("--hypothesis", type=int, default=0, metavar="N",
-                    help="instead: run tests/fuzz with N examples per hypothesis test")
+    ap.add_argument(
+        "--hypothesis",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: run tests/fuzz with N examples per hypothesis test",
+    )
     args = ap.parse_args(argv)
     if args.hypothesis:
         env = dict(os.environ, EDGEMOE_FUZZ_EXAMPLES=str(args.hypothesis))
-        return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "--timeout=0",
-                                str(ROOT / "tests" / "fuzz")], env=env, cwd=ROOT)
+        return subprocess.call(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", "--timeout=0", str(ROOT / "tests" / "fuzz")],
+            env=env,
+            cwd=ROOT,
+        )
     import warnings
 
     warnings.simplefilter("ignore")  # overflow warnings of mutated weights

@@ -21,7 +21,7 @@ reuse meets a target taken from a trained model (reuse_targets: Mixtral's measur
 consecutive tokens' experts, mapped to top-k of E). Popularity is left to the random routers,
 which spread picks about as evenly as the trained models' load-balancing losses do (the writer
 prints the entropy and the busiest expert; published: POPULARITY_SOURCES). The targets, the gains
-chosen and the reuse reached are stored in the file (edgemoe.bench.*) and printed by `edgemoe
+chosen and the reuse reached are stored in the file (edgemoe.devices.bench.*) and printed by `edgemoe
 bench`.
 """
 
@@ -38,16 +38,16 @@ from pathlib import Path
 import numpy as np
 
 try:
-    import edgemoe.synth as synth
+    import edgemoe.testing.synth as synth
 except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import edgemoe.synth as synth
+    import edgemoe.testing.synth as synth
 
 import gguf
 
 Q = gguf.GGMLQuantizationType
-CAL_SEQS, CAL_POS = 16, 32   # calibration: sequences x positions (the bench: prompt 16 + decode 16)
-GAIN_RANGE = (0.05, 4.0)     # attention-output gains the calibration may choose
+CAL_SEQS, CAL_POS = 16, 32  # calibration: sequences x positions (the bench: prompt 16 + decode 16)
+GAIN_RANGE = (0.05, 4.0)  # attention-output gains the calibration may choose
 DEFAULT_DIR = Path.home() / ".cache" / "edgemoe" / "bench-models"
 
 
@@ -81,8 +81,9 @@ _Q4_STD = float(np.sqrt(2 * sum(k * k for k in range(1, 8)) / 16))
 _Q8_STD = float(np.sqrt(((np.arange(-128, 128) + 0.5) ** 2).mean()))
 
 
-def quant_blocks(rng: np.random.Generator, shape: tuple[int, ...], std: float, qtype: Q,
-                 jitter: float = 0.1) -> np.ndarray:
+def quant_blocks(
+    rng: np.random.Generator, shape: tuple[int, ...], std: float, qtype: Q, jitter: float = 0.1
+) -> np.ndarray:
     """Random Q4_0/Q8_0 data for a float tensor of numpy `shape`, element std ~`std`.
     Returns uint8 of shape (*shape[:-1], row_bytes)."""
     blk, bsize = gguf.GGML_QUANT_SIZES[qtype]
@@ -112,15 +113,19 @@ def dequant(x: np.ndarray, qtype: Q) -> np.ndarray:
 # 51%, where independent picks give 46.4% (1 - C(6,2)/C(8,2)). Rounded means over the domains, as
 # read from the paper; not re-checked here, since the copies of it that this project's tools
 # reach stop before that table.
-MIXTRAL_ANY_REPEAT = ((0.0, 0.48), (15 / 31, 0.64), (1.0, 0.51))   # (relative depth, share)
+MIXTRAL_ANY_REPEAT = ((0.0, 0.48), (15 / 31, 0.64), (1.0, 0.51))  # (relative depth, share)
 MIXTRAL_K, MIXTRAL_E = 2, 8
 # Popularity of trained MoEs with load-balancing losses, what the random routers are checked
 # against (printed, not fitted):
 POPULARITY_SOURCES = (
-    ("Qwen1.5-MoE-A2.7B on GSM8K, layer 0, logged through vLLM: entropy 5.876 bits over 9,736 "
-     "picks, busiest expert 2.46% (github.com/TotaniYash/vllm_moe_routelogging_patch, README)"),
-    ("OLMoE-1B-7B, Qwen1.5-MoE, DeepSeek-MoE-16B: the most topic-specialised expert takes "
-     "1.6-2.3x the uniform share (doi 10.5281/zenodo.19457411)"),
+    (
+        "Qwen1.5-MoE-A2.7B on GSM8K, layer 0, logged through vLLM: entropy 5.876 bits over 9,736 "
+        "picks, busiest expert 2.46% (github.com/TotaniYash/vllm_moe_routelogging_patch, README)"
+    ),
+    (
+        "OLMoE-1B-7B, Qwen1.5-MoE, DeepSeek-MoE-16B: the most topic-specialised expert takes "
+        "1.6-2.3x the uniform share (doi 10.5281/zenodo.19457411)"
+    ),
 )
 
 
@@ -131,6 +136,7 @@ def reuse_targets(n_layer: int, k: int, n_expert: int) -> np.ndarray:
     probability q (P = 1 - (1 - q)^2, each expert kept independently), then into the excess over
     independent picks x = (q - q0) / (1 - q0), interpolated over relative depth, and mapped back:
     target = k/E + (1 - k/E) x."""
+
     def q(share):
         return 1 - np.sqrt(1 - share)
 
@@ -287,8 +293,9 @@ def _nbytes(shp, qt: Q) -> int:
     return int(np.prod(shp)) // blk * bsize
 
 
-def write_bench_model(shape: BenchShape, out: Path, wtype: Q = Q.Q4_0, seed: int = 0,
-                      log=print, calibrate: bool = True) -> Path:
+def write_bench_model(
+    shape: BenchShape, out: Path, wtype: Q = Q.Q4_0, seed: int = 0, log=print, calibrate: bool = True
+) -> Path:
     """Write the model: first a calibration pass (generate each layer, run the calibration tokens
     through it, choose its attention gain), then the file, every tensor generated again from its own
     seed (its index in the file) so both passes see the same weights. calibrate=False: no
@@ -323,9 +330,11 @@ def write_bench_model(shape: BenchShape, out: Path, wtype: Q = Q.Q4_0, seed: int
         att = cal.attention(t, p, wtype)
         gain = cal.choose_gain(att, t[p + "ffn_norm.weight"], t[p + "ffn_gate_inp.weight"], i)
         cal.moe(t, p, wtype, gain, att)
-        log(f"  layer {i}: attention gain {gain:.3f}, reuse {cal.reached[-1]:.3f} (target "
+        log(
+            f"  layer {i}: attention gain {gain:.3f}, reuse {cal.reached[-1]:.3f} (target "
             f"{cal.targets[i]:.3f}), entropy {cal.entropy[-1]:.2f} bits, busiest expert "
-            f"{cal.busiest[-1]:.2f}x uniform, {time.time() - t0:.0f} s")
+            f"{cal.busiest[-1]:.2f}x uniform, {time.time() - t0:.0f} s"
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
@@ -346,17 +355,16 @@ def write_bench_model(shape: BenchShape, out: Path, wtype: Q = Q.Q4_0, seed: int
         w.add_expert_count(shape.n_expert)
         w.add_expert_used_count(shape.n_expert_used)
         if calibrate:
-            w.add_array("edgemoe.bench.reuse_target", [float(x) for x in cal.targets])
-            w.add_array("edgemoe.bench.reuse_calibrated", cal.reached)
-            w.add_array("edgemoe.bench.attn_gain", cal.gains)
+            w.add_array("edgemoe.devices.bench.reuse_target", [float(x) for x in cal.targets])
+            w.add_array("edgemoe.devices.bench.reuse_calibrated", cal.reached)
+            w.add_array("edgemoe.devices.bench.attn_gain", cal.gains)
         synth.add_tokenizer(w, shape.vocab)
         for name, shp, qt in plan:
             if qt == Q.F32:
                 w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
             else:
                 byte_shape = (*shp[:-1], _nbytes((shp[-1],), qt))
-                w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), _nbytes(shp, qt),
-                                  raw_dtype=qt)
+                w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), _nbytes(shp, qt), raw_dtype=qt)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -384,8 +392,9 @@ def check_llama_cpp(path: Path, n_threads: int = 2, n_gen: int = 16) -> dict:
 
     t0 = time.time()
     # logits_all: llama-cpp-python 0.3.36 leaves llm.scores empty for the last token otherwise
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=n_threads, n_threads_batch=n_threads,
-                          logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=256, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True, verbose=False
+    )
     load_s = time.time() - t0
     prompt = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 4)[:32]
     t1 = time.time()
@@ -398,10 +407,16 @@ def check_llama_cpp(path: Path, n_threads: int = 2, n_gen: int = 16) -> dict:
         llm.eval([tok])
     gen_s = time.time() - t2
     logits = np.asarray(llm.scores[llm.n_tokens - 1])
-    return dict(load_s=round(load_s, 2), prompt_tok_s=round(len(prompt) / prompt_s, 2),
-                decode_tok_s=round(n_gen / gen_s, 2), n_prompt=len(prompt), n_gen=n_gen,
-                distinct_generated=len(set(toks)), logit_std=round(float(logits.std()), 2),
-                finite=bool(np.isfinite(logits).all()))
+    return dict(
+        load_s=round(load_s, 2),
+        prompt_tok_s=round(len(prompt) / prompt_s, 2),
+        decode_tok_s=round(n_gen / gen_s, 2),
+        n_prompt=len(prompt),
+        n_gen=n_gen,
+        distinct_generated=len(set(toks)),
+        logit_std=round(float(logits.std()), 2),
+        finite=bool(np.isfinite(logits).all()),
+    )
 
 
 def _rms(x: np.ndarray, w: np.ndarray, eps: float = 1e-5) -> np.ndarray:
@@ -410,10 +425,10 @@ def _rms(x: np.ndarray, w: np.ndarray, eps: float = 1e-5) -> np.ndarray:
 
 def _neox_rope(x: np.ndarray, pos: np.ndarray, base: float = 10000.0) -> np.ndarray:
     hd = x.shape[-1]
-    inv = base ** (-np.arange(0, hd, 2) / hd)                       # (hd/2,)
-    ang = pos[:, None, None] * inv[None, None, :]                  # (T, 1, hd/2)
+    inv = base ** (-np.arange(0, hd, 2) / hd)  # (hd/2,)
+    ang = pos[:, None, None] * inv[None, None, :]  # (T, 1, hd/2)
     c, s = np.cos(ang), np.sin(ang)
-    a, b = x[..., : hd // 2], x[..., hd // 2:]
+    a, b = x[..., : hd // 2], x[..., hd // 2 :]
     return np.concatenate([a * c - b * s, a * s + b * c], -1)
 
 
@@ -421,17 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe-small")
     ap.add_argument("--type", choices=["Q4_0", "Q8_0"], default="Q4_0")
-    ap.add_argument("--out", type=Path, default=None,
-                    help=f"output file (default {DEFAULT_DIR}/<shape>-<type>.gguf)")
+    ap.add_argument("--out", type=Path, default=None, help=f"output file (default {DEFAULT_DIR}/<shape>-<type>.gguf)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocab size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite an existing file")
     ap.add_argument("--check", action="store_true", help="load in llama.cpp, time decode")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="llama.cpp threads for --check (on a busy shared box, OpenMP spin "
-                         "barriers "
-                         "make 2 threads far slower than 1: compare both)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="llama.cpp threads for --check (on a busy shared box, OpenMP spin "
+        "barriers "
+        "make 2 threads far slower than 1: compare both)",
+    )
     args = ap.parse_args(argv)
 
     shape = SHAPES[args.shape]

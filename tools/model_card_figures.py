@@ -5,7 +5,7 @@
 
 Fills the block between `<!-- figures:start -->` and `<!-- figures:end -->` with: parameter counts
 (total, active per token), validation and test perplexity (edgemoe and llama.cpp, the method of
-edgemoe.evaluate: windows of 256 tokens), and fixed-seed samples produced by `edgemoe run`.
+edgemoe.runtime.evaluate: windows of 256 tokens), and fixed-seed samples produced by `edgemoe run`.
 tests/test_bundled.py checks the validation perplexity against this block.
 """
 
@@ -29,8 +29,8 @@ PROMPTS = [("ROMEO.\n", 1), ("KING HENRY.\nNow, lords,", 2), ("Enter a Messenger
 
 
 def param_counts(path: Path) -> tuple[int, int]:
-    from edgemoe.config import ModelArgs
-    from edgemoe.gguf_file import GGUFFile
+    from edgemoe.models.config import ModelArgs
+    from edgemoe.models.gguf_file import GGUFFile
 
     f = GGUFFile(path)
     c = ModelArgs.from_gguf(f)
@@ -43,7 +43,7 @@ def param_counts(path: Path) -> tuple[int, int]:
 
 def perplexities(path: Path, text_path: Path) -> tuple[float, float, int]:
     import edgemoe
-    from edgemoe import evaluate
+    from edgemoe.runtime import evaluate
 
     with edgemoe.load(path, n_ctx=WINDOW, kv_type="f32") as m:
         toks = m.tokenize(text_path.read_text(encoding="utf-8"), add_bos=False)
@@ -58,9 +58,27 @@ def perplexities(path: Path, text_path: Path) -> tuple[float, float, int]:
 
 
 def sample(path: Path, prompt: str, seed: int) -> str:
-    p = subprocess.run([sys.executable, "-m", "edgemoe", "run", "-m", str(path), prompt, "--max-tokens", "80",
-                        "--temperature", "0.8", "--seed", str(seed)], capture_output=True, text=True, check=True,
-                       cwd=ROOT)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgemoe",
+            "run",
+            "-m",
+            str(path),
+            prompt,
+            "--max-tokens",
+            "80",
+            "--temperature",
+            "0.8",
+            "--seed",
+            str(seed),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     return p.stdout.rstrip()
 
 
@@ -76,7 +94,7 @@ def main(argv=None) -> int:
     lines = [
         START,
         "Measured by `python tools/model_card_figures.py` (perplexity: non-overlapping windows of "
-        f"{WINDOW} tokens, no BOS, first token of each window is context only; see edgemoe/evaluate.py).",
+        f"{WINDOW} tokens, no BOS, first token of each window is context only; see edgemoe/runtime/evaluate.py).",
         "",
         "| figure | value |",
         "|---|---|",
@@ -88,7 +106,7 @@ def main(argv=None) -> int:
         f"| test perplexity, edgemoe | {t_ours:.3f} ({t_n:,} tokens scored) |",
         f"| test perplexity, llama.cpp | {t_ref:.3f} |",
         "",
-        "Samples (`edgemoe run \"PROMPT\" --max-tokens 80 --temperature 0.8 --seed N`):",
+        'Samples (`edgemoe run "PROMPT" --max-tokens 80 --temperature 0.8 --seed N`):',
         "",
     ]
     for prompt, seed in PROMPTS:

@@ -2,7 +2,7 @@
 
     python3 tools/parity_bits.py [--arches qwen3moe,olmoe,gpt-oss,deepseek2] [--seqs 4]
 
-For each architecture: a tiny model written by edgemoe.synth at F32, and the same model quantized
+For each architecture: a tiny model written by edgemoe.testing.synth at F32, and the same model quantized
 to Q8_0 by llama.cpp's quantizer; each evaluated on random 40-token sequences (batched, logits at
 every position) by edgemoe and by llama.cpp (llama-cpp-python, no flash attention, the same KV cache
 type). Prints, per file and KV type, how many sequences are bit-identical and the largest
@@ -21,16 +21,25 @@ import numpy as np
 os.environ.setdefault("EDGEMOE_THREADS", "2")
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
-import edgemoe
-from edgemoe import synth
+import edgemoe  # noqa: E402 (after EDGEMOE_THREADS: the kernels read it at import)
+from edgemoe.testing import synth  # noqa: E402
 
 
 def llama_cpp_logits(path: str, ids: list[int], kv: str) -> np.ndarray:
     import llama_cpp
 
     t = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv]
-    llm = llama_cpp.Llama(model_path=path, n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True, verbose=False,
-                          n_threads=2, type_k=t, type_v=t)
+    llm = llama_cpp.Llama(
+        model_path=path,
+        n_ctx=256,
+        n_batch=256,
+        n_ubatch=256,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+        type_k=t,
+        type_v=t,
+    )
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)

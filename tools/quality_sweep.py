@@ -17,7 +17,7 @@ Rows:
 Perplexity is computed in 64-token batches, which understates what a lossy quality loses in
 decoding (an expert used by several tokens of a batch gets the width of its most important use),
 so the quality and budget rows also give the decode-time price against max on the first
---kl-tokens tokens of the text, fed one at a time (edgemoe.evaluate.quality_costs, the code
+--kl-tokens tokens of the text, fed one at a time (edgemoe.runtime.evaluate.quality_costs, the code
 `edgemoe bench` prices its lossy runs with): median and 99th-percentile KL(max || quality) in nats
 and the share of positions whose most likely token is max's.
 """
@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import edgemoe  # noqa: E402
-from edgemoe import evaluate  # noqa: E402
-from edgemoe.convert import convert  # noqa: E402
-from edgemoe.policy import PRESETS  # noqa: E402
+from edgemoe.runtime import evaluate  # noqa: E402
+from edgemoe.runtime.policy import PRESETS  # noqa: E402
+from edgemoe.store.convert import convert  # noqa: E402
 
 WINDOW = 256
 
@@ -50,8 +50,12 @@ def ppl(path, wins, **load) -> tuple[float, dict]:
         tokens = sum(len(w) for w in wins)
         extra = {}
         if c is not None:
-            extra = dict(mb_read_per_token=c.bytes_read / tokens / 1e6, skipped=c.skipped / max(c.chosen, 1),
-                         uses_by_bits=c.uses_by_bits, hit_rate=c.hit_rate)
+            extra = dict(
+                mb_read_per_token=c.bytes_read / tokens / 1e6,
+                skipped=c.skipped / max(c.chosen, 1),
+                uses_by_bits=c.uses_by_bits,
+                hit_rate=c.hit_rate,
+            )
         return r.perplexity, extra
 
 
@@ -62,18 +66,25 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", type=Path, default=ROOT / "models" / "data" / "validation.txt")
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "quality_sweep")
-    ap.add_argument("--kl-tokens", type=int, default=128,
-                    help="tokens fed one at a time for the decode-time KL against max (0: none)")
+    ap.add_argument(
+        "--kl-tokens",
+        type=int,
+        default=128,
+        help="tokens fed one at a time for the decode-time KL against max (0: none)",
+    )
     args = ap.parse_args(argv)
     rows: list[dict] = []
 
     def add(group: str, name: str, value: float, **extra) -> None:
         base = rows[1]["ppl"] if len(rows) > 1 else value
-        rows.append(dict(group=group, name=name, ppl=value, vs_max=value / base - 1 if group != "reference" else 0.0,
-                         **extra))
-        print(f"{group:<12} {name:<34} {value:>9.3f} {rows[-1]['vs_max']:>+8.2%} "
-              + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()),
-              flush=True)
+        rows.append(
+            dict(group=group, name=name, ppl=value, vs_max=value / base - 1 if group != "reference" else 0.0, **extra)
+        )
+        print(
+            f"{group:<12} {name:<34} {value:>9.3f} {rows[-1]['vs_max']:>+8.2%} "
+            + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()),
+            flush=True,
+        )
 
     with edgemoe.load(args.model, n_ctx=WINDOW) as m:
         toks = m.tokenize(args.text.read_text(encoding="utf-8"), add_bos=False)
@@ -93,8 +104,13 @@ def main(argv=None) -> int:
         add("max", f"store matquant {','.join(map(str, bits))}, max", value, **extra)
         add("reference", "GGUF in edgemoe", ppl(args.model, wins)[0])
         for scheme, family in (("matquant", (2, 3, 4)), ("matquant", (2, 4, 8)), ("d2moe", (2, 3, 4))):
-            st = convert(args.model, tmp / f"{scheme}-{'-'.join(map(str, family))}.edgemoe", bits=family,
-                         scheme=scheme, progress=False)
+            st = convert(
+                args.model,
+                tmp / f"{scheme}-{'-'.join(map(str, family))}.edgemoe",
+                bits=family,
+                scheme=scheme,
+                progress=False,
+            )
             for b in family:
                 add("nested", f"{scheme} {','.join(map(str, family))} read at {b} bits", ppl(st, wins, bits=b)[0])
         for b in (2, 4, 8):  # one-width matquant planes come in 1, 2, 4 or 8 bits
@@ -128,8 +144,18 @@ def main(argv=None) -> int:
                 add("budget", f"{frac:.0%} of experts, {q}", value, **extra, **price(quality=q, memory_budget=budget))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmpf = args.out.with_suffix(".json.tmp")
-    tmpf.write_text(json.dumps(dict(model=str(args.model), text=str(args.text), windows=len(wins),
-                                    kl_tokens=min(args.kl_tokens, len(toks)), rows=rows), indent=1))
+    tmpf.write_text(
+        json.dumps(
+            dict(
+                model=str(args.model),
+                text=str(args.text),
+                windows=len(wins),
+                kl_tokens=min(args.kl_tokens, len(toks)),
+                rows=rows,
+            ),
+            indent=1,
+        )
+    )
     os.replace(tmpf, args.out.with_suffix(".json"))
     _plot(rows, args.out.with_suffix(".png"))
     return 0
@@ -146,8 +172,11 @@ def _plot(rows, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(9, 6))
     names = [f"{r['group']}: {r['name']}" for r in rows]
-    ax.barh(range(len(rows)), [r["ppl"] for r in rows],
-            color=["tab:gray" if r["group"] == "reference" else "tab:blue" for r in rows])
+    ax.barh(
+        range(len(rows)),
+        [r["ppl"] for r in rows],
+        color=["tab:gray" if r["group"] == "reference" else "tab:blue" for r in rows],
+    )
     ax.set_yticks(range(len(rows)), names, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(rows[1]["ppl"] * 1.02, color="tab:red", linestyle="--", label="max + 2%")

@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgemoe.cache import POLICIES  # noqa: E402
-from edgemoe.replay import locality, table  # noqa: E402
+from edgemoe.devices.replay import locality, table  # noqa: E402
+from edgemoe.runtime.cache import POLICIES  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,8 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", default="0.1,0.25,0.5,0.75", help="cache sizes as fractions of all experts")
     ap.add_argument("--decays", help="also: misses per token of the score policy at these decays (e.g. 0.5,0.9,0.95)")
     ap.add_argument("--json", help="write the table here")
-    ap.add_argument("--bench", help="an `edgemoe bench` JSON: replay each edgemoe run's routing (its prompt as one "
-                                    "batch, then its tokens) through the cache with each policy, as the engine runs it")
+    ap.add_argument(
+        "--bench",
+        help="an `edgemoe bench` JSON: replay each edgemoe run's routing (its prompt as one "
+        "batch, then its tokens) through the cache with each policy, as the engine runs it",
+    )
     args = ap.parse_args(argv)
     if args.bench:
         return replay_bench(Path(args.bench))
@@ -49,8 +52,8 @@ def main(argv=None) -> int:
         expert_bytes, n_expert = args.expert_bytes, args.experts
     else:
         import edgemoe
-        from edgemoe.convert import EXPERT_SUFFIXES
-        from edgemoe.gguf_file import GGUFFile
+        from edgemoe.models.gguf_file import GGUFFile
+        from edgemoe.store.convert import EXPERT_SUFFIXES
 
         with edgemoe.load(args.model, n_ctx=args.tokens + 1) as m:
             ids = m.tokenize(Path(args.text).read_text(encoding="utf-8"))[: args.tokens]
@@ -64,23 +67,33 @@ def main(argv=None) -> int:
             np.save(args.save, trace)
     fractions = [float(x) for x in args.fractions.split(",")]
     loc = locality(trace, n_expert)
-    print(f"trace: {trace.shape[0]} tokens x {trace.shape[1]} layers x top-{trace.shape[2]}, "
-          f"{n_expert} experts/layer, {expert_bytes} bytes/expert")
-    print(f"locality: top-1/8 experts take {loc['top_eighth_share']:.1%} of picks (uniform 12.5%; uniform picks "
-          f"of {loc['tokens']} tokens {loc['sampled_uniform_share']:.1%}), entropy {loc['entropy_bits']:.2f} bits "
-          f"(first MoE layer {loc['entropy_bits_first_layer']:.2f}; uniform {loc['uniform_entropy_bits']:.2f}), busiest "
-          f"expert {loc['busiest_vs_uniform']:.2f}x uniform ({loc['sampled_uniform_busiest']:.2f}x by chance); "
-          f"consecutive-token reuse {loc['consecutive_reuse']:.1%} (uniform {loc['uniform_reuse']:.1%})")
+    print(
+        f"trace: {trace.shape[0]} tokens x {trace.shape[1]} layers x top-{trace.shape[2]}, "
+        f"{n_expert} experts/layer, {expert_bytes} bytes/expert"
+    )
+    print(
+        f"locality: top-1/8 experts take {loc['top_eighth_share']:.1%} of picks (uniform 12.5%; uniform picks "
+        f"of {loc['tokens']} tokens {loc['sampled_uniform_share']:.1%}), entropy {loc['entropy_bits']:.2f} bits "
+        f"(first MoE layer {loc['entropy_bits_first_layer']:.2f}; uniform {loc['uniform_entropy_bits']:.2f}), busiest "
+        f"expert {loc['busiest_vs_uniform']:.2f}x uniform ({loc['sampled_uniform_busiest']:.2f}x by chance); "
+        f"consecutive-token reuse {loc['consecutive_reuse']:.1%} (uniform {loc['uniform_reuse']:.1%})"
+    )
     rows = table(trace, expert_bytes, n_expert, fractions)
-    print(f"{'cache':>6} {'slots':>6} " + " ".join(f"{p + ' MB/tok':>14}" for p in (*POLICIES, "belady"))
-          + f" {'best/belady':>12}")
+    print(
+        f"{'cache':>6} {'slots':>6} "
+        + " ".join(f"{p + ' MB/tok':>14}" for p in (*POLICIES, "belady"))
+        + f" {'best/belady':>12}"
+    )
     for r in rows:
         best = min(r[p] for p in POLICIES)
         ratio = best / r["belady"] if r["belady"] else 1.0
-        print(f"{r['fraction']:>6.0%} {r['slots']:>6} " + " ".join(f"{r[p] / 1e6:>14.3f}" for p in (*POLICIES, "belady"))
-              + f" {ratio:>12.2f}")
+        print(
+            f"{r['fraction']:>6.0%} {r['slots']:>6} "
+            + " ".join(f"{r[p] / 1e6:>14.3f}" for p in (*POLICIES, "belady"))
+            + f" {ratio:>12.2f}"
+        )
     if args.decays:
-        from edgemoe.profiler import simulate, trace_requests
+        from edgemoe.devices.cachesim import simulate, trace_requests
 
         reqs = trace_requests(trace)
         T, L = trace.shape[0], trace.shape[1]
@@ -95,12 +108,12 @@ def main(argv=None) -> int:
 
 def replay_bench(path: Path) -> int:
     """MB read per decoded token of each cache policy on the routing of each edgemoe run of a bench
-    (edgemoe.replay.replay_run: the run's quality, cache capacity, store), next to what the run
+    (edgemoe.devices.replay.replay_run: the run's quality, cache capacity, store), next to what the run
     read and the warmed Belady oracle of the bench."""
-    from edgemoe import bench
-    from edgemoe.benchrun import prompt_ids
-    from edgemoe.policy import parse_quality
-    from edgemoe.replay import replay_run
+    from edgemoe.devices import bench
+    from edgemoe.devices.benchrun import prompt_ids
+    from edgemoe.devices.replay import replay_run
+    from edgemoe.runtime.policy import parse_quality
 
     d = json.loads(path.read_text())
     model, mb = Path(d["model"]), d["model_bytes"]
@@ -108,18 +121,30 @@ def replay_bench(path: Path) -> int:
     runs = [r for r in d["rows"] if r["engine"] == "edgemoe" and "cache_capacity" in r]
     prompt = prompt_ids(mb["n_vocab"], d.get("prompt_tokens", 16))
     traces = bench.routings(model, [prompt + r["tokens"][:-1] for r in runs])
-    print(f"{'budget':>6} {'quality':>8} {'lossless':>8} {'run MB/tok':>11} "
-          + " ".join(f"{p + ' MB/tok':>14}" for p in POLICIES)
-          + f" {'belady MB/tok':>14}")
+    print(
+        f"{'budget':>6} {'quality':>8} {'lossless':>8} {'run MB/tok':>11} "
+        + " ".join(f"{p + ' MB/tok':>14}" for p in POLICIES)
+        + f" {'belady MB/tok':>14}"
+    )
     for r, (top, w) in zip(runs, traces):
         cells = []
         for pol in POLICIES:
-            rep = replay_run(top, w, capacity=r["cache_capacity"], quality=parse_quality(r["quality"]),
-                             prompt=len(prompt), policy=pol, **setup)
+            rep = replay_run(
+                top,
+                w,
+                capacity=r["cache_capacity"],
+                quality=parse_quality(r["quality"]),
+                prompt=len(prompt),
+                policy=pol,
+                **setup,
+            )
             cells.append(rep["read_bytes"] / rep["tokens"] / 1e6)
         lossless = {True: "yes", False: "no"}.get(r.get("lossless"), "-")  # "-": a bench from before it was recorded
-        print(f"{r['fraction']:>6.0%} {r['quality']:>8} {lossless:>8} {r['mb_read_per_token']:>11.1f} "
-              + " ".join(f"{c:>14.1f}" for c in cells) + f" {r['belady_mb_per_token']:>14.1f}")
+        print(
+            f"{r['fraction']:>6.0%} {r['quality']:>8} {lossless:>8} {r['mb_read_per_token']:>11.1f} "
+            + " ".join(f"{c:>14.1f}" for c in cells)
+            + f" {r['belady_mb_per_token']:>14.1f}"
+        )
     return 0
 
 

@@ -5,19 +5,19 @@ throughout; and a server under repeated requests from several client threads.
     python tools/soak.py model [--store DIR] [--tokens 2000] [--slack 0.25] [--json]
     python tools/soak.py server [--store DIR] [--rounds 20] [--clients 4] [--requests 5] [--json]
 
-`model` runs in this process (start it fresh: the budget counts from edgemoe.BASELINE_RSS): it
-loads the store, sets its budget to memory_plan.minimum_budget + slack x all experts' bytes (the
-cache holds about that fraction of the experts), generates --tokens tokens in runs of up to 200 (fresh prompts, n_ctx 256) while a
-thread samples RSS and open fds every 10 ms, and checks: sampled RSS and peak RSS (VmHWM) - BASELINE_RSS
-within budget + 5%, and no growth of RSS (its peak, by more than 2 MiB) or open fds (their floor: other threads open
-files for a moment) between the first and the last quarter of the tokens. The budget check must be
-able to fail: the 5% must be under half of one layer's experts (an expert cache that overran its
-capacity by a layer would then show), else that is reported as a failure too. Without --store the
-model made for it (BIG: 113 MB of Q4_0 experts in 2 layers; 5% of its budget, ~11 MB, is a fifth of
-one layer's experts) is written and converted in a temporary directory.
-`server` does the same around rounds of parallel requests on 127.0.0.1 (no budget check; without
---store a tiny model). Prints a JSON summary (with --json only that); exit 1 if a check failed.
-"""
+`model` runs in this process (start it fresh: the budget counts from edgemoe.BASELINE_RSS): it loads
+the store, sets its budget to memory_plan.minimum_budget + slack x all experts' bytes (the cache
+holds about that fraction of the experts), generates --tokens tokens in runs of up to 200 (fresh
+prompts, n_ctx 256) while a thread samples RSS and open fds every 10 ms, and checks: sampled RSS and
+peak RSS (VmHWM) - BASELINE_RSS within budget + 5%, and no growth of RSS (its peak, by more than 2
+MiB) or open fds (their floor: other threads open files for a moment) between the first and the last
+quarter of the tokens. The budget check must be able to fail: the 5% must be under half of one
+layer's experts (an expert cache that overran its capacity by a layer would then show), else that is
+reported as a failure too. Without --store the model made for it (BIG: 113 MB of Q4_0 experts in 2
+layers; 5% of its budget, ~11 MB, is a fifth of one layer's experts) is written and converted in a
+temporary directory. `server` does the same around rounds of parallel requests on 127.0.0.1 (no
+budget check; without --store a tiny model). Prints a JSON summary (with --json only that); exit 1
+if a check failed."""
 
 from __future__ import annotations
 
@@ -34,26 +34,33 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import edgemoe  # noqa: E402  (first: BASELINE_RSS is taken at this import)
-from edgemoe.memory import peak_rss  # noqa: E402
+from edgemoe.runtime.memory import peak_rss  # noqa: E402
 
 BASELINE = edgemoe.BASELINE_RSS
 SPEC = dict(n_embd=128, n_ff_exp=128, n_expert=16, n_layer=4, dtype="F32")  # `server`: a tiny model
 # `model`: experts large against the minimum budget (~185 MB, most of it the runtime), so that 5% of the
 # budget (~11 MB at slack 0.25) is far under one layer's experts (57 MB): 2 layers of 256 experts
 # of 256 x 512 in Q4_0 (221 KB each, 4 chosen per token)
-BIG = dict(n_layer=2, n_embd=256, n_head=8, n_expert=256, n_expert_used=4, n_ff_exp=512, vocab=1024,
-           n_ctx_train=512)
+BIG = dict(n_layer=2, n_embd=256, n_head=8, n_expert=256, n_expert_used=4, n_ff_exp=512, vocab=1024, n_ctx_train=512)
 TOLERANCE = 0.05  # the budget's promise: peak RSS within budget + 5%
 GROWTH_BYTES = 2 << 20
-PROMPTS = ["Once upon a time", "The expert said", "In the beginning", "Hello world", "A quiet river",
-           "Numbers: 1 2 3", "Dear reader,", "The machine"]
+PROMPTS = [
+    "Once upon a time",
+    "The expert said",
+    "In the beginning",
+    "Hello world",
+    "A quiet river",
+    "Numbers: 1 2 3",
+    "Dear reader,",
+    "The machine",
+]
 
 
 def make_store(work: Path, big: bool) -> Path:
-    from edgemoe.convert import convert
+    from edgemoe.store.convert import convert
 
     if not big:
-        from edgemoe import synth
+        from edgemoe.testing import synth
 
         src = synth.write_model(synth.SynthSpec.tiny("qwen3moe", **SPEC), work / "soak.gguf")
         return convert(src, work / "soak.edgemoe", progress=False)
@@ -63,8 +70,7 @@ def make_store(work: Path, big: bool) -> Path:
     mb = importlib.util.module_from_spec(spec)
     sys.modules["make_bench_model"] = mb  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mb)
-    src = mb.write_bench_model(mb.BenchShape(**BIG), work / "soak-big.gguf", log=lambda *a, **k: None,
-                               calibrate=False)
+    src = mb.write_bench_model(mb.BenchShape(**BIG), work / "soak-big.gguf", log=lambda *a, **k: None, calibrate=False)
     # 4 distinct experts per layer encoded, copied for the rest: the same bytes to hold and read
     st = convert(src, work / "soak-big.edgemoe", progress=False, distinct_experts=4)
     src.unlink()
@@ -103,7 +109,7 @@ class Sampler(threading.Thread):
 
 def experts_bytes(store: Path, per_layer: bool = False) -> int:
     """All experts' bytes at every plane, or one MoE layer's (per_layer)."""
-    from edgemoe.store import StoreReader
+    from edgemoe.store.reader import StoreReader
 
     r = StoreReader(store)
     try:
@@ -136,8 +142,7 @@ def soak_model(store: Path, tokens: int, slack: float) -> dict:
         done, run = 0, 0
         while done < tokens:
             n = min(200, tokens - done)
-            for _ in m.stream(PROMPTS[run % len(PROMPTS)], max_tokens=n, temperature=0.8, seed=run,
-                              ignore_eos=True):
+            for _ in m.stream(PROMPTS[run % len(PROMPTS)], max_tokens=n, temperature=0.8, seed=run, ignore_eos=True):
                 done += 1
                 sampler.progress = done
             run += 1
@@ -149,22 +154,37 @@ def soak_model(store: Path, tokens: int, slack: float) -> dict:
     hwm = peak_rss() - BASELINE  # VmHWM since load_tight reset it
     limit = budget * (1 + TOLERANCE)
     res = dict(
-        mode="model", tokens=done, runs=run, seconds=round(elapsed, 1), samples=len(sampler.samples),
-        budget=budget, minimum_budget=minimum, cache_capacity=plan.cache_capacity,
-        expert_bytes_all=all_experts, expert_bytes_one_layer=one_layer, tolerance=int(budget * TOLERANCE),
+        mode="model",
+        tokens=done,
+        runs=run,
+        seconds=round(elapsed, 1),
+        samples=len(sampler.samples),
+        budget=budget,
+        minimum_budget=minimum,
+        cache_capacity=plan.cache_capacity,
+        expert_bytes_all=all_experts,
+        expert_bytes_one_layer=one_layer,
+        tolerance=int(budget * TOLERANCE),
         baseline_rss=BASELINE,
-        peak_rss_over_baseline=peak, vm_hwm_over_baseline=hwm, limit=int(limit),
+        peak_rss_over_baseline=peak,
+        vm_hwm_over_baseline=hwm,
+        limit=int(limit),
         peak_fraction_of_budget=round(max(peak, hwm) / budget, 4),
-        rss_first_quarter_max=max(s[1] for s in first), rss_last_quarter_max=max(s[1] for s in last),
-        fds_first_quarter_max=max(s[2] for s in first), fds_last_quarter_max=max(s[2] for s in last),
-        fds_first_quarter_min=min(s[2] for s in first), fds_last_quarter_min=min(s[2] for s in last),
+        rss_first_quarter_max=max(s[1] for s in first),
+        rss_last_quarter_max=max(s[1] for s in last),
+        fds_first_quarter_max=max(s[2] for s in first),
+        fds_last_quarter_max=max(s[2] for s in last),
+        fds_first_quarter_min=min(s[2] for s in first),
+        fds_last_quarter_min=min(s[2] for s in last),
         tokens_per_s=round(done / elapsed, 1),
     )
     res["cache_hit_rate"] = getattr(getattr(stats, "cache", None), "hit_rate", None)
     failures = []
     if res["tolerance"] * 2 > one_layer:
-        failures.append(f"the budget check cannot catch a cache overrun: 5% of the budget ({res['tolerance']}) is "
-                        f"over half of one layer's experts ({one_layer}); use a model with larger experts")
+        failures.append(
+            f"the budget check cannot catch a cache overrun: 5% of the budget ({res['tolerance']}) is "
+            f"over half of one layer's experts ({one_layer}); use a model with larger experts"
+        )
     if peak > limit or hwm > limit:
         failures.append(f"RSS over budget + 5%: sampled peak {peak}, VmHWM {hwm}, limit {int(limit)}")
     if res["rss_last_quarter_max"] > res["rss_first_quarter_max"] + GROWTH_BYTES:
@@ -180,7 +200,7 @@ def soak_model(store: Path, tokens: int, slack: float) -> dict:
 def soak_server(store: Path, rounds: int, clients: int, requests: int) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from edgemoe.server import Server
+    from edgemoe.serve.server import Server
 
     sys.path.insert(0, str(ROOT / "tests"))
     from fuzz.targets_server import send
@@ -196,12 +216,14 @@ def soak_server(store: Path, rounds: int, clients: int, requests: int) -> dict:
 
         def one(i: int) -> int:
             if i % 2:
-                body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": 6,
-                        "temperature": 0}
+                body = {
+                    "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                    "max_tokens": 6,
+                    "temperature": 0,
+                }
                 status, _ = send(srv.port, "/v1/chat/completions", json.dumps(body).encode(), timeout=60)
             else:
-                body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 6, "temperature": 0,
-                        "stream": i % 4 == 0}
+                body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 6, "temperature": 0, "stream": i % 4 == 0}
                 status, _ = send(srv.port, "/v1/completions", json.dumps(body).encode(), timeout=60)
             return status
 
@@ -215,13 +237,22 @@ def soak_server(store: Path, rounds: int, clients: int, requests: int) -> dict:
                 sampler.sample()
                 per_round.append(sampler.samples[-1])
         sampler.stop()
-    first, last = per_round[: max(1, rounds // 4)], per_round[-max(1, rounds // 4):]
-    res = dict(mode="server", rounds=rounds, clients=clients, requests=rounds * clients * requests,
-               statuses=statuses, seconds=round(time.monotonic() - t0, 1),
-               rss_first_quarter_max=max(s[1] for s in first), rss_last_quarter_max=max(s[1] for s in last),
-               fds_first_quarter_max=max(s[2] for s in first), fds_last_quarter_max=max(s[2] for s in last),
-               fds_first_quarter_min=min(s[2] for s in first), fds_last_quarter_min=min(s[2] for s in last),
-               fds_per_round=[s[2] for s in per_round])
+    first, last = per_round[: max(1, rounds // 4)], per_round[-max(1, rounds // 4) :]
+    res = dict(
+        mode="server",
+        rounds=rounds,
+        clients=clients,
+        requests=rounds * clients * requests,
+        statuses=statuses,
+        seconds=round(time.monotonic() - t0, 1),
+        rss_first_quarter_max=max(s[1] for s in first),
+        rss_last_quarter_max=max(s[1] for s in last),
+        fds_first_quarter_max=max(s[2] for s in first),
+        fds_last_quarter_max=max(s[2] for s in last),
+        fds_first_quarter_min=min(s[2] for s in first),
+        fds_last_quarter_min=min(s[2] for s in last),
+        fds_per_round=[s[2] for s in per_round],
+    )
     failures = []
     if set(statuses) != {200}:
         failures.append(f"statuses other than 200: {statuses}")
@@ -238,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("mode", choices=["model", "server"])
     ap.add_argument("--store", help="expert store (default: a tiny model converted in a temporary directory)")
     ap.add_argument("--tokens", type=int, default=2000)
-    ap.add_argument("--slack", type=float, default=0.25,
-                    help="budget = minimum_budget + slack * (all experts' bytes): the cache holds about this "
-                         "fraction of the experts (default 0.25)")
+    ap.add_argument(
+        "--slack",
+        type=float,
+        default=0.25,
+        help="budget = minimum_budget + slack * (all experts' bytes): the cache holds about this "
+        "fraction of the experts (default 0.25)",
+    )
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--requests", type=int, default=5, help="requests per client per round")

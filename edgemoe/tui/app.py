@@ -17,10 +17,10 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header, Input, Static
 
 from ..errors import EdgeMoEError
-from ..memory import format_size
-from ..policy import quality_label
+from ..runtime.memory import format_size
+from ..runtime.policy import quality_label
+from ..runtime.snapshot import stats_to_dict
 from . import commands
-from .snapshot import stats_to_dict
 from .widgets import Conversation, MessageView, PromptInput, StatsPanel
 
 
@@ -149,9 +149,7 @@ class ChatApp(App):
             self.system = arg or None
             conv.add("info", f"system prompt: {arg}" if arg else "system prompt cleared")
         elif name == "save":
-            doc = commands.conversation_document(
-                str(getattr(self.model, "path", "")), self.system, self.messages
-            )
+            doc = commands.conversation_document(str(getattr(self.model, "path", "")), self.system, self.messages)
             path = commands.save_conversation(arg or commands.default_save_path(), doc)
             conv.add("info", f"saved {len(self.messages)} messages to {path}")
 
@@ -225,9 +223,7 @@ class ChatApp(App):
                 self.messages.pop()
         else:
             self.messages.append({"role": "assistant", "content": text.strip()})
-            view.set_note(
-                {"stop": "", "length": "max tokens", "stopped": "stopped"}.get(finish or "", finish or "")
-            )
+            view.set_note({"stop": "", "length": "max tokens", "stopped": "stopped"}.get(finish or "", finish or ""))
         self.show_stats(self.model.stats())
         self.set_status("stopped" if finish == "stopped" else "ready")
 

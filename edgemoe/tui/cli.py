@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
+from ..options import add_load_options, add_sampling_options, budget_of, load_model
 
 # `edgemoe chat` with neither -m nor --budget: the bundled model (15 MB) would fit in memory whole and
 # the panel would have no cache to show, so its experts stream from its store into an expert cache
@@ -12,11 +12,10 @@ from collections.abc import Callable
 BUNDLED_CACHE_SHARE = 0.5
 
 
-def add_subcommands(
-    sub: argparse._SubParsersAction, add_load_options: Callable, add_sampling_options: Callable
-) -> None:
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
-        "chat", help="chat with a model in a terminal UI, with the live expert-cache panel",
+        "chat",
+        help="chat with a model in a terminal UI, with the live expert-cache panel",
         description="Chat with a model in a terminal UI beside a live panel of the expert cache. With "
         "neither -m nor --budget, the bundled model's experts stream from its expert store into a cache "
         f"that holds {BUNDLED_CACHE_SHARE:.0%} of them, so the panel shows hits, misses and bytes read; "
@@ -24,21 +23,11 @@ def add_subcommands(
     )
     add_load_options(c)
     add_sampling_options(c)
-    if "--profile" not in c._option_string_actions:
-        c.add_argument(
-            "--profile",
-            help="device profile (profiles/NAME.yaml or a path): its default budget "
-            "applies when --budget is not given",
-        )
-    if "--quality" not in c._option_string_actions:
-        c.add_argument("--quality", help="quality preset (default max)")
     c.add_argument("--system", help="system prompt")
     c.set_defaults(func=cmd_chat)
 
     m = sub.add_parser("monitor", help="the live expert-cache panel of a running `edgemoe serve`")
-    m.add_argument(
-        "url", nargs="?", default=None, help="server URL (default http://127.0.0.1:8080); polls URL/stats"
-    )
+    m.add_argument("url", nargs="?", default=None, help="server URL (default http://127.0.0.1:8080); polls URL/stats")
     m.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
     m.set_defaults(func=cmd_monitor)
 
@@ -47,12 +36,11 @@ def open_chat_model(args: argparse.Namespace):
     """The model `edgemoe chat` runs: as the load options say; with neither -m nor --budget (nor a
     profile's budget), the bundled model streamed under a budget whose expert cache holds
     BUNDLED_CACHE_SHARE of its experts."""
-    from ..cli import budget_of, load_model
 
     bundled_default = args.model is None and budget_of(args) is None
     if not bundled_default:
         return load_model(args)
-    from ..memory import available
+    from ..runtime.memory import available
 
     model = load_model(args, memory_budget=int(0.8 * available()))  # room for every expert, then cut
     plan = model.memory_plan
@@ -65,9 +53,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise EdgeMoEError(f"--max-tokens must be positive, got {args.max_tokens}")
-    from .app import (
-        ChatApp,  # before load: Textual's own memory is then part of the runtime the budget covers
-    )
+    from .app import ChatApp
 
     model = open_chat_model(args)
     sampling = {

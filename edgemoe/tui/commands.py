@@ -36,9 +36,7 @@ def default_save_path() -> Path:
     return Path(f"edgemoe-chat-{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
-def conversation_document(
-    model_path: str, system: str | None, messages: list[dict[str, Any]]
-) -> dict[str, Any]:
+def conversation_document(model_path: str, system: str | None, messages: list[dict[str, Any]]) -> dict[str, Any]:
     return {"model": model_path, "system": system, "messages": messages}
 
 

@@ -27,7 +27,7 @@ def stats_url(url: str) -> str:
 
 
 def fetch_stats(url: str, timeout: float = 2.0) -> dict[str, Any]:
-    """GET URL/stats -> the stats dict (edgemoe.tui.stats_to_dict's shape)."""
+    """GET URL/stats -> the stats dict (edgemoe.runtime.snapshot.stats_to_dict's shape)."""
     target = stats_url(url)
     try:
         with urllib.request.urlopen(target, timeout=timeout) as resp:
@@ -99,9 +99,7 @@ class MonitorApp(App):
     def _show(self, data: dict[str, Any]) -> None:
         self.polls += 1
         self.query_one(StatsPanel).snapshot = data
-        self.query_one("#monitor-status", Static).update(
-            f"{stats_url(self.url)}: ok, every {self.interval:g} s"
-        )
+        self.query_one("#monitor-status", Static).update(f"{stats_url(self.url)}: ok, every {self.interval:g} s")
 
     def _failed(self, message: str) -> None:
         self.errors += 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe import synth
+from edgemoe.testing import synth
 
 SEEDS = Path(__file__).resolve().parent / "seeds"
 # The bounded runs in the normal suite; tools/fuzz_long.py sets EDGEMOE_FUZZ_EXAMPLES much higher.
@@ -25,6 +25,6 @@ def seed_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def seed_store(seed_gguf, tmp_path_factory) -> Path:
-    from edgemoe.convert import convert
+    from edgemoe.store.convert import convert
 
     return convert(seed_gguf, tmp_path_factory.mktemp("seedstore") / "tiny.edgemoe", progress=False)

@@ -12,14 +12,37 @@ from pathlib import Path
 import numpy as np
 
 import edgemoe
-from edgemoe import store as store_mod
-from edgemoe.gguf_file import GGUFFile
+from edgemoe.models.gguf_file import GGUFFile
+from edgemoe.store import reader as store_mod
 
 from .gguf_layout import SCALAR, layout, put_u32, put_u64
 
 ALLOC_LIMIT = 64 << 20  # traced Python/numpy allocations per input
-INTERESTING = [0, 1, 2, 3, 4, 5, 8, 31, 32, 33, 255, 256, 4095, 4096, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
-               2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
+INTERESTING = [
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    8,
+    31,
+    32,
+    33,
+    255,
+    256,
+    4095,
+    4096,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**40,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+]
 KINDS = ("u64", "u32", "byte", "any_byte", "truncate")
 
 
@@ -62,7 +85,7 @@ def mutate(seed: Seed, muts, structure_only: bool = False) -> bytes:
                 buf[pos] = value % 256
             continue
         else:
-            del buf[where % (len(buf) + 1):]
+            del buf[where % (len(buf) + 1) :]
             continue
         if pos + n <= len(buf):
             fn(buf, pos, value)
@@ -107,6 +130,7 @@ def check_gguf(path: Path, run_model: bool = True, generate: bool = True) -> str
 
 # ---- the store: manifest.json and shards -----------------------------------------------------------
 
+
 def manifest_paths(obj, prefix=()):
     """Every JSON path in the manifest (lists of experts sampled: they repeat)."""
     yield prefix
@@ -144,10 +168,10 @@ def copy_store(src: Path, dst: Path) -> Path:
 
 
 def validated_reader(root: Path) -> store_mod.StoreReader:
-    """StoreReader behind edgemoe.verify.check_manifest: the check this report asks StoreReader to
+    """StoreReader behind edgemoe.store.format.check_manifest: the check this report asks StoreReader to
     make itself (see docs/reliability.md, "Findings" 2); with it, no manifest reaches the reader's
     arithmetic or an allocation unchecked."""
-    from edgemoe.verify import check_manifest
+    from edgemoe.store.format import check_manifest
 
     mpath = root / store_mod.MANIFEST
     try:
@@ -175,7 +199,7 @@ def check_store(root: Path, load_model: bool = False, validate: bool = True) -> 
     """verify() and the reader agree: a store verify passes reads cleanly (and loads and runs, with
     load_model), a store the reader cannot read is reported damaged. Nothing but EdgeMoEError
     escapes either. validate=False: StoreReader on the raw manifest, as store.py does today."""
-    from edgemoe.verify import verify
+    from edgemoe.store.verify import verify
 
     with _AllocGuard():
         try:

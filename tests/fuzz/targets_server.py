@@ -7,13 +7,76 @@ import json
 import random
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
-FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-          "min_p", "repeat_penalty", "seed", "stop", "n", "best_of", "stream", "stream_options",
-          "presence_penalty", "frequency_penalty", "logprobs", "echo", "response_format", "suffix", "tools",
-          "role", "content", "type", "text", "include_usage", "user"]
-ATOMS = [None, True, False, 0, 1, -1, 2, 4, 0.5, -0.0, 1e308, -1e308, 2**63, 2**64, -2**63, 10**30, 1.5,
-         "", "x", "hi there", "user", "system", "assistant", "developer", "text", "\u0000", "\udcff",
-         "a" * 300, "tiny", "edgemoe", "<|endoftext|>", [], {}, [1, 2, 3], [99999999], [-1], ["a", "b"]]
+FIELDS = [
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "seed",
+    "stop",
+    "n",
+    "best_of",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "echo",
+    "response_format",
+    "suffix",
+    "tools",
+    "role",
+    "content",
+    "type",
+    "text",
+    "include_usage",
+    "user",
+]
+ATOMS = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2,
+    4,
+    0.5,
+    -0.0,
+    1e308,
+    -1e308,
+    2**63,
+    2**64,
+    -(2**63),
+    10**30,
+    1.5,
+    "",
+    "x",
+    "hi there",
+    "user",
+    "system",
+    "assistant",
+    "developer",
+    "text",
+    "\u0000",
+    "\udcff",
+    "a" * 300,
+    "tiny",
+    "edgemoe",
+    "<|endoftext|>",
+    [],
+    {},
+    [1, 2, 3],
+    [99999999],
+    [-1],
+    ["a", "b"],
+]
 MAX_TOKENS_CAP = 4  # valid requests generate this many tokens at most: bounded time
 
 
@@ -43,8 +106,9 @@ def random_body(rng: random.Random) -> tuple[str, bytes]:
         return endpoint, bytes(rng.randrange(256) for _ in range(rng.randint(0, 64)))
     if r < 0.2:
         return endpoint, json.dumps(random_json(rng)).encode()
-    body = {"prompt": "hello"} if endpoint == "/v1/completions" else {
-        "messages": [{"role": "user", "content": "hello"}]}
+    body = (
+        {"prompt": "hello"} if endpoint == "/v1/completions" else {"messages": [{"role": "user", "content": "hello"}]}
+    )
     for _ in range(rng.randint(0, 5)):
         body[rng.choice(FIELDS)] = random_json(rng, 1)
     if rng.random() < 0.3 and endpoint.endswith("chat/completions"):

@@ -1,4 +1,4 @@
-"""Fuzz the GGUF reader (edgemoe.gguf_file.GGUFFile, then edgemoe.load on what it accepts) with
+"""Fuzz the GGUF reader (edgemoe.models.gguf_file.GGUFFile, then edgemoe.load on what it accepts) with
 mutated headers, flipped bytes and truncations of a tiny model. Property: every input loads and
 runs, or raises EdgeMoEError; never another exception, a hang or a large allocation."""
 
@@ -41,8 +41,13 @@ def test_regression_seeds_are_rejected(tmp_path):
 
 # deadline: a hang guard, generous because the first file that takes a new path through the loader
 # compiles its numba kernels (seen: 6.9 s once, then 79 ms, on a fresh install's cold numba cache)
-@settings(max_examples=examples(1500), deadline=30000, suppress_health_check=list(HealthCheck),
-          derandomize=False, database=None)
+@settings(
+    max_examples=examples(1500),
+    deadline=30000,
+    suppress_health_check=list(HealthCheck),
+    derandomize=False,
+    database=None,
+)
 @given(muts=st.lists(mutation, min_size=1, max_size=4))
 def test_fuzz_gguf_mutations(seed_bytes, tmp_path_factory, muts):
     path = tmp_path_factory.mktemp("g") / "m.gguf"

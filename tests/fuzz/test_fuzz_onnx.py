@@ -1,5 +1,5 @@
 """Fuzz the ONNX import: a small ONNX MoE decoder (tests/test_onnx.py's builder) with flipped bytes,
-truncation, mutated initializer shapes and mutated config.json values. Property: edgemoe.convert
+truncation, mutated initializer shapes and mutated config.json values. Property: edgemoe.store.convert
 either writes a store or raises EdgeMoEError; nothing else escapes."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import edgemoe
-from edgemoe import synth
-from edgemoe.convert import convert
+from edgemoe.store.convert import convert
+from edgemoe.testing import synth
 
 from .conftest import examples
 

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import edgemoe
-from edgemoe import server as srv_mod
-from edgemoe.server import APIError, Server
+from edgemoe.serve import schema
+from edgemoe.serve.schema import APIError
+from edgemoe.serve.server import Server
 
 from .conftest import examples
 from .targets_server import ATOMS, FIELDS, random_body, send
@@ -24,8 +25,12 @@ pytestmark = pytest.mark.timeout(300)
 # the random bodies here, pinned by test_lone_surrogate_prompt_is_a_400 below.
 SAFE_ATOMS = [a for a in ATOMS if not (isinstance(a, str) and any(0xD800 <= ord(c) <= 0xDFFF for c in a))]
 JSON = st.recursive(
-    st.one_of(st.sampled_from(SAFE_ATOMS), st.integers(), st.floats(allow_nan=False),
-              st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)),
+    st.one_of(
+        st.sampled_from(SAFE_ATOMS),
+        st.integers(),
+        st.floats(allow_nan=False),
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20),
+    ),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=5),
     max_leaves=12,
 )
@@ -44,8 +49,12 @@ def _no_surrogates(obj) -> bool:
 @settings(max_examples=examples(1000), deadline=2000, suppress_health_check=list(HealthCheck), database=None)
 @given(body=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8))
 def test_fuzz_validation_functions(body):
-    for fn in (lambda b: srv_mod._prompt(b), lambda b: srv_mod._sampling(b, 16, ("max_tokens",)),
-               lambda b: srv_mod._messages(b, {"system", "user", "assistant"}), srv_mod._stream_flags):
+    for fn in (
+        lambda b: schema._prompt(b),
+        lambda b: schema._sampling(b, 16, ("max_tokens",)),
+        lambda b: schema._messages(b, {"system", "user", "assistant"}),
+        schema._stream_flags,
+    ):
         try:
             fn(body)
         except APIError as err:

@@ -1,5 +1,5 @@
-"""Fuzz the expert store: mutated manifest.json (edgemoe.verify.check_manifest in front of
-edgemoe.store.StoreReader) and damaged shards (flipped bytes, truncation). Property: verify and the
+"""Fuzz the expert store: mutated manifest.json (edgemoe.store.format.check_manifest in front of
+edgemoe.store.reader.StoreReader) and damaged shards (flipped bytes, truncation). Property: verify and the
 reader agree, a damaged plane is always named, nothing but EdgeMoEError escapes."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import edgemoe
-from edgemoe.verify import verify
+from edgemoe.store.verify import verify
 
 from .conftest import examples
 from .targets import DELETE, check_store, expert_ranges, manifest_paths, read_all, set_path
@@ -21,9 +21,35 @@ from .targets import DELETE, check_store, expert_ranges, manifest_paths, read_al
 pytestmark = pytest.mark.timeout(300)
 
 JUNK = st.one_of(
-    st.sampled_from([None, True, False, 0, -1, 1, 2, 3, 7, 2**31, 2**63, 2**64, -2**63, 1.5, "", "x", "matquant",
-                     [], [0], [1, 2, 3], {}, DELETE, 4096, 10**12]),
-    st.integers(-2**70, 2**70),
+    st.sampled_from(
+        [
+            None,
+            True,
+            False,
+            0,
+            -1,
+            1,
+            2,
+            3,
+            7,
+            2**31,
+            2**63,
+            2**64,
+            -(2**63),
+            1.5,
+            "",
+            "x",
+            "matquant",
+            [],
+            [0],
+            [1, 2, 3],
+            {},
+            DELETE,
+            4096,
+            10**12,
+        ]
+    ),
+    st.integers(-(2**70), 2**70),
     st.lists(st.integers(-10, 2**64), max_size=5),
 )
 
@@ -98,23 +124,30 @@ def test_fuzz_shard_damage(seed_store, tmp_path_factory, data):
             # tensor) removes nothing the store reads: the store stays whole
             truncate = cut < _data_end(root, name)
         else:
-            flips = data.draw(st.lists(st.tuples(st.integers(0, len(buf) - 1), st.integers(0, 7)), min_size=1,
-                                       max_size=6))
+            flips = data.draw(
+                st.lists(st.tuples(st.integers(0, len(buf) - 1), st.integers(0, 7)), min_size=1, max_size=6)
+            )
             for pos, bit in flips:
                 buf[pos] ^= 1 << bit
             if name.startswith("experts-"):
                 layer = int(name[8:11])
                 changed = {pos for pos in {p for p, _ in flips} if buf[pos] != f.read_bytes()[pos]}
-                hit = [(e, p) for (lay, e, p, a, b) in expert_ranges(root) if lay == layer
-                       and any(a <= pos < b for pos in changed)]
+                hit = [
+                    (e, p)
+                    for (lay, e, p, a, b) in expert_ranges(root)
+                    if lay == layer and any(a <= pos < b for pos in changed)
+                ]
         f.write_bytes(buf)
         outcome = check_store(root)
         rep = verify(root)
         if truncate or hit:
             assert outcome == "rejected" and not rep.ok
         for e, p in hit:
-            assert any(f"layer {layer} expert {e} plane {p}: checksum mismatch" in d for d in rep.damages), \
-                (e, p, rep.damages)
+            assert any(f"layer {layer} expert {e} plane {p}: checksum mismatch" in d for d in rep.damages), (
+                e,
+                p,
+                rep.damages,
+            )
         if hit:
             with pytest.raises(edgemoe.EdgeMoEError):
                 read_all(root)

@@ -1,6 +1,6 @@
 """The live cache panel: memory against budget, hit rates, the layer x expert map, rates.
 
-It reads a plain dict (edgemoe.tui.stats_to_dict), so the chat app (a loaded model) and the monitor
+It reads a plain dict (edgemoe.runtime.snapshot.stats_to_dict), so the chat app (a loaded model) and the monitor
 (GET /stats of `edgemoe serve`) feed it the same way: `panel.snapshot = d`.
 """
 
@@ -16,9 +16,9 @@ from textual.containers import VerticalScroll
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from ... import policy
-from ...memory import format_size
-from ..snapshot import hit_rate, parse_expert_key
+from ...runtime import policy
+from ...runtime.memory import format_size
+from ...runtime.snapshot import hit_rate, parse_expert_key
 
 SPARK = "▁▂▃▄▅▆▇█"
 # resident width -> (cell, style): the width's digit on its colour, so the map reads without colour too
@@ -158,9 +158,7 @@ class StatsPanel(VerticalScroll):
         c = d.get("cache")
         if c:
             out.append(f"cache {short_size(c.get('cache_bytes'))} of {short_size(c.get('cache_capacity'))}\n")
-            by_bits = sorted(
-                ((int(b), n) for b, n in (c.get("resident_bytes_by_bits") or {}).items()), reverse=True
-            )
+            by_bits = sorted(((int(b), n) for b, n in (c.get("resident_bytes_by_bits") or {}).items()), reverse=True)
             total = sum(n for _, n in by_bits)
             out.append("held ")
             out.append(" ".join(f"{b}b {n / total:.0%}" for b, n in by_bits) if total else "-")
@@ -194,18 +192,12 @@ class StatsPanel(VerticalScroll):
         skipped = c.get("skipped")
         chosen = c.get("chosen") or lookups + (skipped or 0)
         out.append("skipped ", "bold")
-        out.append(
-            "-\n" if skipped is None else f"{skipped} ({_pct(skipped / chosen if chosen else None)})\n"
-        )
+        out.append("-\n" if skipped is None else f"{skipped} ({_pct(skipped / chosen if chosen else None)})\n")
         out.append("I/O stall ", "bold")
         out.append(f"{_pct(io_stall_share(d))}\n")
         issued, hits = c.get("prefetch_issued"), c.get("prefetch_hits")
         out.append("prefetch hit ", "bold")
-        out.append(
-            "-"
-            if issued is None or hits is None
-            else f"{_pct(hits / issued if issued else None)} of {issued}"
-        )
+        out.append("-" if issued is None or hits is None else f"{_pct(hits / issued if issued else None)} of {issued}")
         return out
 
     def render_map(self, d: dict[str, Any], width: int) -> Text:
@@ -243,7 +235,7 @@ class StatsPanel(VerticalScroll):
 
 
 def quality_label(d: dict[str, Any]) -> str:
-    """"max (lossless)", "fast (lossy)": the quality every figure of the panel is measured at
+    """ "max (lossless)", "fast (lossy)": the quality every figure of the panel is measured at
     ("-" from a server too old to report it)."""
     q = d.get("quality")
     if q is None:

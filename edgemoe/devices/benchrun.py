@@ -1,0 +1,163 @@
+"""One engine's benchmark run, in its own process: `python -m edgemoe.devices.benchrun ENGINE MODEL ...`.
+
+Prints one line `RESULT {json}`: load time, prompt and decode tokens/s, greedy tokens, peak RSS
+(VmHWM) and the RSS after imports, bytes read from storage (/proc/self/io read_bytes) during the
+prompt and the decode, and for edgemoe the quality in force (and whether it is lossless) and the
+expert cache figures. The benchmarks in tools/ run it
+for llama.cpp and edgemoe side by side, under the same cgroup limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from ..runtime import memory
+
+
+def prompt_ids(n_vocab: int, n: int, seed: int = 0) -> list[int]:
+    """The bench's prompt: the same n random token ids for every engine and every run (seed 0;
+    other seeds: more sequences of the same kind, for the routing statistics)."""
+    return np.random.default_rng(seed).integers(0, n_vocab - 8, size=n).tolist()
+
+
+def run_edgemoe(a: argparse.Namespace) -> dict:
+    import edgemoe
+
+    base = edgemoe.BASELINE_RSS
+    t0 = time.perf_counter()
+    m = edgemoe.load(
+        a.model,
+        memory_budget=a.budget,
+        quality=a.quality,
+        n_ctx=a.prompt_tokens + a.decode_tokens + 8,
+        progress=False,
+        prefetch=a.prefetch,
+    )
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(m.config.n_vocab, a.prompt_tokens)
+    r0 = memory.read_bytes()
+    t0 = time.perf_counter()
+    it = m.stream(ids, max_tokens=a.decode_tokens + 1, temperature=0, ignore_eos=True)
+    first = next(it)
+    ttft = time.perf_counter() - t0
+    r1 = memory.read_bytes()
+    rest = list(it)
+    r2 = memory.read_bytes()
+    s = m.stats()
+    out = dict(
+        load_s=load_s,
+        prompt_tps=s.prompt_tokens_per_s,
+        decode_tps=s.decode_tokens_per_s,
+        tokens=[first.token] + [r.token for r in rest],
+        base_rss=base,
+        prompt_read=r1 - r0,
+        decode_read=r2 - r1,
+        ttft_s=ttft,
+        quality=m.quality,
+        lossless=s.lossless,
+    )
+    if s.cache is not None:
+        c = s.cache
+        out.update(
+            hit_rate=c.hit_rate,
+            cache_bytes_read=c.bytes_read,
+            misses=c.misses,
+            hits=c.hits,
+            evictions=c.evictions,
+            partial_hits=c.partial_hits,
+            io_stall_s=c.io_stall_s,
+            cache_capacity=c.cache_capacity,
+            runtime_bytes=m.memory_plan.runtime if m.memory_plan else None,
+            skipped=c.skipped,
+            chosen=c.chosen,
+            uses_by_bits={str(k): v for k, v in c.uses_by_bits.items()},
+            prefetch_issued=c.prefetch_issued,
+            prefetch_hits=c.prefetch_hits,
+        )
+    return out
+
+
+def run_llama_cpp(a: argparse.Namespace) -> dict:
+    import llama_cpp
+
+    if not a.repack:  # llama.cpp's repacking copies weights into RAM: OOM-killed under a cap
+        import llama_cpp.llama_cpp as low  # what Llama() calls for its model parameters
+
+        default = low.llama_model_default_params
+
+        def no_repack():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = no_repack
+    base = memory.rss()
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=a.model,
+        n_ctx=a.prompt_tokens + a.decode_tokens + 8,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        n_batch=max(a.prompt_tokens, 8),
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+    ids = prompt_ids(n_vocab, a.prompt_tokens)
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+
+    r0 = memory.read_bytes()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    r1 = memory.read_bytes()
+    toks = [int(np.argmax(last_logits()))]
+    t2 = time.perf_counter()
+    ttft = t2 - t0
+    for _ in range(a.decode_tokens):
+        llm.eval([toks[-1]])
+        toks.append(int(np.argmax(last_logits())))
+    t3 = time.perf_counter()
+    r2 = memory.read_bytes()
+    return dict(
+        load_s=load_s,
+        prompt_tps=a.prompt_tokens / (t1 - t0),
+        decode_tps=a.decode_tokens / (t3 - t2),
+        tokens=toks,
+        base_rss=base,
+        prompt_read=r1 - r0,
+        decode_read=r2 - r1,
+        ttft_s=ttft,
+        quality="gguf",
+        lossless=True,
+    )  # the GGUF as written: the reference
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("engine", choices=["edgemoe", "llama.cpp"])
+    ap.add_argument("model")
+    ap.add_argument("--budget", type=int, default=None, help="edgemoe memory budget (bytes)")
+    ap.add_argument("--quality", default=None, help="edgemoe quality preset (default max, lossless)")
+    ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repack", action="store_true", help="llama.cpp: keep its default weight repacking")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("EDGEMOE_THREADS", str(a.threads))
+    res = run_edgemoe(a) if a.engine == "edgemoe" else run_llama_cpp(a)
+    res.update(engine=a.engine, peak_rss=memory.peak_rss(), threads=a.threads)
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

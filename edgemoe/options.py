@@ -1,0 +1,80 @@
+"""The options every model-running subcommand shares (cli.py; chat in tui/cli.py), and the model
+they name."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF model file or expert store directory (default: the bundled model)")
+    p.add_argument(
+        "--budget",
+        help="memory budget for everything the model holds, e.g. 1.5GiB or 800MB; "
+        "a GGUF is converted into an expert store on first use",
+    )
+    p.add_argument("--ctx", type=int, default=None, help="context length (default: min(4096, training context))")
+    p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16, as llama.cpp)")
+    p.add_argument("--bits", type=int, default=None, help="read experts at this nested width (default: all planes)")
+    p.add_argument(
+        "--policy",
+        choices=["lru", "lfu", "score"],
+        default="score",
+        help="expert cache eviction policy (default score: recency, frequency and layer distance)",
+    )
+    p.add_argument(
+        "--quality",
+        default=None,
+        help="max (the default: every plane of every chosen expert, no skipping; lossless, and "
+        "always so for a GGUF in place), or, opt-in and lossy, balanced, fast or thresholds "
+        "'high,low[,naee]' (see README)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="device profile (profiles/NAME.yaml or a path): its default budget when --budget is not given",
+    )
+    p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
+    p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="prefetch the next layer's predicted experts (off by default: see docs/benchmarks.md)",
+    )
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="default 40; 0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.05, help="default 0.05; 0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="default 1.0 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def budget_of(args: argparse.Namespace):
+    """--budget, else the --profile's default budget, else None."""
+    if args.budget is None and getattr(args, "profile", None):
+        from .devices.profiles import load_profile
+
+        return load_profile(args.profile).default_budget
+    return args.budget
+
+
+def load_model(args: argparse.Namespace, memory_budget=None):
+    """The model the load options name; memory_budget (when given) in place of budget_of(args)."""
+    from .api import load
+
+    budget = budget_of(args) if memory_budget is None else memory_budget
+    return load(
+        args.model,
+        memory_budget=budget,
+        quality=args.quality,
+        n_ctx=args.ctx,
+        kv_type=args.kv_type,
+        bits=args.bits,
+        cache_policy=args.policy,
+        pipeline=not args.no_pipeline,
+        prefetch=args.prefetch,
+    )

@@ -1,0 +1,34 @@
+"""numpy arrays as C code wants them: the data's address, 64-byte alignment, lazily backed zeros.
+(ggml's CPU buffers must start on a 32-byte boundary; ggml aborts the process otherwise.)"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def addr(a: np.ndarray) -> int:
+    """The address of a's data."""
+    return int(a.__array_interface__["data"][0])
+
+
+def aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
+    """a as a C-contiguous array whose data starts on an `align`-byte boundary (ggml's CPU buffers
+    want 32); a itself when it already is one."""
+    a = np.asarray(a)
+    if a.flags.c_contiguous and addr(a) % align == 0:
+        return a
+    buf = np.empty(a.nbytes + align, dtype=np.uint8)
+    off = -addr(buf) % align
+    out = buf[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.zeros whose data is 64-byte aligned (and, like np.zeros, lazily backed: untouched pages
+    cost no memory), so that slices of its leading axes can be bound to graphs without a copy."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    buf = np.zeros(n + 64, dtype=np.uint8)
+    off = -addr(buf) % 64
+    return buf[off : off + n].view(dtype).reshape(shape)

@@ -1,0 +1,409 @@
+"""GGUF -> expert store, streaming tensor by tensor (works for models larger than RAM).
+
+Writes into a temporary directory beside the destination and renames it at the end, so an
+interrupted conversion leaves no half-made store; a store being read is never rewritten in place
+(a forced overwrite renames the old one away first: open readers keep their files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ..errors import EdgeMoEError
+from ..models.config import ModelArgs
+from ..models.gguf_file import GGUFFile
+from ..quant import nested
+from ..runtime import streaming
+from . import reader as store
+
+# The nested scheme: matquant won tools/bench_nested.py at the top widths and ties d2moe within a
+# few percent below them; its slices are uniform grids, and Q4_0/Q4_1 sources convert exactly
+# (see README "Expert store").
+DEFAULT_SCHEME = "matquant"
+Q = gguf.GGMLQuantizationType
+EXPERT_SUFFIXES = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
+
+
+def source_bits(gf: GGUFFile, args: ModelArgs) -> float:
+    """Bits per weight of the source's expert tensors (the first MoE layer's)."""
+    if getattr(gf, "expert_bits", None):  # an ONNX source's quantized experts (MatMulNBits, QMoE)
+        return float(gf.expert_bits)
+    first = next(i for i in range(args.n_layer) if not args.is_dense(i))
+    t = gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}")
+    block, size = gguf.GGML_QUANT_SIZES[t.qtype]
+    return size * 8 / block
+
+
+def expert_names(gf: GGUFFile) -> set[str]:
+    """The routed experts' stacked tensors of a file (what a store keeps in its shards)."""
+    return {n for n in gf.tensors if n.endswith(tuple(EXPERT_SUFFIXES.values()))}
+
+
+def resident_dense_bytes(gf: GGUFFile) -> int:
+    """What a store made from this file holds in memory of its other tensors: all but those left
+    in the file (streaming.embedding_on_disk)."""
+    skip = expert_names(gf) | set(streaming.embedding_on_disk(gf))
+    return sum(t.nbytes for n, t in gf.tensors.items() if n not in skip)
+
+
+def source_expert_bytes(gf: GGUFFile, args: ModelArgs) -> int:
+    """One routed expert's bytes (gate, up, down) in the source, from the first MoE layer."""
+    first = next(i for i in range(args.n_layer) if not args.is_dense(i))
+    return sum(gf.tensor(f"blk.{first}.{s}").nbytes for s in EXPERT_SUFFIXES.values()) // args.n_expert
+
+
+def parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise EdgeMoEError(f"--bits {text!r}: expected comma-separated widths such as 2,3,4") from None
+    if not bits or list(bits) != sorted(set(bits)) or bits[0] < 1 or bits[-1] > 8:
+        raise EdgeMoEError(f"--bits {text!r}: widths must be ascending, distinct, between 1 and 8")
+    return bits
+
+
+def _source_codes(t, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0/Q4_1 expert's own 4-bit codes [n_out, n_in] and per-32 block s, m [n_out, n_blocks]
+    (Q4_0: w = d*(q - 8) -> s = d, m = -8d; Q4_1: w = d*q + m)."""
+    raw = np.asarray(t.data[e])  # uint8 [n_out, row_bytes]
+    n_out = raw.shape[0]
+    bsize = gguf.GGML_QUANT_SIZES[t.qtype][1]
+    blocks = raw.reshape(n_out, -1, bsize)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    if t.qtype == Q.Q4_0:
+        m = (d.astype(np.float32) * -8).astype(np.float16)
+        qs = blocks[..., 2:]
+    else:
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+        qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n_out, -1).astype(np.int64)
+    return q, d, m
+
+
+def _exact_from_source(sch, t) -> bool:
+    return isinstance(sch, nested.MatQuant) and t.qtype in (Q.Q4_0, Q.Q4_1) and sch.widths[-1] == 4 and sch.group == 32
+
+
+def _all_q4_0(gf, args: ModelArgs) -> bool:
+    return all(
+        gf.tensor(f"blk.{i}.{s}").qtype == Q.Q4_0
+        for i in range(args.n_layer)
+        if not args.is_dense(i)
+        for s in EXPERT_SUFFIXES.values()
+    )
+
+
+def group_for(args: ModelArgs, scheme: str, qtype, bits: tuple[int, ...]) -> int:
+    if scheme == "matquant" and qtype in (Q.Q4_0, Q.Q4_1) and bits[-1] == 4:
+        return 32  # the source's own blocks: its codes come back exactly at the top width
+    for g in (128, 64, 32):
+        if args.n_embd % g == 0 and args.n_ff_exp % g == 0:
+            return g
+    raise EdgeMoEError(f"expert widths {args.n_embd}x{args.n_ff_exp} are not multiples of 32")
+
+
+def _expert_matrix(t, e: int) -> np.ndarray:
+    """One expert's [n_out, n_in] slice of a stacked tensor, dequantized to float32."""
+    data = t.data[e]
+    if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.asarray(data, dtype=np.float32)
+    return gguf.quants.dequantize(np.asarray(data), t.qtype).astype(np.float32, copy=False)
+
+
+def calibrate_activations(src: Path, text: str, max_tokens: int = 512) -> dict:
+    """Mean |x| per input column of every expert matrix, from running the source model on text:
+    {(layer, "in"): [D] for gate/up, (layer, e): [F] for down of expert e} (the down projection's
+    input is the expert's own activation, biases included: expert_hidden)."""
+    from ..models.tokenizer import open_tokenizer
+    from ..runtime.engine import Engine, KVCache
+
+    gf = GGUFFile(src)
+    args = ModelArgs.from_gguf(gf)
+    eng = Engine(gf, args)
+    ids = open_tokenizer(src, None, args.n_vocab, gf.metadata).tokenize(text)[:max_tokens]
+    if len(ids) < 2:
+        raise EdgeMoEError("calibration text is too short")
+    stats: dict = {}
+
+    def observe(i, h, top, w):
+        s = stats.setdefault((i, "in"), [np.zeros(h.shape[1]), 0])
+        s[0] += np.abs(h).sum(0)
+        s[1] += h.shape[0]
+        for e in np.unique(top):
+            rows = np.nonzero((top == e).any(axis=1))[0]
+            act = eng.expert_src.hidden(i, int(e), np.ascontiguousarray(h[rows]))
+            s = stats.setdefault((i, int(e)), [np.zeros(act.shape[1]), 0])
+            s[0] += np.abs(act).sum(0)
+            s[1] += act.shape[0]
+
+    eng.observe = observe
+    cache = KVCache(args, len(ids))
+    for i in range(0, len(ids), streaming.N_BATCH):
+        eng.forward(np.asarray(ids[i : i + streaming.N_BATCH]), cache, all_logits=False)
+    return {k: (v[0] / max(v[1], 1)).astype(np.float32) for k, v in stats.items()}
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None = None, **options) -> Path:
+    """Write an expert store from a GGUF (or ONNX) model; returns its path. Options: see _convert."""
+    if Path(src).suffix.lower() != ".onnx":
+        return _convert(src, dst, **options)
+    try:
+        return _convert(src, dst, **options)
+    except EdgeMoEError:
+        raise
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        AttributeError,
+        StopIteration,
+        struct.error,
+    ) as exc:
+        # the ONNX graph and config.json are read field by field: a value of the wrong kind anywhere
+        raise EdgeMoEError(
+            f"{src}: the ONNX model or its config.json has a value edgemoe cannot use ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None = None,
+    *,
+    bits: tuple[int, ...] | None = None,
+    scheme: str = DEFAULT_SCHEME,
+    calibration: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    distinct_experts: int | None = None,
+) -> Path:
+    """Write an expert store from a GGUF file; returns its path.
+
+    distinct_experts: for generated benchmark and test models only: encode this many experts per
+    layer and store copies of them for the rest (a large store in seconds; results are not the
+    source model's)."""
+    src = Path(src)
+    if src.suffix.lower() == ".onnx":  # ONNX MoE decoders: the same tensors, see onnx_import
+        from .onnx_import import OnnxSource
+
+        gf = OnnxSource(src)
+    else:
+        gf = GGUFFile(src)
+    try:
+        args = ModelArgs.from_gguf(gf)
+        sbits = source_bits(gf, args)
+        bits = bits or nested.default_bits(sbits)
+        if sbits < bits[-1]:
+            warnings.warn(
+                f"{src.name}: the source experts have {sbits:g} bits per weight, fewer than the top nested "
+                f"width {bits[-1]}: the top width cannot be more accurate than the source",
+                stacklevel=2,
+            )
+        if scheme not in nested.SCHEMES:
+            raise EdgeMoEError(f"scheme {scheme!r} is not one of {', '.join(nested.SCHEMES)}")
+        first = next(i for i in range(args.n_layer) if not args.is_dense(i))
+        group = group_for(args, scheme, gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}").qtype, bits)
+        if scheme == "matquant" and bits[-1] == 4 and group == 32 and _all_q4_0(gf, args):
+            scheme = "matquant-sym"  # Q4_0 is symmetric: the offsets need not be stored
+        sch = nested.SCHEMES[scheme](bits, group)
+        dst = Path(dst) if dst is not None else src.with_suffix(".edgemoe")
+        _remove_stale_temps(dst)
+        if dst.exists() and not force:
+            raise EdgeMoEError(f"{dst}: already exists (use --force to replace it)")
+        act = None
+        if calibration is not None and src.suffix.lower() == ".onnx":
+            raise EdgeMoEError(f"{src}: --calibration is not supported for ONNX sources yet (convert without it)")
+        if calibration is not None:
+            try:
+                text = Path(calibration).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EdgeMoEError(f"{calibration}: cannot read calibration text ({exc})") from None
+            act = calibrate_activations(src, text)
+        tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        try:
+            _write_store(gf, args, sch, tmp, act, progress, src, sbits, distinct_experts)
+            for extra in getattr(gf, "extra_files", ()):  # an ONNX model's tokenizer.json
+                shutil.copyfile(extra, tmp / extra.name)
+            _fsync_dir(tmp)
+            if dst.exists():
+                old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+                os.rename(dst, old)
+                os.rename(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dst)
+            _fsync_dir(dst.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dst
+    finally:
+        gf.close()
+
+
+def _write_store(
+    gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: bool, src: Path, sbits: float, distinct: int | None
+) -> None:
+    from tqdm import tqdm
+
+    experts = expert_names(gf)
+    # dense: every other tensor in its source type, all metadata
+    w = gguf.GGUFWriter(tmp / store.DENSE, args.arch)
+    gf.copy_metadata(w)
+    dense_bytes = 0
+    for name, t in gf.tensors.items():
+        if name in experts:
+            continue
+        quant = t.data.dtype == np.uint8
+        w.add_tensor(name, t.data, raw_dtype=t.qtype if quant else None)
+        dense_bytes += t.nbytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for name, t in gf.tensors.items():  # read once: out of the process's memory (the budget)
+        if name not in experts:
+            gf.release(t.data)
+
+    shapes = {
+        "gate": (args.n_ff_exp, args.n_embd),
+        "up": (args.n_ff_exp, args.n_embd),
+        "down": (args.n_embd, args.n_ff_exp),
+    }
+    plane_bytes = {m: sch.plane_nbytes(*shapes[m]) for m in store.MATRICES}
+    n_planes = len(plane_bytes["gate"])
+    per_plane = [sum(plane_bytes[m][p] for m in store.MATRICES) for p in range(n_planes)]
+    expert_nbytes = sum(per_plane)
+    experts_manifest = []
+    n_moe = sum(not args.is_dense(i) for i in range(args.n_layer))
+    bar = tqdm(
+        total=n_moe * args.n_expert, desc=f"converting {src.name}", unit="expert", disable=not progress, file=sys.stderr
+    )
+    for i in range(args.n_layer):
+        if args.is_dense(i):  # deepseek2's leading dense layers: their FFN is in dense.gguf
+            experts_manifest.append([])
+            continue
+        path = tmp / store.shard_name(i)
+        w = gguf.GGUFWriter(path, args.arch)
+        w.add_custom_alignment(store.ALIGNMENT)
+        w.add_uint32("edgemoe.layer", i)
+        for e in range(args.n_expert):
+            w.add_tensor_info(store.expert_tensor_name(i, e), [expert_nbytes], np.dtype(np.int8), expert_nbytes)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        tensors = {m: gf.tensor(f"blk.{i}.{s}") for m, s in EXPERT_SUFFIXES.items()}
+        sums = []
+        blobs: dict[int, tuple[np.ndarray, list[int]]] = {}
+        for e in range(args.n_expert):
+            if distinct and e >= distinct:
+                blob, cks = blobs[e % distinct]
+                sums.append(cks)
+                w.write_tensor_data(blob.view(np.int8))
+                bar.update(1)
+                continue
+            planes = {}
+            for m in store.MATRICES:
+                if _exact_from_source(sch, tensors[m]):
+                    planes[m] = sch.from_codes(*_source_codes(tensors[m], e))
+                    continue
+                scale = None
+                if act is not None:
+                    scale = act.get((i, "in")) if m != "down" else act.get((i, e))
+                planes[m] = sch.encode(_expert_matrix(tensors[m], e), scale)
+            for t in tensors.values():
+                gf.release(t.data[e])
+            blob = np.empty(expert_nbytes, dtype=np.uint8)
+            pos = 0
+            cks = []
+            for p in range(n_planes):
+                start = pos
+                for m in store.MATRICES:
+                    b = planes[m][p]
+                    blob[pos : pos + b.nbytes] = b.reshape(-1)
+                    pos += b.nbytes
+                cks.append(store.checksum(blob[start:pos]))
+            sums.append(cks)
+            if distinct:
+                blobs[e] = (blob, cks)
+            w.write_tensor_data(blob.view(np.int8))
+            bar.update(1)
+        w.close()
+        r = gguf.GGUFReader(path)
+        offsets = {t.name: int(t.data_offset) for t in r.tensors}
+        del r
+        cum = [0, *np.cumsum(per_plane).tolist()]
+        experts_manifest.append(
+            [
+                dict(offset=offsets[store.expert_tensor_name(i, e)], plane_offsets=cum, checksums=sums[e])
+                for e in range(args.n_expert)
+            ]
+        )
+    bar.close()
+    manifest = dict(
+        format_version=store.FORMAT_VERSION,
+        source=dict(file=src.name, bytes=src.stat().st_size, expert_bits_per_weight=sbits),
+        arch=args.arch,
+        n_layer=args.n_layer,
+        n_expert=args.n_expert,
+        n_embd=args.n_embd,
+        n_ff_exp=args.n_ff_exp,
+        scheme=dict(
+            name=sch.name,
+            bits=list(sch.widths),
+            group=sch.group,
+            planes_for={str(b): sch.planes_for(b) for b in sch.widths},
+            activation_aware=act is not None,
+        ),
+        plane_bytes=plane_bytes,
+        dense_bytes=dense_bytes,
+        experts=experts_manifest,
+    )
+    mtmp = tmp / (store.MANIFEST + ".tmp")
+    mtmp.write_text(json.dumps(manifest))
+    os.replace(mtmp, tmp / store.MANIFEST)
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Leftovers of conversions that were killed (their pid is gone): temp directories go; a
+    previous store set aside by a --force conversion killed between its two renames comes back."""
+    for p in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(dst.parent.glob(f".{dst.name}.old-*")):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if not dst.exists() and (p / store.MANIFEST).is_file():
+                os.rename(p, dst)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

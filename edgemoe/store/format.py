@@ -1,0 +1,163 @@
+"""The expert store's format, defined once: a directory holding a model with its experts as nested bit planes.
+
+    STORE/
+      manifest.json      format version, model config, scheme, per-expert per-plane offsets,
+                         lengths and xxh3-64 checksums
+      dense.gguf         every non-expert tensor in its source type, with all source metadata
+                         (so llama.cpp reads the vocabulary from it): resident at run time
+      experts-LLL.gguf   one GGUF per layer; tensor `blk.L.exp.E` (I8, 4 KiB aligned) holds expert
+                         E's planes plane-major: [gate p0 | up p0 | down p0 | gate p1 | up p1 | ...]
+
+Plane-major means reading an expert at k planes is ONE contiguous read, and upgrading it from k to
+k' planes is one more contiguous read. Standard GGUF tools can list both kinds of file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from ..errors import EdgeMoEError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DENSE = "dense.gguf"
+ALIGNMENT = 4096
+MATRICES = ("gate", "up", "down")
+
+
+def shard_name(layer: int) -> str:
+    return f"experts-{layer:03d}.gguf"
+
+
+def expert_tensor_name(layer: int, expert: int) -> str:
+    return f"blk.{layer}.exp.{expert}"
+
+
+def checksum(buf) -> int:
+    return xxhash.xxh3_64_intdigest(buf)
+
+
+def is_store(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+LIMITS = dict(n_layer=4096, n_expert=1 << 16, n_embd=1 << 20, n_ff_exp=1 << 20)
+
+
+def _int(v, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{what} must be an integer in {lo}..{hi}, got {json.dumps(v)[:60]}")
+    return v
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a valid manifest says about the experts' bytes."""
+
+    n_layer: int
+    n_expert: int
+    n_planes: int
+    plane_offsets: tuple[int, ...]  # cumulative, n_planes + 1
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.plane_offsets[-1]
+
+
+def check_entry(ent, lay: Layout) -> str | None:
+    """What is wrong with one expert's manifest entry, or None."""
+    try:
+        if not isinstance(ent, dict):
+            raise ValueError("the entry is not an object")
+        off = _int(ent.get("offset"), "offset", 0, 2**62)
+        if off % ALIGNMENT:
+            raise ValueError(f"offset {off} is not a multiple of {ALIGNMENT}")
+        cum = ent.get("plane_offsets")
+        if not isinstance(cum, list) or tuple(cum) != lay.plane_offsets or any(isinstance(c, bool) for c in cum):
+            raise ValueError(
+                f"plane_offsets {json.dumps(cum)[:80]} do not match the plane sizes {list(lay.plane_offsets)}"
+            )
+        cks = ent.get("checksums")
+        if not isinstance(cks, list) or len(cks) != lay.n_planes:
+            raise ValueError(f"{len(cks) if isinstance(cks, list) else 'no'} checksums for {lay.n_planes} planes")
+        for c in cks:
+            _int(c, "checksums[]")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def check_manifest(m, mpath: Path | str, *, entries: bool = True) -> Layout:
+    """Validate a parsed manifest.json: every field StoreReader and the runtime use, with its type and
+    range; the scheme must exist and produce exactly the plane sizes listed (so no size in the file
+    is trusted for an allocation); entries: every expert entry too. Raises EdgeMoEError."""
+    from ..quant import nested
+
+    def bad(what: str) -> EdgeMoEError:
+        return EdgeMoEError(f"{mpath}: manifest is missing or has a bad field: {what}")
+
+    if not isinstance(m, dict):
+        raise EdgeMoEError(f"{mpath}: manifest is not a JSON object")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise EdgeMoEError(
+            f"{mpath}: store format version {m.get('format_version')!r}, this edgemoe reads "
+            f"version {FORMAT_VERSION}; convert the model again"
+        )
+    try:
+        sch = m.get("scheme")
+        if not isinstance(sch, dict):
+            raise ValueError("scheme must be an object")
+        name = sch.get("name")
+        if not isinstance(name, str) or name not in nested.SCHEMES:
+            raise ValueError(f"scheme.name {json.dumps(name)[:40]} is not one of {', '.join(nested.SCHEMES)}")
+        bits = sch.get("bits")
+        if not isinstance(bits, list) or not bits:
+            raise ValueError("scheme.bits must be a non-empty list")
+        bits = tuple(_int(b, "scheme.bits[]", 1, 8) for b in bits)
+        group = _int(sch.get("group"), "scheme.group", 1, 1 << 16)
+        dims = {k: _int(m.get(k), k, 1, hi) for k, hi in LIMITS.items()}
+        try:
+            scheme = nested.SCHEMES[name](bits, group)
+            shapes = {
+                "gate": (dims["n_ff_exp"], dims["n_embd"]),
+                "up": (dims["n_ff_exp"], dims["n_embd"]),
+                "down": (dims["n_embd"], dims["n_ff_exp"]),
+            }
+            want = {mat: [int(x) for x in scheme.plane_nbytes(*shapes[mat])] for mat in MATRICES}
+            planes_for = {str(b): scheme.planes_for(b) for b in scheme.widths}
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(
+                f"scheme {name} {bits} group {group} for experts {dims['n_embd']}x{dims['n_ff_exp']}: {exc}"
+            ) from None
+        pb = m.get("plane_bytes")
+        if not isinstance(pb, dict) or any(pb.get(mat) != want[mat] for mat in MATRICES):
+            raise ValueError(f"plane_bytes {json.dumps(pb)[:120]} differ from the scheme's {want}")
+        if "planes_for" in sch and sch["planes_for"] != planes_for:
+            raise ValueError(f"scheme.planes_for {json.dumps(sch['planes_for'])[:80]} differ from {planes_for}")
+        experts = m.get("experts")
+        if not isinstance(experts, list) or len(experts) != dims["n_layer"]:
+            raise ValueError(f"experts must be a list of n_layer={dims['n_layer']} layers")
+        for layer, lst in enumerate(experts):
+            if not isinstance(lst, list) or len(lst) not in (0, dims["n_expert"]):
+                raise ValueError(f"experts[{layer}] must list n_expert={dims['n_expert']} experts (or none)")
+        if not any(experts):
+            raise ValueError("no layer has experts")
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+    n_planes = len(want["gate"])
+    cum = [0]
+    for p in range(n_planes):
+        cum.append(cum[-1] + sum(want[mat][p] for mat in MATRICES))
+    lay = Layout(dims["n_layer"], dims["n_expert"], n_planes, tuple(cum))
+    if entries:
+        for layer, lst in enumerate(experts):
+            for e, ent in enumerate(lst):
+                err = check_entry(ent, lay)
+                if err:
+                    raise bad(f"layer {layer} expert {e}: {err}")
+    return lay

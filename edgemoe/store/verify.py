@@ -1,0 +1,191 @@
+"""`edgemoe verify STORE`: check an expert store end to end without loading the model.
+
+Checks the manifest (format version, fields and their types), that dense.gguf opens as a GGUF,
+that every shard exists and is a GGUF whose expert tensors are where the manifest says, and every
+expert's planes: lengths and offsets against the scheme's plane sizes and the shard's size, and
+each plane's xxh3-64 checksum. Every damaged file, layer, expert and plane is named (one line
+each); the exit status is 0 for a clean store and 2 for a damaged one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EdgeMoEError
+from . import format as store
+from .format import check_entry, check_manifest
+
+MAX_LISTED = 200
+_UNREADABLE = object()  # damage lines printed in full; the summary counts all of them
+
+
+@dataclass
+class Report:
+    root: Path
+    damages: list[str] = field(default_factory=list)
+    experts_checked: int = 0
+    planes_checked: int = 0
+    bytes_checked: int = 0
+    shards: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.damages
+
+    def damage(self, what: str) -> None:
+        self.damages.append(what)
+
+    def summary(self) -> str:
+        state = "OK" if self.ok else f"DAMAGED: {len(self.damages)} problem{'s' * (len(self.damages) != 1)}"
+        return (
+            f"{self.root}: {state} ({self.shards} shards, {self.experts_checked} experts, "
+            f"{self.planes_checked} planes, {self.bytes_checked} bytes checked)"
+        )
+
+
+def _shard_offsets(path: Path, rep: Report) -> dict[str, tuple[int, int]] | None:
+    """{tensor name: (absolute data offset, bytes)} of a shard, or None if it does not open."""
+    from ..models.gguf_file import GGUFFile
+
+    try:
+        gf = GGUFFile(path)
+    except EdgeMoEError as exc:
+        rep.damage(str(exc))
+        return None
+    try:
+        base = gf._reader.data.__array_interface__["data"][0]
+        return {n: (t.data.__array_interface__["data"][0] - base, t.nbytes) for n, t in gf.tensors.items()}
+    finally:
+        gf.close()
+
+
+def verify(root: str | os.PathLike[str], *, checksums: bool = True) -> Report:
+    root = Path(root)
+    rep = Report(root)
+    if not root.is_dir():
+        raise EdgeMoEError(f"{root}: not a directory (an expert store is a directory)")
+    mpath = root / store.MANIFEST
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgeMoEError(f"{root}: not an expert store (no {store.MANIFEST})") from None
+    except (OSError, ValueError) as exc:
+        rep.damage(f"{mpath}: unreadable manifest ({exc})")
+        raw = _UNREADABLE
+    lay = None
+    if raw is not _UNREADABLE:
+        try:
+            lay = check_manifest(raw, mpath, entries=False)
+        except EdgeMoEError as exc:
+            rep.damage(str(exc))
+
+    from ..models.gguf_file import GGUFFile
+
+    dense = root / store.DENSE
+    try:
+        gf = GGUFFile(dense)
+    except EdgeMoEError as exc:
+        rep.damage(f"{dense}: dense weights do not open ({exc})")
+    else:
+        try:
+            arch = gf.architecture
+            for key, want in (
+                ("block_count", lay and lay.n_layer),
+                ("expert_count", lay and lay.n_expert),
+                ("embedding_length", raw.get("n_embd") if lay else None),
+            ):
+                got = gf.get(f"{arch}.{key}")
+                if want is not None and got != want:
+                    rep.damage(f"{dense}: {arch}.{key} is {got!r}, the manifest says {want}")
+            if lay is not None:  # which layers have experts: the model's configuration decides
+                from ..models.config import ModelArgs
+
+                args = ModelArgs.from_gguf(gf, n_ff_exp=int(raw.get("n_ff_exp") or 1))
+                for i, entries in enumerate(raw["experts"][: args.n_layer]):
+                    want_n = 0 if args.is_dense(i) else args.n_expert
+                    if len(entries) != want_n:
+                        rep.damage(
+                            f"{root / store.MANIFEST}: layer {i} has {len(entries)} experts, "
+                            f"the model's configuration has {want_n}"
+                        )
+        except EdgeMoEError as exc:
+            rep.damage(str(exc))
+        finally:
+            gf.close()
+    if lay is None:
+        return rep
+
+    expected_cum, n_planes, expert_bytes = list(lay.plane_offsets), lay.n_planes, lay.expert_bytes
+    for layer, entries in enumerate(raw["experts"]):
+        if not entries:
+            continue  # a leading dense layer: no shard
+        spath = root / store.shard_name(layer)
+        if not spath.is_file():
+            rep.damage(f"{spath}: missing shard (layer {layer})")
+            continue
+        rep.shards += 1
+        tensors = _shard_offsets(spath, rep)
+        size = spath.stat().st_size
+        try:
+            fd = os.open(spath, os.O_RDONLY)
+        except OSError as exc:
+            rep.damage(f"{spath}: cannot open shard ({exc.strerror})")
+            continue
+        try:
+            for e, ent in enumerate(entries):
+                where = f"{spath}: layer {layer} expert {e}"
+                err = check_entry(ent, lay)
+                if err:
+                    rep.damage(f"{where}: bad manifest entry ({err})")
+                    continue
+                off, cks = ent["offset"], ent["checksums"]
+                if tensors is not None:
+                    t = tensors.get(store.expert_tensor_name(layer, e))
+                    if t is None:
+                        rep.damage(f"{where}: tensor {store.expert_tensor_name(layer, e)} is not in the shard")
+                    elif t[0] != off or t[1] < expert_bytes:
+                        rep.damage(
+                            f"{where}: manifest offset {off} / {expert_bytes} bytes, the shard's tensor "
+                            f"is at {t[0]} with {t[1]} bytes"
+                        )
+                if off + expert_bytes > size:
+                    rep.damage(f"{where}: truncated shard: needs bytes {off}..{off + expert_bytes}, file has {size}")
+                    continue
+                rep.experts_checked += 1
+                if not checksums:
+                    continue
+                try:
+                    blob = os.pread(fd, expert_bytes, off)
+                except OSError as exc:
+                    rep.damage(f"{where}: read failed ({exc.strerror})")
+                    continue
+                os.posix_fadvise(fd, off, expert_bytes, os.POSIX_FADV_DONTNEED)
+                rep.bytes_checked += len(blob)
+                for p in range(n_planes):
+                    rep.planes_checked += 1
+                    if store.checksum(blob[expected_cum[p] : expected_cum[p + 1]]) != cks[p]:
+                        rep.damage(
+                            f"{where} plane {p}: checksum mismatch (bytes {off + expected_cum[p]}.."
+                            f"{off + expected_cum[p + 1]})"
+                        )
+        finally:
+            os.close(fd)
+    return rep
+
+
+def main(root: str, *, quiet: bool = False, out=None) -> int:
+    """Print one line per damage, then the summary; 0 if clean, 2 if damaged."""
+    out = out or sys.stdout
+    rep = verify(root)
+    for i, d in enumerate(rep.damages):
+        if i == MAX_LISTED:
+            print(f"... and {len(rep.damages) - MAX_LISTED} more", file=out)
+            break
+        print(d, file=out)
+    if not quiet or not rep.ok:
+        print(rep.summary(), file=out)
+    return 0 if rep.ok else 2
