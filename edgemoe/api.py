@@ -296,12 +296,14 @@ class Model:
         self._fixed_bytes = fixed
 
     def _warm_up(self) -> None:
-        """One token through the whole model at load: compiles the kernels (so the runtime can be
-        measured) and turns tensors whose shapes contradict the configuration into one clear
-        error now rather than a crash mid-generation."""
+        """One token through the whole model at load, and the largest attention graph once: compiles
+        the kernels and sizes ggml's work buffer (so the runtime can be measured), and turns
+        tensors whose shapes contradict the configuration into one clear error now rather than a
+        crash mid-generation."""
         try:
             self.logits([self._tok.bos if self._tok.bos >= 0 else 0])
             self._ctx_tokens = []  # the warm-up is not a prompt to reuse
+            self._engine.reserve(self._kv, streaming.N_BATCH)
         except EdgeMoEError:
             raise
         except (ValueError, TypeError, IndexError) as exc:

@@ -9,7 +9,7 @@ boundary of the quantizer; the token's output then moves by ~1e-3 relative and, 
 cache, every later token's too.
 
 Each input and output is a numpy array wrapped as a CPU buffer (no copies); the intermediate
-tensors are placed by ggml's graph allocator. One backend and allocator per process.
+tensors in fresh numpy buffers freed with the call. One backend per process.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class _Ctx:
     def __init__(self, g: Graph):
         self.g = g
         g.lock.acquire()
-        self.ctx = g.init(g.InitParams(g.mem, None, True))
+        self.ctx = g.init(g.InitParams(g.mem, addr(g.arena), True))
         if not self.ctx:
             g.lock.release()
             raise EdgeMoEError("ggml: ggml_init failed")
@@ -96,13 +96,23 @@ class _Ctx:
             raise EdgeMoEError("ggml: ggml_backend_tensor_alloc failed")
         return t
 
+    def new(self, t: int) -> int:
+        """Op result t, placed in a fresh numpy buffer (freed with this graph: no allocator keeps
+        memory from one call to the next, so RSS does not creep with the largest graph seen)."""
+        return self.bind(aligned(np.empty(self.g.nbytes(t), dtype=np.uint8)), t)
+
+    def view(self, t: int) -> int:
+        """View op t (permute, transpose, view) onto its source's memory."""
+        if self.g.view_init(t) != 0:
+            raise EdgeMoEError("ggml: ggml_backend_view_init failed")
+        return t
+
     def compute(self, out_t: int, out: np.ndarray) -> np.ndarray:
+        """Compute the graph ending in out_t into out."""
         g = self.g
         self.bind(out, out_t)
         gf = g.new_graph(self.ctx)
         g.expand(gf, out_t)
-        if not g.alloc_graph(g.galloc, gf):
-            raise EdgeMoEError("ggml: cannot allocate the graph")
         if g.compute(g.backend, gf) != 0:
             raise EdgeMoEError("ggml: graph compute failed")
         return out
@@ -117,7 +127,7 @@ class _Ctx:
 
 
 class Graph:
-    """The process's one CPU backend and graph allocator. Building and computing a graph holds its
+    """The process's one CPU backend. Building and computing a graph holds its
     lock: a backend per thread would be a leak under the server, which runs each request on a new
     thread (and the graphs are small)."""
 
@@ -146,6 +156,10 @@ class Graph:
         self.init = fn(base, "ggml_init", vp, _InitParams)
         self.free = fn(base, "ggml_free", None, vp)
         self.mem = fn(base, "ggml_tensor_overhead", sz)() * _MAX_NODES + fn(base, "ggml_graph_overhead", sz)()
+        # the graph's tensor and node records, in memory of ours reused by every graph (one at a time,
+        # under the lock): ggml_init would otherwise malloc and free ~100 KB per call, and the heap
+        # fragments as the calls interleave with numpy's allocations
+        self.arena = aligned(np.empty(self.mem, dtype=np.uint8))
         self.new_4d = fn(base, "ggml_new_tensor_4d", vp, vp, i32, i64, i64, i64, i64)
         self.view_4d = fn(base, "ggml_view_4d", vp, vp, vp, i64, i64, i64, i64, sz, sz, sz, sz)
         self.permute = fn(base, "ggml_permute", vp, vp, vp, i32, i32, i32, i32)
@@ -162,7 +176,8 @@ class Graph:
         self.tensor_alloc = fn(base, "ggml_backend_tensor_alloc", i32, vp, vp, vp)
         self.buffer_free = fn(base, "ggml_backend_buffer_free", None, vp)
         self.compute = fn(base, "ggml_backend_graph_compute", i32, vp, vp)
-        self.alloc_graph = fn(base, "ggml_gallocr_alloc_graph", ctypes.c_bool, vp, vp)
+        self.nbytes = fn(base, "ggml_nbytes", sz, vp)
+        self.view_init = fn(base, "ggml_backend_view_init", i32, vp)
         self.from_ptr = fn(cpu, "ggml_backend_cpu_buffer_from_ptr", vp, vp, sz)
         self.backend = fn(cpu, "ggml_backend_cpu_init", vp)()
         if not self.backend:
@@ -170,10 +185,6 @@ class Graph:
         # one thread: these graphs are small, and each compute on more would start its threads
         # (each output value is computed by one thread either way, so the result is the same)
         fn(cpu, "ggml_backend_cpu_set_n_threads", None, vp, i32)(self.backend, 1)
-        buft = fn(cpu, "ggml_backend_cpu_buffer_type", vp)()
-        self.galloc = fn(base, "ggml_gallocr_new", vp, vp)(buft)
-        if not self.galloc:
-            raise EdgeMoEError("ggml: cannot create a graph allocator")
 
     def router_probs(self, router: np.ndarray, h: np.ndarray, softmax: bool) -> np.ndarray:
         """sigmoid or softmax of h [T, D] @ router [E, D].T -> [T, E], as llama.cpp's
@@ -181,7 +192,7 @@ class Graph:
         summation order), then ggml_sigmoid or ggml_soft_max."""
         c = _Ctx(self)
         try:
-            logits = self.mul_mat(c.ctx, c.bind(aligned(router)), c.bind(aligned(h)))  # [E, T]
+            logits = c.new(self.mul_mat(c.ctx, c.bind(aligned(router)), c.bind(aligned(h))))  # [E, T]
             probs = self.soft_max(c.ctx, logits) if softmax else self.sigmoid(c.ctx, logits)
             return c.compute(probs, aligned(np.empty((h.shape[0], router.shape[0]), dtype=np.float32)))
         finally:
@@ -251,23 +262,38 @@ class Graph:
             cells, Hk, Dk = k.shape
             k = aligned(k[:n_kv])
             es = k.itemsize
-            tq = self.permute(c.ctx, c.bind(aligned(np.asarray(q, dtype=np.float32))), 0, 2, 1, 3)  # [Dk, T, H]
+            tq = c.view(self.permute(c.ctx, c.bind(aligned(np.asarray(q, dtype=np.float32))), 0, 2, 1, 3))
             tk_full = c.bind(k)  # [Dk, Hk, n_kv]
-            tk = self.permute(c.ctx, tk_full, 0, 2, 1, 3)  # [Dk, n_kv, Hk]
+            tk = c.view(self.permute(c.ctx, tk_full, 0, 2, 1, 3))  # [Dk, n_kv, Hk]
             if isinstance(v, int):
                 Dv = v
-                tv = self.view_4d(c.ctx, tk_full, Dv, Hk, n_kv, 1, Dk * es, Hk * Dk * es, n_kv * Hk * Dk * es, 0)
-                tv = self.cont(c.ctx, self.transpose(c.ctx, self.permute(c.ctx, tv, 0, 2, 1, 3)))  # [n_kv, Dv, Hk]
+                tv = c.view(
+                    self.view_4d(c.ctx, tk_full, Dv, Hk, n_kv, 1, Dk * es, Hk * Dk * es, n_kv * Hk * Dk * es, 0)
+                )
+                tv = c.view(self.transpose(c.ctx, c.view(self.permute(c.ctx, tv, 0, 2, 1, 3))))
+                tv = c.new(self.cont(c.ctx, tv))  # [n_kv, Dv, Hk]
             else:
                 Dv, cells = v.shape[1], v.shape[2]
                 ves = v.itemsize
-                tv = self.view_4d(
-                    c.ctx, c.bind(aligned(v)), n_kv, Dv, Hk, 1, cells * ves, Dv * cells * ves, Hk * Dv * cells * ves, 0
+                tv = c.view(
+                    self.view_4d(
+                        c.ctx,
+                        c.bind(aligned(v)),
+                        n_kv,
+                        Dv,
+                        Hk,
+                        1,
+                        cells * ves,
+                        Dv * cells * ves,
+                        Hk * Dv * cells * ves,
+                        0,
+                    )
                 )  # [n_kv, Dv, Hk], rows strided over all cells
-            kq = self.mul_mat(c.ctx, tk, tq)  # [n_kv, T, H]
+            kq = c.new(self.mul_mat(c.ctx, tk, tq))  # [n_kv, T, H]
             kq = self.soft_max_ext(c.ctx, kq, c.bind(aligned(np.asarray(mask, dtype=np.float32))), scale, 0.0)
             if sinks is not None:
                 self.add_sinks(kq, c.bind(aligned(np.asarray(sinks, dtype=np.float32))))
+            kq = c.new(kq)
             kqv = self.mul_mat(c.ctx, tv, kq)  # [Dv, T, H]
             return c.compute(kqv, aligned(np.empty((H, T, Dv), dtype=np.float32)))
         finally:

@@ -250,6 +250,21 @@ class Engine:
             out[..., 1:n:2] = x0 * s + x1 * c
         return out
 
+    def reserve(self, cache: KVCache, n_batch: int) -> None:
+        """Run the largest attention graph once: n_batch queries over every cell of the cache. ggml's
+        CPU backend keeps a work buffer (f16 copies of the query and of the attention weights) as
+        large as the largest graph it has computed; sized here, at load, it is part of the runtime
+        the budget measures, and does not grow later with a longer prompt or context."""
+        if not ggml_graph.available():
+            return
+        a = self.args
+        n_kv = ggml_graph.kv_len(cache.n_ctx, cache.n_ctx)
+        T = min(n_batch, cache.n_ctx)
+        q = np.zeros((T, a.n_head, cache.k.shape[-1]), dtype=np.float32)
+        v = a.kv_lora_rank if a.attention == "mla" else cache.v[0]
+        mask = np.zeros((T, n_kv), dtype=np.float32)
+        ggml_graph.Graph.get().attention(q, cache.k[0], v, n_kv, mask, a.attn_scale, self.layers[0].sinks)
+
     def _attention_core(self, i: int, layer: Layer, q: np.ndarray, cache: KVCache, p0: int) -> np.ndarray:
         """softmax(scale q K^T + mask [+ sink]) V [H, T, Dv] for q [T, H, Dk] at positions p0.., over
         the cache's cells 0..p0+T-1 (MLA: V is the first kv_lora_rank of each K row). Through
