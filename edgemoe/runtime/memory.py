@@ -90,17 +90,19 @@ def read_bytes() -> int:
         return 0
 
 
-# Allocations of this size or more get a mapping of their own, returned to the OS when freed.
-MMAP_THRESHOLD = 128 * 1024
+# Blocks of this size or more get a mapping of their own, returned to the OS when freed.
+MMAP_THRESHOLD = 1 << 20
 
 
 def fix_mmap_threshold() -> bool:
-    """glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), after which
-    blocks of that size come from the heap, and the heap keeps its high-water mark: a longer prompt
-    than any before (larger activation and attention-score arrays) left RSS ~2 MB higher for good,
-    in a process whose memory is a budget. Setting the threshold fixes it (mallopt M_MMAP_THRESHOLD),
-    so every large transient array is unmapped when freed and RSS follows what is live. True where
-    it took effect (glibc); elsewhere nothing happens."""
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD (mallopt M_MMAP_THRESHOLD). glibc raises it each
+    time a mapped block is freed (up to 32 MiB); blocks below it come from the heap, which keeps
+    its high-water mark: a soak's second prompt left ~2 MB more RSS for good (a 2 MB transient
+    served from the heap), in a process whose memory is a budget. Fixed, every block of 1 MiB or
+    more (expert planes, a batch's larger arrays) is unmapped when freed and RSS follows what is
+    live. (At 128 KiB, glibc's default starting point, every attention-sized array became a fresh
+    mapping and the test suite ran 2-3x slower; at 1 MiB the test files timed ran as fast as
+    without.) True where it took effect (glibc); elsewhere nothing happens."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
