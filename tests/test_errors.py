@@ -160,6 +160,16 @@ def test_bad_generation_options(build_model):
             m.chat([{"role": "wizard", "content": "hi"}])
 
 
+def test_a_norm_present_for_q_but_not_for_k(build_model, tmp_path):
+    """qwen3moe with attn_q_norm but without attn_k_norm (a fuzzer's renamed tensor, found in CI): one
+    clear error at load, not an AttributeError from inside the RMS norm."""
+    bad = tmp_path / "no-k-norm.gguf"
+    _rewrite(build_model("qwen3moe"), bad, drop="blk.0.attn_k_norm.weight")
+    with pytest.raises(edgemoe.EdgeMoEError, match="do not fit the model's configuration.*norm"):
+        edgemoe.load(bad)
+    assert_one_line_error(cli("run", "-m", str(bad), "hi"), "no-k-norm.gguf", "norm")
+
+
 def test_tensor_shape_contradicting_the_config(build_model, tmp_path):
     """A tensor whose shape does not fit the metadata is an error at load, not a crash mid-generation."""
     bad = tmp_path / "shrunk.gguf"

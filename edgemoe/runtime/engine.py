@@ -492,6 +492,8 @@ def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     activation ggml quantizes to Q8_0 for the next matmul of a quantized file, where a 1-ulp
     difference (x / sqrt(mean) with a float32 pairwise mean, as before) sometimes crosses a
     rounding boundary of the quantizer and changes the token's output by ~1e-3 relative."""
+    if w is None:  # a file with q_norm but no k_norm, say: the warm-up turns this into one clear error
+        raise TypeError("a norm's weight tensor is missing")
     x = np.asarray(x, dtype=np.float32)
     ssq = np.cumsum((x * x).astype(np.float64), axis=-1)[..., -1:]  # in order, as ggml's loop
     mean = (ssq / x.shape[-1]).astype(np.float32)
