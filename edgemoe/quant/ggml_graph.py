@@ -259,7 +259,7 @@ class Graph:
         c = _Ctx(self)
         try:
             T, H, _ = q.shape
-            cells, Hk, Dk = k.shape
+            _, Hk, Dk = k.shape
             k = aligned(k[:n_kv])
             es = k.itemsize
             tq = c.view(self.permute(c.ctx, c.bind(aligned(np.asarray(q, dtype=np.float32))), 0, 2, 1, 3))

@@ -152,8 +152,8 @@ def combine(h: np.ndarray, top: np.ndarray, w: np.ndarray, ffn, order=None) -> n
     last bit, which the next layer's RMS norm and Q8_0 activations can turn into a visible
     difference on a quantized file."""
     T, K = top.shape
-    out = np.zeros_like(h)
     if T == 1 and order is None:  # decode: one token, each expert once
+        out = np.zeros_like(h)
         for e, gw in zip(top[0].tolist(), w[0].tolist()):
             if gw != 0:
                 out += ffn(e, h) * np.float32(gw)
@@ -163,7 +163,13 @@ def combine(h: np.ndarray, top: np.ndarray, w: np.ndarray, ffn, order=None) -> n
         rows, slot = np.nonzero((top == e) & (w != 0))
         if len(rows):
             slots[rows, slot] = ffn(int(e), np.ascontiguousarray(h[rows])) * w[rows, slot][:, None]
-    out[:] = slots[:, 0]
-    for k in range(1, K):
+    return sum_slots(slots)
+
+
+def sum_slots(slots: np.ndarray) -> np.ndarray:
+    """The weighted expert outputs slots [T, K, D] summed over K in slot order, as llama.cpp's
+    build_moe_ffn adds its per-slot views (another order differs in the last bit)."""
+    out = slots[:, 0].copy()
+    for k in range(1, slots.shape[1]):
         out += slots[:, k]
     return out

@@ -17,7 +17,7 @@ from ..quant import kernels, nested
 from ..store.reader import MATRICES, StoreReader
 from . import policy
 from .cache import ExpertCache, LayerStats, alloc
-from .experts import expert_act, expert_biases
+from .experts import expert_act, expert_biases, sum_slots
 from .memory import format_size
 from .pipeline import Pipeline
 from .policy import PRESETS, Calibration, Quality
@@ -230,7 +230,7 @@ class StoreExperts:
             self.cache.visit(i)
             for e in sorted(wants, key=lambda e: (-wants[e][1], e)):
                 compute(e, self.cache.get(i, e, wants[e][0]))
-            return _sum_slots(slots)
+            return sum_slots(slots)
 
         def after_submit() -> None:
             nxt = predict() if (predict is not None and self.prefetch_enabled) else None
@@ -240,7 +240,7 @@ class StoreExperts:
                 self.pipeline.prefetch(j, self._widths(j, ptop, pw, pskip))
 
         self.pipeline.run_layer(i, wants, compute, after_submit)
-        return _sum_slots(slots)
+        return sum_slots(slots)
 
     def preload(self) -> int:
         """Fill the cache at load, layer by layer, with experts at the width they are read at,
@@ -425,13 +425,6 @@ try:
                         out[base + 4 + j] = q[c + j] | (q[c + j + 16] << 4)
 except ImportError:  # numba missing: the numpy path above
     _q4_211 = None
-
-
-def _sum_slots(slots: np.ndarray) -> np.ndarray:
-    out = slots[:, 0].copy()
-    for k in range(1, slots.shape[1]):
-        out += slots[:, k]
-    return out
 
 
 def embedding_on_disk(gf) -> tuple[str, ...]:
