@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import threading
@@ -15,66 +14,22 @@ from typing import Any
 import numpy as np
 
 from .errors import EdgeMoEError
+from .models import gguf_file
 from .models.config import DEFAULT_N_CTX, ModelArgs
 from .models.gguf_file import GGUFFile
 from .models.tokenizer import StreamDecoder, open_tokenizer
 from .quant import kernels
-from .runtime import memory, policy, streaming
+from .runtime import memory, policy
+from .runtime.budget import Budget, MemoryPlan
 from .runtime.cache import ExpertCache
-from .runtime.engine import Engine, KVCache
+from .runtime.engine import N_BATCH, Engine, KVCache
 from .runtime.memory import BASELINE_RSS  # resident_bytes counts from the RSS after `import edgemoe`
-from .runtime.sampling import Sampler, SamplingParams
-from .runtime.streaming import CacheStats, StoreExperts
+from .runtime.sampling import Sampler, SamplingParams, StopFilter
+from .runtime.stats import Stats
+from .runtime.streaming import StoreExperts
+from .store import catalog
 from .store import reader as store
 from .store.reader import StoreReader
-
-# What the runtime (numpy, numba and its compiled kernels, llama.cpp's library and vocabulary, the
-# interpreter) adds at load, before it can be measured after the warm-up token: 166-233 MiB on an
-# x86-64 Linux machine (tools/bench_first_load.py prints it), more on the first run after an install,
-# which compiles the numba kernels (docs/benchmarks.md). Used to
-# size a default budget and to refuse a budget before the model is loaded; the refusal after the
-# warm-up counts the measured figure.
-RUNTIME_ESTIMATE = 200 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Cumulative counters of a loaded model. The TUI, server and benchmarks all read this."""
-
-    prompt_tokens: int
-    generated_tokens: int
-    prompt_tokens_per_s: float
-    decode_tokens_per_s: float
-    resident_bytes: int  # process RSS now minus RSS right after `import edgemoe`
-    peak_resident_bytes: int  # peak RSS (VmHWM where the OS has it) minus the same baseline
-    budget_bytes: int | None
-    model_bytes: int  # the GGUF file
-    kv_bytes: int  # the KV cache as allocated (pages are touched only as the context fills)
-    n_ctx: int
-    cache: CacheStats | None = None  # expert cache figures when experts stream from a store
-    # the quality in force (a preset name or thresholds, policy.parse_quality) and whether it is
-    # lossless: every plane of every chosen expert, nothing skipped (what "max" computes)
-    quality: str = "max"
-    lossless: bool = True
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """How a budget is split (bytes). The runtime figure is measured after a warm-up token."""
-
-    budget: int
-    dense: int  # resident weights: embeddings, attention, norms, routers, shared experts
-    kv: int  # KV cache at n_ctx
-    scratch: int  # activations of one batch, and a safety margin
-    runtime: int  # compiled kernels, tokenizer, interpreter growth measured at load
-    cache_capacity: int  # what is left for experts
-    min_cache: int  # one layer's chosen experts at the lowest width
-    onnx_pool: int = 0  # onnxruntime expert sessions (onnx_experts), outside the expert cache
-    experts: int = 0  # every expert of the store at every plane: a cache this large holds them all
-
-    @property
-    def minimum_budget(self) -> int:
-        return self.budget - self.cache_capacity + self.min_cache
 
 
 @dataclass(frozen=True)
@@ -138,62 +93,25 @@ class Model:
         onnx_experts: bool | dict = False,
     ):
         self.path = Path(path) if path is not None else bundled_model_path()
-        self._quality = policy.parse_quality(quality)  # validated now; the default is settled below
-        self.budget_bytes = None if memory_budget is None else memory.parse_size(memory_budget)
-        self._budget_given = memory_budget is not None
-        self._quality_asked = quality
-        self._n_ctx_asked, self._kv_type = n_ctx, kv_type
+        self._quality = policy.parse_quality(quality)  # validated now
+        self.quality = self._quality.name
+        self._budget = Budget(None if memory_budget is None else memory.parse_size(memory_budget))
         if isinstance(n_ctx, bool) or not (n_ctx is None or (isinstance(n_ctx, int) and n_ctx > 0)):
             raise EdgeMoEError(f"n_ctx must be a positive int, got {n_ctx!r}")
         self.store_path: Path | None = None
-        self.memory_plan: MemoryPlan | None = None  # set for models that stream experts
         self._experts: StoreExperts | None = None
         self._reader: StoreReader | None = None
+        self._onnx_pool: int | str | None = None  # onnx_experts={"pool": ...}: bytes for its sessions
         if store.is_store(self.path):
             self.store_path = self.path
-        elif self.path.is_file() and (self.path.suffix.lower() == ".onnx" or self._needs_store(n_ctx, kv_type, bits)):
-            self.store_path = self._converted_store(progress)
-        # the default (policy.DEFAULT, "max") is lossless for a GGUF in place and a store alike
-        self._quality = policy.parse_quality(quality)
-        self.quality = self._quality.name
+        elif self.path.is_file() and (
+            self.path.suffix.lower() == ".onnx" or self._budget.needs_store(self.path, bits, quality)
+        ):
+            self.store_path = self._converted_store(progress, n_ctx, kv_type)
         dense_path = self.store_path / store.DENSE if self.store_path else self.path
         self._file = GGUFFile(dense_path)
         try:
-            if self.store_path:
-                self._reader = StoreReader(self.store_path)
-                self.config = ModelArgs.from_gguf(self._file, n_ff_exp=self._reader.n_ff_exp)
-            else:
-                self.config = ModelArgs.from_gguf(self._file)
-            self.n_ctx = n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train)
-            self._kv = KVCache(self.config, self.n_ctx, kv_type)
-            if self.store_path:
-                self._open_store(bits, cache_policy, pipeline, prefetch)
-                if onnx_experts:  # experts on onnxruntime by the rule of edgemoe.store.onnx_experts
-                    from .store.onnx_experts import OnnxExperts
-
-                    opts = dict(onnx_experts) if isinstance(onnx_experts, dict) else {}
-                    self._onnx_pool = opts.pop("pool", None)
-                    self._experts.onnx = OnnxExperts(self._experts.scheme, self._experts.shapes, **opts)
-            else:
-                self._check_memory()
-                if kernels.packs_any(self._file.tensors.values()):
-                    # as llama.cpp does by default: Q4_0 matrices repacked in RAM for ggml's
-                    # faster kernels; the bytes must be ours to rewrite, so copy the file in
-                    self._file.load_into_memory(streaming.embedding_on_disk(self._file))
-            self._engine = Engine(self._file, self.config, self._experts)
-            self._tok = open_tokenizer(dense_path, self.store_path, self.config.n_vocab, self._file.metadata)
-            if self._tok.n_vocab != self.config.n_vocab:
-                raise EdgeMoEError(
-                    f"{self.path}: vocabulary has {self._tok.n_vocab} tokens but token_embd has "
-                    f"{self.config.n_vocab} rows"
-                )
-            self._lock = threading.RLock()
-            self._ctx_tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
-            self._prompt_tokens = 0
-            self._generated_tokens = 0
-            self._prompt_time = 0.0
-            self._decode_time = 0.0
-            self._closed = False
+            self._open(dense_path, n_ctx, kv_type, bits, cache_policy, pipeline, prefetch, onnx_experts)
             self._warm_up()
             if self._experts is not None:
                 self._fit_cache_after_warmup()
@@ -204,33 +122,62 @@ class Model:
             self.close()
             raise
 
-    # ---- memory -------------------------------------------------------------------------------
+    def _open(self, dense_path, n_ctx, kv_type, bits, cache_policy, pipeline, prefetch, onnx_experts) -> None:
+        """Configuration, KV cache, experts (in place or streamed), engine and tokenizer."""
+        if self.store_path:
+            self._reader = StoreReader(self.store_path)
+            self.config = ModelArgs.from_gguf(self._file, n_ff_exp=self._reader.n_ff_exp)
+        else:
+            self.config = ModelArgs.from_gguf(self._file)
+        self.n_ctx = n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train)
+        self._kv = KVCache(self.config, self.n_ctx, kv_type)
+        if self.store_path:
+            self._open_store(bits, cache_policy, pipeline, prefetch)
+            if onnx_experts:  # experts on onnxruntime by the rule of edgemoe.store.onnx_experts
+                from .store.onnx_experts import OnnxExperts
 
-    def _needs_store(self, n_ctx: int | None, kv_type: str, bits: int | None) -> bool:
-        """A GGUF runs in place unless a budget or bits are asked for, or it does not fit in free memory."""
-        if self.budget_bytes is not None or bits is not None or self._quality_asked not in (None, "max"):
-            return True
-        need = self.path.stat().st_size
-        avail = memory.available()
-        if need > 0.9 * avail:
-            print(
-                f"edgemoe: {self.path.name} ({memory.format_size(need)}) does not fit in free memory "
-                f"({memory.format_size(avail)}): streaming its experts within a budget of "
-                f"{memory.format_size(int(0.8 * avail))}",
-                file=sys.stderr,
+                opts = dict(onnx_experts) if isinstance(onnx_experts, dict) else {}
+                self._onnx_pool = opts.pop("pool", None)
+                self._experts.onnx = OnnxExperts(self._experts.scheme, self._experts.shapes, **opts)
+        else:
+            self._budget.check_in_place(self.path, self._file.file_size, self._kv.nbytes, self.n_ctx)
+            if kernels.packs_any(self._file.tensors.values()):
+                # as llama.cpp does by default: Q4_0 matrices repacked in RAM for ggml's
+                # faster kernels; the bytes must be ours to rewrite, so copy the file in
+                self._file.load_into_memory(gguf_file.embedding_on_disk(self._file))
+        self._engine = Engine(self._file, self.config, self._experts)
+        self._tok = open_tokenizer(dense_path, self.store_path, self.config.n_vocab, self._file.metadata)
+        if self._tok.n_vocab != self.config.n_vocab:
+            raise EdgeMoEError(
+                f"{self.path}: vocabulary has {self._tok.n_vocab} tokens but token_embd has {self.config.n_vocab} rows"
             )
-            self.budget_bytes = int(0.8 * avail)
-            return True
-        return False
+        self._lock = threading.RLock()
+        self._ctx_tokens: list[int] = []  # what the KV cache holds, for prompt-prefix reuse
+        self._prompt_tokens = 0
+        self._generated_tokens = 0
+        self._prompt_time = 0.0
+        self._decode_time = 0.0
+        self._closed = False
 
-    def _converted_store(self, progress: bool) -> Path:
+    # ---- memory (decided in runtime.budget) ----------------------------------------------------
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self._budget.bytes
+
+    @property
+    def memory_plan(self) -> MemoryPlan | None:
+        """How the budget is split, for models that stream experts (None otherwise)."""
+        return self._budget.plan
+
+    def _converted_store(self, progress: bool, n_ctx: int | None, kv_type: str) -> Path:
         from .store.convert import convert
 
-        dst = streaming.cache_dir() / (streaming.store_key(self.path) + ".edgemoe")
+        dst = catalog.cache_dir() / (catalog.store_key(self.path) + ".edgemoe")
         if store.is_store(dst):
             return dst
-        if self.budget_bytes is not None and self.path.suffix.lower() != ".onnx":
-            self._refuse_before_converting()
+        if self.path.suffix.lower() != ".onnx":
+            self._budget.refuse_before_converting(self.path, n_ctx, lambda c, n: KVCache(c, n, kv_type).nbytes)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if progress:
             print(
@@ -238,33 +185,9 @@ class Model:
             )
         return convert(self.path, dst, progress=progress)
 
-    def _refuse_before_converting(self) -> None:
-        """A budget that cannot hold the dense weights, the KV cache, scratch and the runtime is
-        refused from the GGUF's header alone, before a conversion that could take minutes. The
-        minimum stated counts one layer's chosen experts at their source size (the store's widest
-        planes are within a few percent of it), so it is a budget that works."""
-        from .store.convert import resident_dense_bytes, source_expert_bytes
-
-        gf = GGUFFile(self.path)
-        try:
-            c = ModelArgs.from_gguf(gf)
-            n_ctx = self._n_ctx_asked or min(DEFAULT_N_CTX, c.n_ctx_train)
-            fixed = streaming.fixed_bytes(c, n_ctx, resident_dense_bytes(gf), KVCache(c, n_ctx, self._kv_type).nbytes)
-            layer = c.n_expert_used * source_expert_bytes(gf, c)
-        finally:
-            gf.close()
-        so_far = max(memory.rss() - BASELINE_RSS, 0)  # the runtime's imports; kernels and vocabulary to come
-        if self.budget_bytes < fixed + so_far:
-            raise streaming.refuse(
-                self.budget_bytes,
-                fixed + max(RUNTIME_ESTIMATE, so_far),
-                layer * 5 // 4,
-                f"dense weights, KV cache (n_ctx={n_ctx}), scratch and the runtime",
-            )
-
     def _open_store(self, bits: int | None, policy: str, pipeline: bool, prefetch: bool) -> None:
         # the resident part must stay resident under memory pressure
-        self._file.load_into_memory(streaming.embedding_on_disk(self._file))
+        self._file.load_into_memory(gguf_file.embedding_on_disk(self._file))
         r = self._reader
         c = self.config
         for i in range(c.n_layer):
@@ -274,26 +197,12 @@ class Model:
                     f"{r.root / store.MANIFEST}: layer {i} has {have} experts in the store, "
                     f"the model's configuration has {0 if c.is_dense(i) else c.n_expert}"
                 )
-        experts_all = r.all_experts_bytes()
-        fixed = streaming.fixed_bytes(c, self.n_ctx, self._file.resident_bytes, self._kv.nbytes)
-        # Before the warm-up the runtime is not known yet. A budget is refused only when what the
-        # runtime holds so far leaves no room; the minimum stated then counts the estimate.
-        so_far = max(memory.rss() - BASELINE_RSS - self._file.resident_bytes, 0)
-        runtime = max(RUNTIME_ESTIMATE, so_far)
-        if self.budget_bytes is None:  # no budget: hold every expert if free memory allows
-            self._budget_given = False
-            self.budget_bytes = int(min(fixed + experts_all + runtime, 0.8 * memory.available()))
-        cache = ExpertCache(r, max(self.budget_bytes - fixed, 0), policy)
+        capacity = self._budget.open_store(
+            c, self.n_ctx, self._file.resident_bytes, self._kv.nbytes, r.all_experts_bytes()
+        )
+        cache = ExpertCache(r, capacity, policy)
         self._experts = StoreExperts(r, cache, self.config, self._file, bits, self._quality, pipeline, prefetch)
-        min_cache = self._experts.min_layer_bytes(c.n_expert_used)
-        if cache.capacity - so_far < min_cache:
-            raise streaming.refuse(
-                self.budget_bytes,
-                fixed + runtime,
-                min_cache,
-                f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime",
-            )
-        self._fixed_bytes = fixed
+        self._budget.check_open(capacity, self._experts.min_layer_bytes(c.n_expert_used))
 
     def _warm_up(self) -> None:
         """One token through the whole model at load, and the largest attention graph once: compiles
@@ -303,7 +212,7 @@ class Model:
         try:
             self.logits([self._tok.bos if self._tok.bos >= 0 else 0])
             self._ctx_tokens = []  # the warm-up is not a prompt to reuse
-            self._engine.reserve(self._kv, streaming.N_BATCH)
+            self._engine.reserve(self._kv, N_BATCH)
         except EdgeMoEError:
             raise
         except (ValueError, TypeError, IndexError) as exc:
@@ -312,52 +221,15 @@ class Model:
             ) from None
 
     def _fit_cache_after_warmup(self) -> None:
-        """After the warm-up token, measure what the runtime itself holds since `import edgemoe`
-        (numpy, numba and its compiled kernels, llama.cpp's vocabulary, the interpreter) and
-        shrink the expert cache by it, so that the budget covers everything."""
-        cache = self._experts.cache
-        dense = self._file.resident_bytes  # copied into anonymous memory at load
-        overhead = max(memory.rss() - BASELINE_RSS - dense - cache.nbytes, 0)
-        if not self._budget_given:
-            experts_all = self._reader.all_experts_bytes()
-            avail = memory.available()
-            self.budget_bytes = int(min(self._fixed_bytes + overhead + experts_all, 0.8 * avail))
-            if self.budget_bytes < self._fixed_bytes + overhead + experts_all:
-                print(
-                    f"edgemoe: {memory.format_size(avail)} free: budget {memory.format_size(self.budget_bytes)} "
-                    f"(80%), experts stream from {self.store_path}",
-                    file=sys.stderr,
-                )
-        capacity = self.budget_bytes - self._fixed_bytes - overhead
-        min_cache = self._experts.min_layer_bytes(self.config.n_expert_used)
-        if capacity < min_cache:
-            raise streaming.refuse(
-                self.budget_bytes,
-                self._fixed_bytes + overhead,
-                min_cache,
-                f"dense weights, KV cache (n_ctx={self.n_ctx}), scratch and the runtime",
-            )
-        cache.capacity = min(cache.capacity, capacity)
-        cache.clear()
-        pool = 0
-        if self._experts.onnx is not None:  # onnxruntime sessions hold weights of their own
-            from .store.onnx_experts import DEFAULT_POOL_SHARE
-
-            asked = getattr(self, "_onnx_pool", None)
-            pool = int(DEFAULT_POOL_SHARE * cache.capacity) if asked is None else memory.parse_size(asked)
-            pool = max(0, min(pool, cache.capacity - min_cache))
-            cache.capacity -= pool
-            self._experts.onnx.pool_bytes = pool
-        self.memory_plan = MemoryPlan(
-            budget=self.budget_bytes,
-            dense=self._file.resident_bytes,
-            kv=self._kv.nbytes,
-            scratch=self._fixed_bytes - self._file.resident_bytes - self._kv.nbytes,
-            runtime=overhead,
-            cache_capacity=cache.capacity,
-            min_cache=min_cache,
-            onnx_pool=pool,
-            experts=self._reader.all_experts_bytes(),
+        self._budget.fit_after_warmup(
+            self._experts.cache,
+            self._file.resident_bytes,  # copied into anonymous memory at load
+            self._kv.nbytes,
+            self._experts.min_layer_bytes(self.config.n_expert_used),
+            self._reader.all_experts_bytes(),
+            self.store_path,
+            self._experts.onnx,
+            self._onnx_pool,
         )
 
     def set_budget(self, memory_budget: int | str) -> MemoryPlan:
@@ -371,22 +243,7 @@ class Model:
                 "experts and change the budget later"
             )
         with self._lock:
-            plan = self.memory_plan
-            capacity = budget - (plan.budget - plan.cache_capacity)
-            if capacity < plan.min_cache:
-                raise streaming.refuse(
-                    budget,
-                    plan.budget - plan.cache_capacity,
-                    plan.min_cache,
-                    "dense weights, KV cache, scratch and the runtime",
-                )
-            cache = self._experts.cache
-            cache.capacity = capacity
-            cache.shrink_to_capacity()
-            self.budget_bytes = budget
-            self._budget_given = True
-            self.memory_plan = dataclasses.replace(plan, budget=budget, cache_capacity=capacity)
-            return self.memory_plan
+            return self._budget.resize(self._experts.cache, budget)
 
     def set_quality(self, quality: str) -> None:
         """Change the quality preset ("max", "balanced", "fast") or thresholds ("high,low[,naee]")
@@ -400,16 +257,6 @@ class Model:
             self.quality = q.name
             if self._experts is not None:
                 self._experts.quality = q
-
-    def _check_memory(self) -> None:
-        need = self._file.file_size + self._kv.nbytes
-        if self.budget_bytes is not None and need > self.budget_bytes:
-            raise EdgeMoEError(
-                f"memory budget {memory.format_size(self.budget_bytes)} is below what {self.path.name} needs "
-                f"held whole ({memory.format_size(need)}: weights {memory.format_size(self._file.file_size)} + "
-                f"KV cache {memory.format_size(self._kv.nbytes)} at n_ctx={self.n_ctx}); lower n_ctx or raise "
-                f"the budget"
-            )
 
     # ---- tokens -------------------------------------------------------------------------------
 
@@ -432,8 +279,8 @@ class Model:
             self._ctx_tokens = []
             out = np.concatenate(
                 [
-                    self._engine.forward(ids[i : i + streaming.N_BATCH], self._kv, all_logits=True)
-                    for i in range(0, len(ids), streaming.N_BATCH)
+                    self._engine.forward(ids[i : i + N_BATCH], self._kv, all_logits=True)
+                    for i in range(0, len(ids), N_BATCH)
                 ]
             )
             self._ctx_tokens = list(ids)
@@ -451,8 +298,8 @@ class Model:
         self._ctx_tokens = self._ctx_tokens[:keep]
         t0 = time.perf_counter()
         todo = np.asarray(ids[keep:])
-        for i in range(0, len(todo), streaming.N_BATCH):  # bounded activation scratch
-            logits = self._engine.forward(todo[i : i + streaming.N_BATCH], self._kv, all_logits=False)[-1]
+        for i in range(0, len(todo), N_BATCH):  # bounded activation scratch
+            logits = self._engine.forward(todo[i : i + N_BATCH], self._kv, all_logits=False)[-1]
         self._prompt_time += time.perf_counter() - t0
         self._prompt_tokens += len(ids) - keep
         self._ctx_tokens = list(ids)
@@ -500,7 +347,7 @@ class Model:
             logits = self._prefill(ids)
             history = list(ids)
             dec = StreamDecoder()
-            pending = ""  # text held back because it may be the start of a stop string
+            held = StopFilter(stops)  # holds back text that may be the start of a stop string
             t_start = time.perf_counter()
             for n in range(1, max_tokens + 1):
                 tok = sampler(logits, history)
@@ -508,19 +355,13 @@ class Model:
                 self._generated_tokens += 1
                 finish = None
                 if self._tok.is_eog(tok) and not ignore_eos:
-                    text, finish = pending + dec.flush(), "stop"
+                    text, finish = held.flush() + dec.flush(), "stop"
                 else:
-                    pending += dec.feed(self._tok.piece(tok))
-                    text, hit = _split_stop(pending, stops)
-                    if hit:
-                        finish = "stop"
-                        pending = ""
-                    else:
-                        safe = _safe_prefix_len(pending, stops)
-                        text, pending = pending[:safe], pending[safe:]
+                    text, hit = held.feed(dec.feed(self._tok.piece(tok)))
+                    finish = "stop" if hit else None
                 if finish is None and (n == max_tokens or len(history) >= self.n_ctx):
                     finish = "length"
-                    text += pending + dec.flush()
+                    text += held.flush() + dec.flush()
                 if finish is None:
                     t0 = time.perf_counter()
                     logits = self._engine.forward(np.asarray([tok]), self._kv, all_logits=False)[-1]
@@ -674,19 +515,3 @@ def _as_ids(token_ids: Any, n_vocab: int) -> np.ndarray:
     if ids.min() < 0 or ids.max() >= n_vocab:
         raise EdgeMoEError(f"token id out of range 0..{n_vocab - 1}: got {int(ids.min())}..{int(ids.max())}")
     return ids.astype(np.int64)
-
-
-def _split_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _safe_prefix_len(text: str, stops: list[str]) -> int:
-    """How much of text can be emitted without possibly cutting into a stop string."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return len(text) - hold

@@ -39,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_stats(s) -> None:
     from .runtime.memory import format_size
     from .runtime.policy import quality_label
+    from .runtime.stats import percent
 
     rows = [
         ("quality", quality_label(s.quality, s.lossless)),
@@ -56,7 +57,7 @@ def _print_stats(s) -> None:
         tokens = max(s.generated_tokens + s.prompt_tokens, 1)
         rows += [
             ("expert cache", f"{format_size(c.cache_bytes)} of {format_size(c.cache_capacity)}"),
-            ("hits / partial / misses", f"{c.hits} / {c.partial_hits} / {c.misses} (hit rate {c.hit_rate:.1%})"),
+            ("hits / partial / misses", f"{c.hits} / {c.partial_hits} / {c.misses} (hit rate {percent(c.hit_rate)})"),
             ("bytes read", f"{format_size(c.bytes_read)} ({format_size(c.bytes_read / tokens)} per token)"),
             ("evictions / upgrades / downgrades", f"{c.evictions} / {c.upgrades} / {c.downgrades}"),
             ("I/O stall", f"{c.io_stall_s:.2f} s"),
@@ -75,7 +76,7 @@ def _print_stats(s) -> None:
         )
         for i, l in enumerate(c.layers):
             print(
-                f"{i:>5} {l.hits:>7} {l.partial_hits:>7} {l.misses:>7} {l.hit_rate:>8.1%} "
+                f"{i:>5} {l.hits:>7} {l.partial_hits:>7} {l.misses:>7} {percent(l.hit_rate):>8} "
                 f"{format_size(l.bytes_read):>11} {l.evictions:>6} {l.io_stall_s:>7.2f}",
                 file=sys.stderr,
             )
@@ -298,7 +299,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    # in the order `edgemoe --help` lists them
+    _add_run(sub)
+    _add_store_commands(sub)
+    _add_serve(sub)
+    _add_calibrate(sub)
+    _add_bench(sub)
+    _add_emulate(sub)
+    _add_eval(sub)
+    _add_profile(sub)
 
+    from .tui.cli import add_subcommands as _tui_subcommands  # chat, monitor (Textual is imported on use)
+
+    _tui_subcommands(sub)
+    return p
+
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="generate text from a prompt, streamed to stdout")
     add_load_options(r)
     add_sampling_options(r)
@@ -310,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_run)
 
+
+def _add_store_commands(sub) -> None:
+    """info, convert, verify."""
     i = sub.add_parser("info", help="architecture, experts, tensor types and sizes of a GGUF model")
     i.add_argument("model", help="GGUF model file or expert store directory")
     i.set_defaults(func=cmd_info)
@@ -337,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--quiet", action="store_true", help="print nothing when the store is clean")
     vf.set_defaults(func=cmd_verify)
 
+
+def _add_serve(sub) -> None:
     sv = sub.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /stats, /metrics)",
@@ -358,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_calibrate(sub) -> None:
     k = sub.add_parser("calibrate", help="calibrate expert skipping (NAEE thresholds) on text; saved beside the store")
     add_load_options(k)
     k.add_argument("--text", required=True, help="UTF-8 calibration text")
@@ -365,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--window", type=int, default=256, help="tokens per evaluation window (default 256)")
     k.set_defaults(func=cmd_calibrate)
 
+
+def _add_bench(sub) -> None:
+    """Listed in the help only: main() hands `edgemoe bench ...` to its own parser."""
     b = sub.add_parser(
         "bench",
         add_help=False,
@@ -372,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("rest", nargs=argparse.REMAINDER)
 
+
+def _add_emulate(sub) -> None:
     em = sub.add_parser("emulate", help="run a command as if on a device profile (Linux, root, cgroup v1)")
     em.add_argument("--profile", required=True, help="device profile name or YAML path")
     em.add_argument("--memory", type=_size, default=None, help="memory cap instead of the profile's RAM (e.g. 2GiB)")
@@ -379,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     em.set_defaults(func=cmd_emulate)
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="perplexity over a text file, with llama.cpp's as the reference line")
     add_load_options(e)
     e.add_argument("--text", required=True, help="UTF-8 text file")
@@ -387,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-reference", action="store_true", help="skip the llama.cpp reference line")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_profile(sub) -> None:
     pr = sub.add_parser(
         "profile",
         help="measure this device into a profile YAML, or profile a model's routing "
@@ -396,11 +429,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     _profile_arguments(pr)
     pr.set_defaults(func=cmd_profile)
-
-    from .tui.cli import add_subcommands as _tui_subcommands  # chat, monitor (Textual is imported on use)
-
-    _tui_subcommands(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -521,7 +521,8 @@ def test_onnx_expert_backend_counts_rows_and_matches_up_to_activation_rounding(s
             first = m.logits(ids)
             again = m.logits(ids)
             c = m.stats().cache
-            forms = {e.fast["gate"].qtype for e in m._experts.cache.entries.values() if e.fast is not None}
+            cache = m._experts.cache
+            forms = {cache.fast(*k)["gate"].qtype for k, h in cache.state().held.items() if h.fast}
         if name == "f32":  # group 64 (96 is not a multiple of 32 x 3): numba planes, float32 like onnxruntime
             assert c.backend_rows["onnxruntime"] > 0 and c.backend_rows["edgemoe"] > 0 and c.onnx_sessions > 0
             np.testing.assert_allclose(first, ref, atol=2e-4, rtol=1e-4)

@@ -157,11 +157,11 @@ def test_rope_scaling_matches_llama_cpp(build_model, arch, scaling):
 
 
 def test_long_prompt_crosses_batch_boundaries(build_model):
-    """Prompts are evaluated in batches of streaming.N_BATCH tokens; results must not change."""
-    from edgemoe.runtime import streaming
+    """Prompts are evaluated in batches of N_BATCH tokens; results must not change."""
+    from edgemoe.runtime.engine import N_BATCH
 
     path = build_model("qwen2moe")
-    n = 2 * streaming.N_BATCH + 21
+    n = 2 * N_BATCH + 21
     with edgemoe.load(path, kv_type="f32", n_ctx=256) as m:
         ids = random_ids(n, m.config.n_vocab, seed=9)
         ours = m.logits(ids)

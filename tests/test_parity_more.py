@@ -224,12 +224,12 @@ def test_swiglu_oai_clamps_and_is_exercised(build_model, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["ds-v3", "gpt-oss"])
 def test_long_prompt_crosses_batch_boundaries(build_model, variant):
-    """Prompts are evaluated in batches of streaming.N_BATCH tokens: the MLA latent cache and the
+    """Prompts are evaluated in batches of N_BATCH tokens: the MLA latent cache and the
     sliding window must carry across them."""
-    from edgemoe.runtime import streaming
+    from edgemoe.runtime.engine import N_BATCH
 
     path = _build(build_model, variant)
-    n = 2 * streaming.N_BATCH + 21
+    n = 2 * N_BATCH + 21
     with edgemoe.load(path, kv_type="f32", n_ctx=256) as m:
         ids = random_ids(n, m.config.n_vocab, seed=9)
         ours = m.logits(ids)

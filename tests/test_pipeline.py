@@ -103,13 +103,6 @@ def test_prefetch_is_cancelled_when_wrong(store16):
         assert not [r for r in pl.prefetches if r.layer == 2]
 
 
-def _held_bytes(ent) -> int:
-    """The bytes an entry's buffers really take: its planes, or the ggml form that replaced them."""
-    if ent.fast is not None:
-        return sum(w.nbytes for w in ent.fast.values())
-    return sum(p.nbytes for p in ent.planes)
-
-
 def test_cache_accounting_stays_within_capacity_while_the_pipeline_runs(store16):
     """Cache accounting, not the memory budget: the cache's byte counter (resident planes plus the
     reservations of reads in flight on the I/O threads) never passes its capacity, and once idle it
@@ -123,8 +116,7 @@ def test_cache_accounting_stays_within_capacity_while_the_pipeline_runs(store16)
 
         def watch():
             while not stop.is_set():
-                with cache.cond:
-                    worst[0] = max(worst[0], cache.nbytes)
+                worst[0] = max(worst[0], cache.state().nbytes)
                 time.sleep(0.0005)
 
         t = threading.Thread(target=watch)
@@ -137,10 +129,10 @@ def test_cache_accounting_stays_within_capacity_while_the_pipeline_runs(store16)
             t.join()
         assert 0 < worst[0] <= cache.capacity
         assert m.stats().cache.evictions > 0
-        with cache.cond:
-            held = [_held_bytes(e) for e in cache.entries.values()]
-            assert [e.nbytes for e in cache.entries.values()] == held
-            assert cache.nbytes == sum(held)
+        state = cache.state()
+        held = [h.buffer_bytes for h in state.held.values()]
+        assert [h.nbytes for h in state.held.values()] == held
+        assert state.nbytes == sum(held)
 
 
 def test_quality_presets_read_fewer_bytes(store16):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from edgemoe.cli import main
-from edgemoe.devices import cachesim, kernel_speed, measure, model_profile, profiles, replay
+from edgemoe.devices import cachesim, kernel_speed, measure, model_profile, perf_model, profiles, replay
 from edgemoe.testing import synth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,9 +147,11 @@ def test_prediction_formula():
             storage=dict(kind="nvme", seq_read_mbps=1000, rand_read_mbps=500, read_latency_us=100, readahead_kb=128),
         )
     )
-    r = model_profile.predict(2.0, 8.0, 1_000_000, 2_000_000, p)
+    # 2 misses per token, 8 experts of 1 MB used, 2 MB of dense weights read: the reads at the
+    # sequential bandwidth (not the random one) plus one latency each; the max of compute and reads
+    r = perf_model.predict(p, 2e6 + 8 * 1e6, 2 * 1e6, 2.0)
     assert r["t_compute"] == pytest.approx((2e6 + 8e6) / 10e9)
-    assert r["t_io"] == pytest.approx(2 * (1e6 / 500e6 + 100e-6))
+    assert r["t_io"] == pytest.approx(2 * (1e6 / 1000e6 + 100e-6))
     assert r["tokens_per_s"] == pytest.approx(1 / r["t_io"]) and r["bound"] == "storage"
 
 
@@ -192,11 +194,11 @@ def _cache_misses(reqs, n_layer: int, slots: int, policy: str, warm_from: int) -
     before = 0
     for i, (layer, e, first) in enumerate(reqs):
         if i == warm_from:
-            before = sum(s.misses for s in cache.layers)
+            before = cache.state().misses
         if first:
             cache.visit(layer)
         cache.get(layer, e, 1)
-    total = sum(s.misses for s in cache.layers)
+    total = cache.state().misses
     return total, total - before
 
 

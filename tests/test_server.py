@@ -20,9 +20,9 @@ import pytest
 
 import edgemoe
 from edgemoe.api import Stats
-from edgemoe.runtime.streaming import CacheStats, LayerCacheStats
+from edgemoe.runtime.stats import CacheStats, LayerCacheStats, stats_to_dict
 from edgemoe.serve import metrics
-from edgemoe.serve.server import Server, is_loopback, stats_to_dict
+from edgemoe.serve.server import Server, is_loopback
 
 openai = pytest.importorskip("openai")
 prom_parser = pytest.importorskip("prometheus_client.parser")

@@ -11,7 +11,8 @@ import pytest
 from conftest import random_ids
 
 import edgemoe
-from edgemoe.runtime import streaming
+from edgemoe.models import gguf_file
+from edgemoe.quant import transcode
 from edgemoe.runtime.cache import ExpertCache
 from edgemoe.store import reader as store
 from edgemoe.store.convert import convert
@@ -49,7 +50,7 @@ def test_budget_changes_speed_not_results(tiny_store):
         total = cache.capacity
         assert m.stats().cache.evictions == 0
         for cap in (m.memory_plan.min_cache, total // 4, (3 * total) // 5):
-            cache.capacity = cap
+            cache.set_capacity(cap)
             cache.clear()
             np.testing.assert_array_equal(m.logits(ids), full)
             s = m.stats().cache
@@ -96,7 +97,7 @@ def test_token_embedding_is_read_from_the_file(tiny_store, monkeypatch):
     emb = gguf.GGUFReader(st / "dense.gguf")
     emb_bytes = next(int(t.n_bytes) for t in emb.tensors if t.name == "token_embd.weight")
     with monkeypatch.context() as mp:
-        mp.setattr(streaming, "embedding_on_disk", lambda gf: ())
+        mp.setattr(gguf_file, "embedding_on_disk", lambda gf: ())
         with edgemoe.load(st, quality="max", kv_type="f32", n_ctx=64) as ref:
             assert not ref._file.on_disk
             want = ref.logits(ids)
@@ -261,15 +262,16 @@ def test_cache_lru_upgrade_downgrade():
     c.get(0, 1, 1)
     c.get(0, 1, 3)  # upgrade: reads planes 1..2 only
     assert r.reads[-1] == (0, 1, 1, 2)
-    assert c.layers[0].partial_hits == 1 and c.layers[0].upgrades == 1
+    layer0 = c.state().layers[0]
+    assert layer0.partial_hits == 1 and layer0.upgrades == 1
     c.get(0, 0, 3)  # hit; expert 1 is now least recent
     c.get(1, 5, 1)  # needs 100 bytes: expert 1 drops its top plane
-    assert c.resident_planes()[(0, 1)] == 2 and c.layers[0].downgrades == 1
+    assert c.resident(0, 1) == 2 and c.state().layers[0].downgrades == 1
     assert c.nbytes <= c.capacity
     for k in range(30):
         c.get(k % 2, k, 3)
         assert c.nbytes <= c.capacity
-    assert sum(s.evictions for s in c.layers) > 0
+    assert sum(s.evictions for s in c.state().layers) > 0
 
 
 def test_cache_lfu_keeps_the_frequent_expert():
@@ -279,7 +281,7 @@ def test_cache_lfu_keeps_the_frequent_expert():
         c.get(0, 0, 3)
     c.get(0, 1, 3)
     c.get(0, 2, 3)  # must evict: LFU drops expert 1 (used once), not expert 0
-    assert (0, 0) in c.entries and c.resident_planes().get((0, 1), 0) < 3
+    assert c.resident(0, 0) > 0 and c.resident(0, 1) < 3
 
 
 @pytest.mark.parametrize(
@@ -336,21 +338,22 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
         exp = m._experts
         assert exp.q41
         m.logits(random_ids(8, 256, seed=1))
-        ent = next(e for e in exp.cache.entries.values() if e.fast is not None)
-        assert all(p.size == 0 for p in ent.planes)
-        assert ent.nbytes == sum(w.nbytes for w in ent.fast.values()) <= exp.reader.expert_bytes(exp.n_planes)
-        assert exp.cache.nbytes == sum(v.nbytes for v in exp.cache.entries.values())
-        src_t = {t.name: t for t in gguf.GGUFReader(src).tensors}[f"blk.{ent.layer}.ffn_gate_exps.weight"]
-        ref = gguf.quants.dequantize(np.asarray(src_t.data[ent.expert]), QT.Q4_0)
-        w = ent.fast["gate"]
+        state = exp.cache.state()
+        (layer, expert), held = next((k, h) for k, h in state.held.items() if h.fast)
+        assert all(p.size == 0 for p in exp.cache.planes(layer, expert, held.n_planes))
+        assert held.nbytes == held.buffer_bytes <= exp.reader.expert_bytes(exp.n_planes)
+        assert state.nbytes == sum(v.nbytes for v in state.held.values())
+        src_t = {t.name: t for t in gguf.GGUFReader(src).tensors}[f"blk.{layer}.ffn_gate_exps.weight"]
+        ref = gguf.quants.dequantize(np.asarray(src_t.data[expert]), QT.Q4_0)
+        w = exp.cache.fast(layer, expert)["gate"]
         assert w.packed == kernels.can_pack_shape(QT.Q4_0, 256)
         got = gguf.quants.dequantize(kernels.unpack(w), w.qtype)
         np.testing.assert_array_equal(got, ref)
         bufs = [np.empty(exp.reader.plane_size(k), np.uint8) for k in range(exp.reader.n_planes)]
         exp.reader.read_planes(0, 1, 0, bufs)
         per = [exp.reader.split_plane(b, p)["up"] for p, b in enumerate(bufs)]
-        q41 = streaming.q41_blocks(exp.scheme, per, 256, 256)
-        fw = streaming.fast_weight(exp.scheme, per, 256, 256, "up")
+        q41 = transcode.q41_blocks(exp.scheme, per, 256, 256)
+        fw = transcode.fast_weight(exp.scheme, per, 256, 256, "up")
         np.testing.assert_array_equal(
             gguf.quants.dequantize(kernels.unpack(fw), fw.qtype), gguf.quants.dequantize(q41, QT.Q4_1)
         )
@@ -361,14 +364,13 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
             rtol=1e-5,
             atol=1e-5,
         )
-        kernel, streaming._q4_211 = streaming._q4_211, None
+        kernel, transcode._q4_211 = transcode._q4_211, None
         try:  # the numpy route: same Q4_1 bytes
-            np.testing.assert_array_equal(streaming.q41_blocks(exp.scheme, per, 256, 256), q41)
-            assert streaming.fast_weight(exp.scheme, per, 256, 256, "up").qtype == QT.Q4_1
+            np.testing.assert_array_equal(transcode.q41_blocks(exp.scheme, per, 256, 256), q41)
+            assert transcode.fast_weight(exp.scheme, per, 256, 256, "up").qtype == QT.Q4_1
         finally:
-            streaming._q4_211 = kernel
+            transcode._q4_211 = kernel
         cache = exp.cache
-        before = sum(s.downgrades for s in cache.layers)
-        cache.capacity = cache.nbytes - 1
-        cache.shrink_to_capacity()
-        assert sum(s.downgrades for s in cache.layers) == before  # fast entries go whole
+        before = sum(s.downgrades for s in cache.state().layers)
+        cache.set_capacity(cache.nbytes - 1)
+        assert sum(s.downgrades for s in cache.state().layers) == before  # fast entries go whole

@@ -23,8 +23,7 @@ from rich.console import Console
 import edgemoe
 from edgemoe.api import Response, Stats
 from edgemoe.errors import EdgeMoEError
-from edgemoe.runtime.snapshot import stats_to_dict
-from edgemoe.runtime.streaming import CacheStats, LayerCacheStats
+from edgemoe.runtime.stats import CacheStats, LayerCacheStats, stats_to_dict
 from edgemoe.store.convert import convert
 from edgemoe.testing import synth
 from edgemoe.tui.app import ChatApp

@@ -125,8 +125,7 @@ def nested_backends(data: np.ndarray, n_in: int):
     the cache)."""
     from types import SimpleNamespace
 
-    from edgemoe.quant import nested
-    from edgemoe.runtime import streaming
+    from edgemoe.quant import nested, transcode
     from edgemoe.store.convert import _source_codes
 
     n_out = data.shape[0]
@@ -134,13 +133,13 @@ def nested_backends(data: np.ndarray, n_in: int):
     planes = sch.from_codes(*_source_codes(SimpleNamespace(data=data[None], qtype=QT.Q4_0), 0))
     ks = {b: sch.planes_for(b) for b in sch.widths}
     out = [(f"planes-{b}bit", lambda x, k=ks[b]: sch.matmul(planes[:k], n_out, n_in, x)) for b in sch.widths]
-    q41 = kernels.QWeight(streaming.q41_blocks(sch, planes, n_out, n_in), QT.Q4_1, n_in, name="bench")
+    q41 = kernels.QWeight(transcode.q41_blocks(sch, planes, n_out, n_in), QT.Q4_1, n_in, name="bench")
     out.append(("planes->Q4_1", lambda x: kernels.matmul(q41, x)))
-    fast = streaming.fast_weight(sch, planes, n_out, n_in, "bench")  # a Q4_0 source: repacked Q4_0
+    fast = transcode.fast_weight(sch, planes, n_out, n_in, "bench")  # a Q4_0 source: repacked Q4_0
     if fast.packed:
         out.append(("planes->repacked", lambda x: kernels.matmul(fast, x)))
         # what a cache miss at full width costs before that: the transcoding itself (T-independent)
-        out.append(("transcode", lambda x: streaming.fast_weight(sch, planes, n_out, n_in, "bench")))
+        out.append(("transcode", lambda x: transcode.fast_weight(sch, planes, n_out, n_in, "bench")))
     return out
 
 

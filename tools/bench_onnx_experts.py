@@ -8,7 +8,7 @@ For the matquant families 2,3,4 and 2,4,8 (group 32), random weights:
 - `onnx_experts.measure`: graph build and session creation time, one call of the SwiGLU expert for
   1, 16 and 64 rows on onnxruntime (MatMulNBits) and on edgemoe's nested-plane kernels (numba);
 - for the 4-bit family also ggml's kernels on the forms a full-width expert is transcoded to
-  (streaming.fast_weight): Q4_1 rows (per-row vec_dot) and Q4_0 repacked for ggml's gemv/gemm
+  (transcode.fast_weight): Q4_1 rows (per-row vec_dot) and Q4_0 repacked for ggml's gemv/gemm
   (timed with the same codes and scales; a Q4_0 source's experts take this form);
 - with --churn: resident bytes per live session (10 kept, 200 created and dropped, as an LRU pool
   does) over the session's initializer bytes, the figure onnx_experts.SESSION_OVERHEAD charges.
@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from edgemoe.quant import kernels, nested
-    from edgemoe.runtime import memory, streaming
+    from edgemoe.quant import kernels, nested, transcode
+    from edgemoe.runtime import memory
     from edgemoe.store import onnx_experts
 except ImportError:  # run from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from edgemoe.quant import kernels, nested
-    from edgemoe.runtime import memory, streaming
+    from edgemoe.quant import kernels, nested, transcode
+    from edgemoe.runtime import memory
     from edgemoe.store import onnx_experts
 from gguf import GGMLQuantizationType as QT
 
@@ -53,7 +53,7 @@ def best(fn, reps: int) -> float:
 
 def ggml_forms(sch, per, shapes) -> dict[str, dict[str, kernels.QWeight]]:
     """Q4_1 rows and repacked Q4_0 (same codes, d = s) of a 4-bit group-32 expert."""
-    q41 = {m: streaming.q41_blocks(sch, per[m], *shapes[m]) for m in MATRICES}
+    q41 = {m: transcode.q41_blocks(sch, per[m], *shapes[m]) for m in MATRICES}
     out = {"ggml Q4_1": {m: kernels.QWeight(q41[m], QT.Q4_1, shapes[m][1]) for m in MATRICES}}
     if kernels.can_pack_shape(QT.Q4_0, min(s[0] for s in shapes.values())):
         q40 = {}

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import sys
 import time
@@ -37,12 +36,17 @@ import numpy as np
 
 from ..errors import EdgeMoEError
 from ..fileio import write_text_atomic
-from ..runtime import evaluate, streaming
-from ..runtime.policy import DEFAULT, Calibration, parse_quality, quality_label
+from ..quant.transcode import transcoded_bytes
+from ..runtime import evaluate
+from ..runtime.policy import DEFAULT, Calibration, parse_quality
+from ..store import catalog
 from ..store import reader as store
 from . import cgroup
+from .bench_report import machine, plot, report, row, run_label
 from .benchrun import prompt_ids
+from .perf_model import predict
 from .profiles import Profile, load_profile
+from .replay import locality, replay_belady, replay_run, requests
 
 CAP_SLACK = 64 * 1024 * 1024
 OWN_SEQS = 8  # random-token sequences whose routing the bench reports as the model's own
@@ -51,16 +55,12 @@ OWN_SEQS = 8  # random-token sequences whose routing the bench reports as the mo
 def ensure_store(model: Path, progress: bool = True) -> Path:
     from ..store.convert import convert
 
-    dst = streaming.cache_dir() / (streaming.store_key(model) + ".edgemoe")
+    dst = catalog.cache_dir() / (catalog.store_key(model) + ".edgemoe")
     if not store.is_store(dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
         print(f"edgemoe: converting {model.name} into {dst}", file=sys.stderr)
         convert(model, dst, progress=progress)
     return dst
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.node()}"
 
 
 def run_engine(engine: str, path: str, args, extra: list[str] | None = None, cgroups: list[Path] | None = None) -> dict:
@@ -139,32 +139,17 @@ def replay_setup(st: Path) -> dict:
             plane_sizes=[reader.plane_size(p) for p in range(reader.n_planes)],
             low_planes=scheme.planes_for(scheme.widths[0]),
             betas=cal.betas if cal is not None else None,
-            full_bytes=streaming.transcoded_bytes(reader),
+            full_bytes=transcoded_bytes(reader),
         )
     finally:
         reader.close()
-
-
-def predict(prof: Profile, mb: dict, replay: dict) -> float:
-    """Performance model: decoded tokens per second from a replay of the run's routing through the
-    expert cache (replay.replay_run: the quality's skipping and widths, the store's plane sizes, the
-    run's cache capacity). Time per token = compute (the dense bytes and the used experts' bytes at
-    their widths, over the profile's memory bandwidth) + reads (the bytes read over its sequential
-    read bandwidth, plus one read latency per read). Nothing in it is fitted to a measured run."""
-    n = max(replay["tokens"], 1)
-    compute = (n * mb["dense"] + replay["expert_bytes_used"]) / (prof.memory_bandwidth_gbps * 1e9)
-    io = (
-        replay["read_bytes"] / (prof.storage.seq_read_mbps * 1e6)
-        + replay["reads"] * prof.storage.read_latency_us * 1e-6
-    )
-    return n / (compute + io)
 
 
 def smbu(active_bytes: float, tps: float, prof: Profile) -> float:
     return active_bytes * tps / (prof.memory_bandwidth_gbps * 1e9)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="edgemoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -189,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-throttle", action="store_true", help="no read throttle (this machine's storage speed)")
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the JSON and PNG")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the readahead is restored
     if not args.model.is_file():
         raise EdgeMoEError(f"{args.model}: no such GGUF file")
@@ -199,18 +188,32 @@ def main(argv: list[str] | None = None) -> int:
         parse_quality(q)  # a bad name is an error now, not after the first runs
     size = args.model.stat().st_size
     st = ensure_store(args.model)
-    device, disk = cgroup.block_device_of(st)
     bps = None if args.no_throttle else int(prof.storage.seq_read_mbps * 1e6)
     mb = model_bytes(args.model)
-    from .replay import locality, replay_belady, replay_run, requests
+    rows = _run_budgets(args, prof, st, size, qualities, bps, mb)
+    prompt = prompt_ids(mb["n_vocab"], args.prompt_tokens)
+    loc = _replay_runs(args, prof, st, mb, rows, prompt)
+    cost = price_qualities(st, rows, prompt, args.prefetch)
+    text = report(args, prof, size, st, mb, loc, rows, cost, OWN_SEQS)
+    print(text)
+    results = dict(qualities=qualities, quality_cost=cost, locality=loc, model_bytes=mb, rows=rows, throttle_bps=bps)
+    _write(args, prof, size, text, results)
+    return 0
 
+
+def _run_budgets(
+    args, prof: Profile, st: Path, size: int, qualities: list[str], bps: int | None, mb: dict
+) -> list[dict]:
+    """Every budget, every engine (edgemoe at each quality), each in its own process capped at the
+    budget, from a cold page cache, under the profile's read throttle and readahead: their rows,
+    each printed as it ends."""
+    device, disk = cgroup.block_device_of(st)
+    runs = [(e, q) for e in args.engines.split(",") for q in (qualities if e == "edgemoe" else [None])]
     rows = []
     with cgroup.readahead(disk, prof.storage.readahead_kb):
         for frac in (float(f) for f in args.budgets.split(",")):
             budget = int(frac * size)
-            for engine, quality in [
-                (e, q) for e in args.engines.split(",") for q in (qualities if e == "edgemoe" else [None])
-            ]:
+            for engine, quality in runs:
                 cgroup.drop_caches()
                 extra = (
                     ["--budget", str(budget), "--quality", quality] + (["--prefetch"] if args.prefetch else [])
@@ -231,12 +234,16 @@ def main(argv: list[str] | None = None) -> int:
                     r["s_mbu"] = smbu(mb["active"], r["decode_tps"], prof)
                     r["peak_over_budget"] = (r["peak_rss"] - r["base_rss"]) / budget
                 rows.append(r)
-                print(_row(r), file=sys.stderr, flush=True)
-    # routing traces, after the runs (the model is loaded once, outside the capped runs): the
-    # model's own on OWN_SEQS sequences of random tokens as long as a run's, and for each edgemoe
-    # run the same trace as the run (its prompt, then the tokens it generated and fed back) for the
-    # Belady oracle and the prediction
-    prompt = prompt_ids(mb["n_vocab"], args.prompt_tokens)
+                print(row(r), file=sys.stderr, flush=True)
+    return rows
+
+
+def _replay_runs(args, prof: Profile, st: Path, mb: dict, rows: list[dict], prompt: list[int]) -> dict:
+    """Routing traces, after the runs (the model is loaded once, outside the capped runs): the
+    model's own on OWN_SEQS sequences of random tokens as long as a run's, whose locality it
+    returns, and for each edgemoe run the same trace as the run (its prompt, then the tokens it
+    generated and fed back) for the Belady oracle and the prediction (perf_model.predict), which it
+    adds to the run's row."""
     runs = [r for r in rows if r["engine"] == "edgemoe" and "cache_capacity" in r]
     own = [tuple(prompt_ids(mb["n_vocab"], args.prompt_tokens + args.decode_tokens, seed)) for seed in range(OWN_SEQS)]
     seqs = list(dict.fromkeys(own + [tuple(prompt + r["tokens"][:-1]) for r in runs]))
@@ -259,11 +266,17 @@ def main(argv: list[str] | None = None) -> int:
             prompt=args.prompt_tokens,
             **setup,
         )
-        r["predicted_tps"] = predict(prof, mb, rep)
-        r["predicted_mb_per_token"] = rep["read_bytes"] / max(rep["tokens"], 1) / 1e6
-    cost = price_qualities(st, rows, prompt, args.prefetch)
-    report = _report(args, prof, size, st, mb, loc, rows, cost)
-    print(report)
+        # per decoded token: the dense weights and the used experts at their widths; the replay's reads
+        n = max(rep["tokens"], 1)
+        pred = predict(prof, mb["dense"] + rep["expert_bytes_used"] / n, rep["read_bytes"] / n, rep["reads"] / n)
+        r["predicted_tps"] = pred["tokens_per_s"]
+        r["predicted_mb_per_token"] = pred["read_mb_per_token"]
+    return loc
+
+
+def _write(args, prof: Profile, size: int, text: str, results: dict) -> None:
+    """The JSON (the setup, then results: the rows and what they were measured on), the text report
+    and the PNG, into args.out."""
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.model.stem}-{prof.name}"
     data = dict(
@@ -274,22 +287,17 @@ def main(argv: list[str] | None = None) -> int:
         when=time.time(),
         prompt_tokens=args.prompt_tokens,
         decode_tokens=args.decode_tokens,
-        qualities=qualities,
-        quality_cost=cost,
-        locality=loc,
-        model_bytes=mb,
-        rows=rows,
-        throttle_bps=bps,
+        **results,
     )
     write_text_atomic(args.out / (stem + ".json"), json.dumps(data, indent=1))
-    (args.out / (stem + ".txt")).write_text(report + "\n")
+    (args.out / (stem + ".txt")).write_text(text + "\n")
+    rows = results["rows"]
     measured = {r["quality"]: r for r in rows if r["engine"] == "edgemoe" and "lossless" in r}  # one per quality
-    _plot(
+    plot(
         rows,
         args.out / (stem + ".png"),
-        f"{args.model.name} on {prof.name}; edgemoe at {', '.join(map(_quality_label, measured.values()))}",
+        f"{args.model.name} on {prof.name}; edgemoe at {', '.join(map(run_label, measured.values()))}",
     )
-    return 0
 
 
 def price_qualities(st: Path, rows: list[dict], prompt: list[int], prefetch: bool = False) -> dict:
@@ -331,182 +339,3 @@ def price_qualities(st: Path, rows: list[dict], prompt: list[int], prefetch: boo
         method="tokens fed one at a time from a fresh context (teacher-forced decode), each run's quality "
         "at the run's budget against max without a budget; KL(max || quality) in nats per position",
     )
-
-
-def _quality_label(r: dict) -> str:
-    return quality_label(r["quality"], bool(r.get("lossless")))
-
-
-def _calibration(mb: dict) -> str:
-    """What tools/make_bench_model.py calibrated the file's routing to, when it did."""
-    target = mb.get("reuse_target")
-    if not target:
-        return ""
-    return (
-        f"; the file was calibrated to a trained model's reuse (tools/make_bench_model.py): target "
-        f"{np.mean(target):.1%} averaged over layers, {np.mean(mb['reuse_calibrated']):.1%} reached on its "
-        f"calibration tokens"
-    )
-
-
-def _kl(x: float | None) -> str:
-    return "-" if x is None else "0" if x == 0 else f"{x:.1e}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0%}"
-
-
-def _row(r: dict) -> str:
-    head = (
-        f"{r['fraction']:>5.0%} {r['budget'] / 2**20:>7.0f} MiB {r['engine']:<10} {r.get('quality', '-'):<10} "
-        f"{('yes' if r['lossless'] else 'no') if 'lossless' in r else '-':>8}"
-    )
-    if "failed" in r:
-        return f"{head} failed: {r['failed']}"
-    hit = f"{r['hit_rate']:.1%}" if "hit_rate" in r else "-"
-    skipped = f"{r['skipped'] / max(r['chosen'], 1):.1%}" if r.get("chosen") else "-"
-    pred = f"{r['predicted_tps']:.2f}" if "predicted_tps" in r else "-"
-    return (
-        f"{head} {r['decode_tps']:>8.2f} {r['prompt_tps']:>8.2f} {r['ttft_s']:>7.2f} {r['mb_read_per_token']:>9.1f} "
-        f"{(r['peak_rss'] - r['base_rss']) / 2**20:>8.0f} {r['peak_over_budget']:>6.2f} {hit:>7} {skipped:>7} "
-        f"{r['s_mbu']:>6.1%} {pred:>7} {_kl(r.get('kl_median')):>7} {_kl(r.get('kl_p99')):>7} "
-        f"{_pct(r.get('top1_vs_max')):>5} {_pct(r.get('greedy_vs_llamacpp')):>6}"
-    )
-
-
-HEADER = (
-    f"{'budget':>15} {'engine':<10} {'quality':<10} {'lossless':>8} {'dec t/s':>8} {'pre t/s':>8} {'TTFT s':>7} "
-    f"{'MB/token':>9} {'peak MiB':>8} {'/budg':>6} {'hits':>7} {'skipped':>7} {'S-MBU':>6} {'pred.':>7} "
-    f"{'KL med':>7} {'KL p99':>7} {'top1':>5} {'=llama':>6}"
-)
-
-
-def _llama_row(rows: list[dict], fraction: float) -> dict | None:
-    """llama.cpp's run at a budget (failed or not), which edgemoe's runs there are compared with."""
-    return next((x for x in rows if x["fraction"] == fraction and x["engine"] == "llama.cpp"), None)
-
-
-def _report(
-    args, prof: Profile, size: int, st: Path, mb: dict, loc: dict, rows: list[dict], cost: dict | None = None
-) -> str:
-    lines = [
-        f"model {args.model.name} ({size / 2**20:.0f} MiB GGUF, store {st.name}); device {prof.name}: "
-        f"reads {'unthrottled' if args.no_throttle else f'{prof.storage.seq_read_mbps:g} MB/s'}, readahead "
-        f"{prof.storage.readahead_kb} KB, memory bandwidth {prof.memory_bandwidth_gbps:g} GB/s (profile); "
-        f"{args.threads} threads; prompt {args.prompt_tokens}, decode {args.decode_tokens} tokens; machine {machine()}",
-        f"routing of this GGUF ({loc['tokens']} random tokens in {OWN_SEQS} sequences): top-1/8 experts take "
-        f"{loc['top_eighth_share']:.1%} of picks (uniform picks of as many tokens: "
-        f"{loc['sampled_uniform_share']:.1%}), "
-        f"entropy {loc['entropy_bits']:.2f} bits ({loc['sampled_uniform_entropy_bits']:.2f}), busiest expert "
-        f"{loc['busiest_vs_uniform']:.2f}x uniform ({loc['sampled_uniform_busiest']:.2f}x); consecutive-token reuse "
-        f"{loc['consecutive_reuse']:.1%} (independent picks {loc['uniform_reuse']:.1%})" + _calibration(mb),
-    ]
-    if cost:
-        lines.append(
-            f"quality: lossless = every plane of every chosen expert, nothing skipped (max; llama.cpp runs the GGUF "
-            f"as written). Each edgemoe quality priced against max on the same store: {cost['positions']} tokens (the "
-            f"prompt, then {cost['continuation']} tokens) fed one at a time, the run's quality at the run's budget; KL "
-            f"med / KL p99 = median / 99th percentile over positions of KL(max || quality) in nats; top1 = positions "
-            f"whose most likely token is max's; =llama = of llama.cpp's {cost['greedy_positions']} greedy decode "
-            f"choices, those that are also the quality's most likely token"
-        )
-    lines.append(HEADER)
-    lines += [_row(r) for r in rows]
-    for r in rows:
-        if r["engine"] != "edgemoe" or "failed" in r:
-            continue
-        l = _llama_row(rows, r["fraction"])
-        if l is not None and "failed" not in l:
-            lines.append(
-                f"{r['fraction']:.0%}, {_quality_label(r)}: edgemoe/llama.cpp decode "
-                f"{r['decode_tps'] / l['decode_tps']:.2f}x, prefill {r['prompt_tps'] / l['prompt_tps']:.2f}x, "
-                f"bytes/token {r['mb_read_per_token'] / max(l['mb_read_per_token'], 1e-9):.2f}x"
-            )
-    lines.append("targets (pipeline issue):")
-    for r in rows:
-        if r["engine"] != "edgemoe" or "failed" in r:
-            continue
-        l = _llama_row(rows, r["fraction"])
-        ratio = (r["decode_tps"] / l["decode_tps"]) if l and "failed" not in l else None
-        lines.append(
-            f"  budget {r['fraction']:.0%}, {_quality_label(r)}: decode vs llama.cpp >= 3x: "
-            f"{'n/a (llama.cpp ' + l['failed'] + ')' if l and 'failed' in l else f'{ratio:.2f}x' if ratio else 'n/a'}; "
-            f"peak RSS <= budget + 5%: {r['peak_over_budget']:.2f}x; bytes/token <= 1.25x Belady: "
-            f"{r['mb_read_per_token'] / max(r.get('belady_mb_per_token', 0), 1e-9):.2f}x "
-            f"(decode reads {r['mb_read_per_token']:.1f} MB/token, "
-            f"Belady {r.get('belady_mb_per_token', 0):.1f} MB/token: "
-            f"a cache of the same size reading every expert whole, on this run's routing, warmed by its prompt"
-            + (
-                f": top-1/8 experts {r['run_locality']['top_eighth_share']:.1%} of picks, consecutive reuse "
-                f"{r['run_locality']['consecutive_reuse']:.1%})"
-                if "run_locality" in r
-                else ")"
-            )
-        )
-    return "\n".join(lines)
-
-
-def _plot(rows: list[dict], path: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("edgemoe: matplotlib is not installed (pip install 'edgemoe[plots]'): no PNG", file=sys.stderr)
-        return
-    ok = [r for r in rows if "failed" not in r]
-    fracs = sorted({r["fraction"] for r in ok})
-    series = [("llama.cpp", None)] + [
-        ("edgemoe", q) for q in dict.fromkeys(r["quality"] for r in ok if r["engine"] == "edgemoe")
-    ]
-    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
-    panels = (
-        ("decode_tps", "decode tokens/s"),
-        ("prompt_tps", "prefill tokens/s"),
-        ("mb_read_per_token", "MB read per token"),
-        ("kl_median", "KL vs max, nats: median (o-), p99 (x--)"),
-        ("top1_vs_max", "top-1 agreement with max"),
-        ("greedy_vs_llamacpp", "agreement with llama.cpp greedy"),
-    )
-    for n, (engine, q) in enumerate(series):
-        pts = [
-            next(
-                (r for r in ok if r["fraction"] == f and r["engine"] == engine and (q is None or r["quality"] == q)),
-                None,
-            )
-            for f in fracs
-        ]
-        if not any(pts):
-            continue
-        label = "llama.cpp (GGUF)" if q is None else f"edgemoe {_quality_label(next(p for p in pts if p))}"
-        color = "tab:gray" if q is None else colours[(n - 1) % len(colours)]
-        for ax, (key, name) in zip(axes.flat, panels):
-            have = [(f * 100, p[key]) for f, p in zip(fracs, pts) if p and p.get(key) is not None]
-            if have:
-                xs, ys = zip(*have)
-                ax.plot(
-                    xs,
-                    [y * 100 for y in ys] if key in ("top1_vs_max", "greedy_vs_llamacpp") else ys,
-                    "o-",
-                    color=color,
-                    label=label,
-                )
-            if key == "kl_median":
-                p99 = [(f * 100, p["kl_p99"]) for f, p in zip(fracs, pts) if p and p.get("kl_p99") is not None]
-                if p99:
-                    ax.plot(*zip(*p99), "x--", color=color)
-                ax.set_yscale("symlog", linthresh=1e-4)
-            if key in ("top1_vs_max", "greedy_vs_llamacpp"):
-                ax.set_ylim(0, 105)
-                ax.set_ylabel("% of positions")
-            ax.set_xlabel("budget, % of the GGUF")
-            ax.set_title(name)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)

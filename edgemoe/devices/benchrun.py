@@ -17,6 +17,24 @@ import time
 import numpy as np
 
 from ..runtime import memory
+from ..runtime.stats import stats_to_dict
+
+# what a bench row keeps of the expert cache's figures (edgemoe.runtime.stats.CacheStats)
+BENCH_CACHE_FIELDS = (
+    "hit_rate",
+    "bytes_read",
+    "misses",
+    "hits",
+    "evictions",
+    "partial_hits",
+    "io_stall_s",
+    "cache_capacity",
+    "skipped",
+    "chosen",
+    "uses_by_bits",
+    "prefetch_issued",
+    "prefetch_hits",
+)
 
 
 def prompt_ids(n_vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -61,24 +79,10 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
         quality=m.quality,
         lossless=s.lossless,
     )
-    if s.cache is not None:
-        c = s.cache
-        out.update(
-            hit_rate=c.hit_rate,
-            cache_bytes_read=c.bytes_read,
-            misses=c.misses,
-            hits=c.hits,
-            evictions=c.evictions,
-            partial_hits=c.partial_hits,
-            io_stall_s=c.io_stall_s,
-            cache_capacity=c.cache_capacity,
-            runtime_bytes=m.memory_plan.runtime if m.memory_plan else None,
-            skipped=c.skipped,
-            chosen=c.chosen,
-            uses_by_bits={str(k): v for k, v in c.uses_by_bits.items()},
-            prefetch_issued=c.prefetch_issued,
-            prefetch_hits=c.prefetch_hits,
-        )
+    if s.cache is not None:  # the expert cache's figures, as stats_to_dict names them
+        c = stats_to_dict(s)["cache"]
+        out.update({k: c[k] for k in BENCH_CACHE_FIELDS})
+        out["runtime_bytes"] = m.memory_plan.runtime if m.memory_plan else None
     return out
 
 

@@ -1,10 +1,9 @@
 """`edgemoe profile -m MODEL`: profile a model's routing on this device: its sizes, the routing
-trace's statistics, the performance model (predict()) and the recommended budget, width and cache
-size; writes report.md (edgemoe.devices.report) with plots."""
+trace's statistics, the performance model's predictions (edgemoe.devices.perf_model) and the
+recommended budget, width and cache size; writes report.md (edgemoe.devices.report) with plots."""
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import yaml
 from ..errors import EdgeMoEError
 from .cachesim import hit_rates, popularity, reuse
 from .measure import MiB, default_profiles_dir, measure_device, profile_yaml
+from .perf_model import predict
 from .profiles import Profile, load_profile, parse_profile
 from .report import report_markdown, write_plots
 
@@ -100,32 +100,9 @@ def model_facts(path: Path, model) -> ModelFacts:
 
 
 def runtime_bytes() -> int:
-    from ..api import RUNTIME_ESTIMATE
-    from ..runtime.streaming import SAFETY_BYTES
+    from ..runtime.budget import RUNTIME_ESTIMATE, SAFETY_BYTES
 
     return RUNTIME_ESTIMATE + SAFETY_BYTES
-
-
-def predict(
-    misses_per_token: float, experts_per_token: float, expert_bytes: int, dense_touched: int, prof: Profile
-) -> dict:
-    """Tokens/s of decode from the device profile alone (no figure fitted to a run):
-
-    t_compute = (dense_touched + experts_per_token * expert_bytes) / memory_bandwidth
-    t_io      = misses_per_token * expert_bytes / rand_read_bw + misses_per_token * read_latency
-    tokens/s  = 1 / max(t_compute, t_io)
-    """
-    bw = prof.memory_bandwidth_gbps * 1e9
-    t_compute = (dense_touched + experts_per_token * expert_bytes) / bw
-    t_io = misses_per_token * (expert_bytes / (prof.storage.rand_read_mbps * 1e6) + prof.storage.read_latency_us * 1e-6)
-    t = max(t_compute, t_io)
-    return dict(
-        t_compute=t_compute,
-        t_io=t_io,
-        tokens_per_s=1 / t if t > 0 else math.inf,
-        bound="storage" if t_io > t_compute else "memory",
-        read_mb_per_token=misses_per_token * expert_bytes / 1e6,
-    )
 
 
 def _slot_grid(n_total: int, top_k: int, n_moe: int) -> list[int]:
@@ -141,7 +118,8 @@ def _slot_grid(n_total: int, top_k: int, n_moe: int) -> list[int]:
 def _predictions(
     facts: ModelFacts, rows: list[dict], experts_per_token: float, fixed: int, prof: Profile
 ) -> list[dict]:
-    """Predictions: every width x cache size, each marked whether it fits the device's default budget."""
+    """Predictions (perf_model.predict): every width x cache size, each marked whether it fits the
+    device's default budget. A miss reads one whole expert at the width."""
     from ..runtime.cache import POLICIES
 
     budget = prof.default_budget
@@ -151,7 +129,8 @@ def _predictions(
         for r in rows:
             best = min(POLICIES, key=lambda p: (r[p + "_warm"], r[p]))
             need = fixed + r["slots"] * eb
-            p = predict(r[best + "_warm"] / r["warm_tokens"], experts_per_token, eb, facts.dense_touched, prof)
+            misses = r[best + "_warm"] / r["warm_tokens"]
+            p = predict(prof, facts.dense_touched + experts_per_token * eb, misses * eb, misses)
             preds.append(dict(bits=b, slots=r["slots"], policy=best, budget=need, fits=need <= budget, **p))
     return preds
 

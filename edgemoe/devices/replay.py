@@ -66,7 +66,7 @@ def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str
             if first:
                 cache.visit(layer)
             cache.get(layer, e, 1)
-    return sum(s.misses for s in cache.layers)
+    return cache.state().misses
 
 
 def replay_run(
@@ -85,7 +85,7 @@ def replay_run(
     one prefill batch, then one token at a time. Each MoE layer's chosen experts (trace [T, L, K])
     and gate weights go through the quality's skipping and widths (policy.skip_mask, plan_widths)
     and the cache (its capacity and policy; the store's plane sizes; full_bytes: what a full-width
-    expert is charged once transcoded, streaming.transcoded_bytes). Counted over the decoded
+    expert is charged once transcoded, quant.transcode.transcoded_bytes). Counted over the decoded
     tokens: tokens, bytes read, reads, and the bytes of the experts used at their widths."""
     T, L, K = trace.shape
     counter = PlaneCounter(L, plane_sizes)
@@ -106,19 +106,14 @@ def replay_run(
                 if skip.any():
                     w = renormalise(w, skip)
 
-                def resident(e: int, layer=layer) -> int:
-                    ent = cache.entries.get((layer, e))
-                    return len(ent.planes) if ent else 0
-
-                wants = plan_widths(top, w, skip, quality, n_planes, low_planes, resident)
+                wants = plan_widths(
+                    top, w, skip, quality, n_planes, low_planes, lambda e, layer=layer: cache.resident(layer, e)
+                )
                 cache.visit(layer)
                 for e in sorted(wants, key=lambda e: (-wants[e][1], e)):
                     cache.get(layer, e, wants[e][0])
-                    ent = cache.entries[(layer, e)]
-                    if full_bytes and len(ent.planes) == n_planes and ent.fast is None:  # as _fast_form does
-                        ent.fast = {}
-                        cache.nbytes += full_bytes - ent.nbytes
-                        ent.nbytes = full_bytes
+                    if full_bytes:  # transcoded at full width, as StoreExperts._fast_form does
+                        cache.fast_form(layer, e, lambda planes: ({}, full_bytes))
                 if step.start >= prompt:
                     used += sum(sum(plane_sizes[:n]) for n, _ in wants.values())
     return dict(

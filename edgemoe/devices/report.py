@@ -202,16 +202,16 @@ def _prediction_section(res: dict) -> list[str]:
         "## Prediction for this device",
         "",
         f"Device: {prof.name} ({res['profile_source']}): memory {prof.memory_bandwidth_gbps:g} GB/s, storage "
-        f"{prof.storage.kind} {prof.storage.rand_read_mbps:g} MB/s random 1 MiB reads, "
+        f"{prof.storage.kind} {prof.storage.seq_read_mbps:g} MB/s sequential reads, "
         f"{prof.storage.read_latency_us:g} us per read; default budget {format_size(prof.default_budget)}.",
         "",
         "Per token: misses = expert reads per token of the best policy at that cache size, warm (the "
         "trace's second half); "
         "t_compute = (dense bytes read + experts per token x expert bytes) / memory bandwidth; "
-        "t_io = misses x (expert bytes / random-read bandwidth + read latency); "
+        "t_io = misses x (expert bytes / sequential-read bandwidth + read latency); "
         "tokens/s = 1 / max(t_compute, t_io). Budget = dense weights + KV cache at "
         f"n_ctx={res['ctx_for_budget']} + runtime estimate + cache slots x expert bytes. Nothing here is "
-        "fitted to a measured run (docs/profiles.md).",
+        "fitted to a measured run (edgemoe.devices.perf_model, docs/profiles.md).",
         "",
         "| bits | slots | policy | budget | fits | MB read/token | bound | tokens/s |",
         "|---|---|---|---|---|---|---|---|",

@@ -477,3 +477,9 @@ def _prescan(path: Path, buf, size: int) -> None:
     for (o1, n1, a), (o2, _n2, b) in zip(infos, infos[1:]):
         if o1 + n1 > o2:
             raise s.fail(f"tensors {a} and {b} overlap (bytes {o1}..{o1 + n1} and {o2}..)")
+
+
+def embedding_on_disk(gf) -> tuple[str, ...]:
+    """The token embedding stays in the file (a few rows read per token) unless the output layer
+    shares it (tied embeddings: every row is used every token)."""
+    return ("token_embd.weight",) if gf.maybe("output.weight") is not None else ()

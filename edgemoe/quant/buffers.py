@@ -1,7 +1,10 @@
-"""numpy arrays as C code wants them: the data's address, 64-byte alignment, lazily backed zeros.
+"""numpy arrays as C code wants them: the data's address, 64-byte alignment, lazily backed zeros;
+and anonymous-mmap buffers (alloc) whose memory goes back to the OS when they are dropped.
 (ggml's CPU buffers must start on a 32-byte boundary; ggml aborts the process otherwise.)"""
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -32,3 +35,9 @@ def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     buf = np.zeros(n + 64, dtype=np.uint8)
     off = -addr(buf) % 64
     return buf[off : off + n].view(dtype).reshape(shape)
+
+
+def alloc(nbytes: int) -> np.ndarray:
+    """A uint8 buffer in an anonymous mmap of its own: freed, its pages go back to the OS at once
+    (malloc arenas would keep them, and RSS would drift above a budget)."""
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes]

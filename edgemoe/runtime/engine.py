@@ -17,8 +17,11 @@ from ..models.config import ModelArgs
 from ..models.gguf_file import GGUFFile
 from ..quant import buffers, ggml_graph, kernels
 from . import routing
-from .experts import GGUFExperts, swiglu_ffn
+from .experts import ExpertSource, GGUFExperts, swiglu_ffn
 from .weights import mat, router_matrix, stacked_experts, vec
+
+# Prompt tokens evaluated per forward pass: bounds the activation scratch under a budget.
+N_BATCH = 64
 
 
 @dataclass
@@ -94,7 +97,7 @@ class KVCache:
 
 
 class Engine:
-    def __init__(self, gf: GGUFFile, args: ModelArgs, experts=None):
+    def __init__(self, gf: GGUFFile, args: ModelArgs, experts: ExpertSource | None = None):
         """experts: where expert FFNs come from (ffn(layer, expert, x, importance) -> y);
         default: the GGUF file itself."""
         self.args = args
@@ -116,7 +119,7 @@ class Engine:
         self._rope_short = vec(gf.maybe("rope_factors_short.weight"))
         self.n_ctx_orig = n_ctx_orig
         self.layers = [self._load_layer(i) for i in range(args.n_layer)]
-        self.expert_src = experts if experts is not None else GGUFExperts(gf, args)
+        self.expert_src: ExpertSource = experts if experts is not None else GGUFExperts(gf, args)
         self.trace: list[tuple[np.ndarray, np.ndarray]] | None = None  # when a list: (top, w) [T, K] of each layer call
         # when set: observe(layer, h [T, D], top [T, K], w [T, K]) before each MoE layer's experts run
         self.observe = None

@@ -3,7 +3,9 @@ experts of a GGUF in place, and the weighted sum of the chosen experts' outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -110,6 +112,20 @@ def swiglu_ffn(gate: kernels.QWeight, up: kernels.QWeight, down: kernels.QWeight
     g = kernels.matmul(gate, x)  # [T, F]
     u = kernels.matmul(up, x)  # [T, F]
     return kernels.matmul(down, swiglu(g, u))  # [T, D]
+
+
+class ExpertSource(Protocol):
+    """Where a MoE layer's routed experts come from, and how their outputs are combined: the
+    engine calls moe_layer once per MoE layer, after routing. GGUFExperts computes the experts in
+    place from the GGUF; streaming.StoreExperts plans widths, fetches planes through the expert
+    cache and computes them. predict(): the next MoE layer's (layer, top, w) guessed from h, for a
+    prefetch."""
+
+    def moe_layer(
+        self, i: int, h: np.ndarray, top: np.ndarray, w: np.ndarray, predict: Callable[[], tuple | None] | None = None
+    ) -> np.ndarray:
+        """sum_k w[t, k] * expert_{top[t, k]}(h[t]) [T, D] of layer i."""
+        ...
 
 
 class GGUFExperts:

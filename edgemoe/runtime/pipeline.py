@@ -7,8 +7,9 @@ it in prefill, gate weight in decode), so the hottest expert becomes computable 
 compute starts on it while later reads continue. Prefetches (the next layer's predicted experts)
 queue behind every demand read and are cancelled when the real routing does not want them.
 
-Reads release the GIL (os.preadv), so they overlap with the kernels. The cache is shared under its
-condition variable; experts of the layer in flight are pinned so making room never drops them.
+Reads release the GIL (os.preadv), so they overlap with the kernels. The queues live under the
+pipeline's own condition, which both threads hold while they change the cache through its methods;
+experts of the layer in flight are pinned so making room never drops them.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def hebf_order(reqs: list[Request]) -> list[tuple[int, int]]:
 class Pipeline:
     def __init__(self, cache: ExpertCache, read_delay_s: float = 0.0):
         self.cache = cache
-        self.cond = cache.cond
+        self.cond = threading.Condition()
         self.demand: list[Request] = []
         self.prefetches: list[Request] = []
         self.pinned: set[tuple[int, int]] = set()  # experts of the layer in flight
@@ -58,7 +59,6 @@ class Pipeline:
         self.prefetch_issued = 0  # experts queued for prefetch
         self.prefetch_hits = 0  # of those, wanted by the real routing
         self.prefetch_cancelled = 0  # dropped from the queue when the routing did not want them
-        self.stall_s = 0.0
         self.read_log: list[tuple[int, int, int, float, float]] = []  # (layer, expert, plane, start, end)
         self.log_reads = False
         self._stop = False
@@ -71,8 +71,7 @@ class Pipeline:
         """Queue low-priority reads of layer's predicted experts {expert: (n_planes, hotness)}."""
         with self.cond:
             for e, (n, hot) in experts.items():
-                ent = self.cache.entries.get((layer, e))
-                have = len(ent.planes) if ent else 0
+                have = self.cache.resident(layer, e)
                 if have >= n or any(r.layer == layer and r.expert == e for r in self.prefetches):
                     continue
                 self.prefetches.append(Request(layer, e, n, hot, True, list(range(have, n))))
@@ -89,13 +88,12 @@ class Pipeline:
             self.prefetches = [r for r in self.prefetches if r.layer != layer]
             self.prefetch_cancelled += len(queued - wants.keys())
             for e, (n, hot) in wants.items():
-                ent = self.cache.entries.get((layer, e))
-                if e in queued or (ent is not None and ent.prefetched and not ent.used):
+                if e in queued or self.cache.prefetched_unused(layer, e):
                     self.prefetch_hits += 1
                 self.cache.count(layer, e, n)
                 self.pinned.add((layer, e))
                 self.pin_need[(layer, e)] = n
-                have = len(ent.planes) if ent else 0
+                have = self.cache.resident(layer, e)
                 if have < n:
                     self.demand.append(Request(layer, e, n, hot, False, list(range(have, n))))
             self.cond.notify_all()
@@ -109,17 +107,13 @@ class Pipeline:
                     while True:
                         if self.error is not None:
                             raise self.error
-                        ready = [e for e, (n, _) in todo.items() if self._resident(layer, e) >= n]
+                        ready = [e for e, (n, _) in todo.items() if self.cache.resident(layer, e) >= n]
                         if ready:
                             break
                         self.cond.wait()
-                    self.stall_s += time.perf_counter() - t0
-                    self.cache.layers[layer].io_seconds += time.perf_counter() - t0
+                    self.cache.add_stall(layer, time.perf_counter() - t0)
                     e = max(ready, key=lambda e: (todo[e][1], -e))
-                    n = todo.pop(e)[0]
-                    ent = self.cache.entries[(layer, e)]
-                    ent.used = True
-                    planes = ent.planes[:n]
+                    planes = self.cache.planes(layer, e, todo.pop(e)[0])
                 compute(e, planes)
                 with self.cond:
                     self.pinned.discard((layer, e))
@@ -129,10 +123,6 @@ class Pipeline:
                 self.demand = [r for r in self.demand if r.layer != layer]
                 self.pinned = {k for k in self.pinned if k[0] != layer}
                 self.cond.notify_all()
-
-    def _resident(self, layer: int, e: int) -> int:
-        ent = self.cache.entries.get((layer, e))
-        return len(ent.planes) if ent else 0
 
     def close(self) -> None:
         with self.cond:
@@ -160,7 +150,7 @@ class Pipeline:
                     return
                 r = self._next()
                 key = (r.layer, r.expert)
-                have = self._resident(r.layer, r.expert)
+                have = cache.resident(r.layer, r.expert)
                 if r.queue[0] < have:  # already there (read meanwhile by another request)
                     r.queue = [p for p in r.queue if p >= have]
                     self.cond.notify_all()
@@ -173,7 +163,7 @@ class Pipeline:
                 if not room and not r.prefetch:
                     # only pinned experts are left: keep the complete ones (the caller computes
                     # and unpins them), let incomplete ones lose planes (they are read again)
-                    complete = {k for k in self.pinned if self._resident(*k) >= self.pin_need.get(k, 0)}
+                    complete = {k for k in self.pinned if cache.resident(*k) >= self.pin_need.get(k, 0)}
                     room = cache.try_make_room(size, r.layer, complete | self.reading | {key})
                 if not room:
                     if r.prefetch:  # never wait on pins for a prefetch: drop it
@@ -182,7 +172,7 @@ class Pipeline:
                         continue
                     self.cond.wait()  # the caller frees pins as it computes
                     continue
-                cache.nbytes += size  # reserved while the read is in flight
+                cache.reserve(size)  # while the read is in flight
                 self.reading.add(key)
             buf = alloc(size)
             t0 = time.perf_counter()
@@ -192,17 +182,17 @@ class Pipeline:
                 cache.reader.read_planes(r.layer, r.expert, plane, [buf])
             except BaseException as exc:  # a damaged shard: the caller raises it
                 with self.cond:
-                    cache.nbytes -= size
+                    cache.release(size)
                     self.reading.discard(key)
                     self.error = exc
                     self.cond.notify_all()
                 continue
             t1 = time.perf_counter()
             with self.cond:
-                cache.nbytes -= size
+                cache.release(size)
                 if self.log_reads:
                     self.read_log.append((r.layer, r.expert, plane, t0, t1))
-                if self._resident(r.layer, r.expert) == plane:
+                if cache.resident(r.layer, r.expert) == plane:
                     cache.add_planes(r.layer, r.expert, [buf], prefetched=r.prefetch)
                 if r.queue and r.queue[0] == plane:
                     r.queue.pop(0)

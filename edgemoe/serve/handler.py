@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EdgeMoEError
-from ..runtime.snapshot import stats_to_dict  # the one JSON shape of Stats (also the TUI's)
+from ..runtime.stats import stats_to_dict  # the one JSON shape of Stats (the monitor reads it back)
 from . import metrics
 from .schema import COMPLETION_DEFAULT_MAX_TOKENS, APIError, _bad, _messages, _prompt, _sampling, _stream_flags
 

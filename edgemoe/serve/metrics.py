@@ -6,6 +6,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..runtime.stats import CacheStats, Stats
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -52,15 +54,27 @@ class Exposition:
 
 
 def render(
-    stats: Any,
+    stats: Stats,
     *,
     queue_depth: int = 0,
     in_flight: int = 0,
     requests: Mapping[tuple[str, int], int] | None = None,
     model: str = "",
 ) -> str:
-    """The /metrics page: stats is edgemoe.api.Stats; requests maps (endpoint, HTTP status) -> count."""
+    """The /metrics page of a model's Stats; requests maps (endpoint, HTTP status) -> count."""
     e = Exposition()
+    _speed_and_memory(e, stats)
+    _quality(e, stats)
+    c = stats.cache
+    if c is not None:
+        _cache_totals(e, c)
+        _cache_layers(e, c)
+    _server(e, queue_depth, in_flight, requests, model)
+    return e.render()
+
+
+def _speed_and_memory(e: Exposition, stats: Stats) -> None:
+    """Tokens, speeds, memory and sizes."""
     e.one(
         "edgemoe_prompt_tokens_total",
         "counter",
@@ -88,7 +102,10 @@ def render(
     e.one("edgemoe_model_bytes", "gauge", "Size of the model file (or store).", stats.model_bytes)
     e.one("edgemoe_kv_bytes", "gauge", "KV cache as allocated.", stats.kv_bytes)
     e.one("edgemoe_context_tokens", "gauge", "Context length n_ctx.", stats.n_ctx)
-    # every speed and cache figure here was measured at this quality
+
+
+def _quality(e: Exposition, stats: Stats) -> None:
+    """The quality in force: every speed and cache figure here was measured at it."""
     e.family(
         "edgemoe_quality_info",
         "gauge",
@@ -102,64 +119,76 @@ def render(
         "1 when the quality in force is lossless (max), 0 when it reads fewer bits or skips experts.",
         stats.lossless,
     )
-    c = stats.cache
-    if c is not None:
-        e.one("edgemoe_cache_hits_total", "counter", "Expert cache hits (all planes resident).", c.hits)
-        e.one("edgemoe_cache_misses_total", "counter", "Expert cache misses (read from the store).", c.misses)
-        e.one(
-            "edgemoe_cache_partial_hits_total",
-            "counter",
-            "Expert cache partial hits (some planes read).",
-            c.partial_hits,
-        )
-        e.one("edgemoe_cache_bytes_read_total", "counter", "Bytes read from the expert store.", c.bytes_read)
-        e.one("edgemoe_cache_evictions_total", "counter", "Experts evicted from the cache.", c.evictions)
-        e.one("edgemoe_cache_upgrades_total", "counter", "Experts widened to more bits.", c.upgrades)
-        e.one("edgemoe_cache_downgrades_total", "counter", "Experts narrowed to fewer bits.", c.downgrades)
-        e.one("edgemoe_cache_io_stall_seconds_total", "counter", "Time spent waiting for expert reads.", c.io_stall_s)
-        e.one("edgemoe_cache_bytes", "gauge", "Bytes the expert cache holds now.", c.cache_bytes)
-        e.one("edgemoe_cache_capacity_bytes", "gauge", "Capacity of the expert cache.", c.cache_capacity)
-        for field, help_text in (
-            ("skipped", "Token-expert pairs skipped by the quality policy."),
-            ("chosen", "Token-expert pairs the routers chose."),
-            ("prefetch_issued", "Expert prefetches issued."),
-            ("prefetch_hits", "Prefetched experts the routing wanted."),
-            ("prefetch_cancelled", "Queued prefetches dropped."),
-            ("prefetch_wasted_bytes", "Prefetched bytes dropped before any use."),
-        ):
-            e.one(f"edgemoe_cache_{field}_total", "counter", help_text, getattr(c, field, None))
+
+
+_CACHE_COUNTERS = (  # CacheStats fields exported as edgemoe_cache_<field>_total
+    ("skipped", "Token-expert pairs skipped by the quality policy."),
+    ("chosen", "Token-expert pairs the routers chose."),
+    ("prefetch_issued", "Expert prefetches issued."),
+    ("prefetch_hits", "Prefetched experts the routing wanted."),
+    ("prefetch_cancelled", "Queued prefetches dropped."),
+    ("prefetch_wasted_bytes", "Prefetched bytes dropped before any use."),
+)
+
+
+def _cache_totals(e: Exposition, c: CacheStats) -> None:
+    """The expert cache's counters over all layers, and its bytes by width."""
+    e.one("edgemoe_cache_hits_total", "counter", "Expert cache hits (all planes resident).", c.hits)
+    e.one("edgemoe_cache_misses_total", "counter", "Expert cache misses (read from the store).", c.misses)
+    e.one(
+        "edgemoe_cache_partial_hits_total",
+        "counter",
+        "Expert cache partial hits (some planes read).",
+        c.partial_hits,
+    )
+    e.one("edgemoe_cache_bytes_read_total", "counter", "Bytes read from the expert store.", c.bytes_read)
+    e.one("edgemoe_cache_evictions_total", "counter", "Experts evicted from the cache.", c.evictions)
+    e.one("edgemoe_cache_upgrades_total", "counter", "Experts widened to more bits.", c.upgrades)
+    e.one("edgemoe_cache_downgrades_total", "counter", "Experts narrowed to fewer bits.", c.downgrades)
+    e.one("edgemoe_cache_io_stall_seconds_total", "counter", "Time spent waiting for expert reads.", c.io_stall_s)
+    e.one("edgemoe_cache_bytes", "gauge", "Bytes the expert cache holds now.", c.cache_bytes)
+    e.one("edgemoe_cache_capacity_bytes", "gauge", "Capacity of the expert cache.", c.cache_capacity)
+    for field, help_text in _CACHE_COUNTERS:
+        e.one(f"edgemoe_cache_{field}_total", "counter", help_text, getattr(c, field))
+    e.family(
+        "edgemoe_cache_uses_by_bits_total",
+        "counter",
+        "Expert computations by the width they ran at.",
+        [({"bits": b}, n) for b, n in sorted(c.uses_by_bits.items())],
+    )
+    e.family(
+        "edgemoe_cache_resident_bytes_by_bits",
+        "gauge",
+        "Expert cache bytes by nested width.",
+        [({"bits": b}, n) for b, n in sorted(c.resident_bytes_by_bits.items())],
+    )
+
+
+_CACHE_PER_LAYER = (  # (metric name part, help, the layer's attribute)
+    ("hits", "Expert cache hits per layer.", "hits"),
+    ("misses", "Expert cache misses per layer.", "misses"),
+    ("partial_hits", "Expert cache partial hits per layer.", "partial_hits"),
+    ("bytes_read", "Bytes read from the store per layer.", "bytes_read"),
+    ("evictions", "Evictions per layer.", "evictions"),
+    ("io_stall_seconds", "I/O stall per layer.", "io_stall_s"),
+)
+
+
+def _cache_layers(e: Exposition, c: CacheStats) -> None:
+    """The expert cache's counters per layer."""
+    for short, help_text, attr in _CACHE_PER_LAYER:
         e.family(
-            "edgemoe_cache_uses_by_bits_total",
+            f"edgemoe_cache_layer_{short}_total",
             "counter",
-            "Expert computations by the width they ran at.",
-            [({"bits": b}, n) for b, n in sorted((getattr(c, "uses_by_bits", None) or {}).items())],
+            help_text,
+            [({"layer": i}, getattr(layer, attr)) for i, layer in enumerate(c.layers)],
         )
-        e.family(
-            "edgemoe_cache_resident_bytes_by_bits",
-            "gauge",
-            "Expert cache bytes by nested width.",
-            [({"bits": b}, n) for b, n in sorted(c.resident_bytes_by_bits.items())],
-        )
-        per_layer = [
-            ("hits", "counter", "Expert cache hits per layer.", "hits"),
-            ("misses", "counter", "Expert cache misses per layer.", "misses"),
-            ("partial_hits", "counter", "Expert cache partial hits per layer.", "partial_hits"),
-            ("bytes_read", "counter", "Bytes read from the store per layer.", "bytes_read"),
-            ("evictions", "counter", "Evictions per layer.", "evictions"),
-        ]
-        for short, kind, help_text, attr in per_layer:
-            e.family(
-                f"edgemoe_cache_layer_{short}_total",
-                kind,
-                help_text,
-                [({"layer": i}, getattr(layer, attr)) for i, layer in enumerate(c.layers)],
-            )
-        e.family(
-            "edgemoe_cache_layer_io_stall_seconds_total",
-            "counter",
-            "I/O stall per layer.",
-            [({"layer": i}, layer.io_stall_s) for i, layer in enumerate(c.layers)],
-        )
+
+
+def _server(
+    e: Exposition, queue_depth: int, in_flight: int, requests: Mapping[tuple[str, int], int] | None, model: str
+) -> None:
+    """The server's queue, requests answered and the model it serves."""
     e.one("edgemoe_queue_depth", "gauge", "Requests waiting for the model.", queue_depth)
     e.one("edgemoe_requests_in_flight", "gauge", "Requests admitted (generating or waiting).", in_flight)
     e.family(
@@ -170,4 +199,3 @@ def render(
     )
     if model:
         e.family("edgemoe_model_info", "gauge", "The model served.", [({"model": model}, 1)])
-    return e.render()

@@ -7,7 +7,7 @@ between tokens) and stops the generation, and shutdown() stops the accept loop c
 
 Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
 (with "stream": true: `data: {...}` events ending with `data: [DONE]`), GET /stats (JSON of
-Model.stats(), see stats_to_dict), GET /metrics (Prometheus text), GET /health.
+Model.stats(), edgemoe.runtime.stats.stats_to_dict), GET /metrics (Prometheus text), GET /health.
 
 This module holds the server, its admission gate and the command; handler.py answers the requests,
 schema.py checks OpenAI's request bodies.
@@ -27,7 +27,6 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from ..errors import EdgeMoEError
-from ..runtime.snapshot import stats_to_dict  # noqa: F401 - documented as edgemoe.serve.server.stats_to_dict
 from .handler import _Handler
 from .schema import APIError
 

@@ -20,9 +20,8 @@ import numpy as np
 
 from ..errors import EdgeMoEError
 from ..models.config import ModelArgs
-from ..models.gguf_file import GGUFFile
+from ..models.gguf_file import GGUFFile, embedding_on_disk
 from ..quant import nested
-from ..runtime import streaming
 from . import reader as store
 
 # The nested scheme: matquant won tools/bench_nested.py at the top widths and ties d2moe within a
@@ -50,8 +49,8 @@ def expert_names(gf: GGUFFile) -> set[str]:
 
 def resident_dense_bytes(gf: GGUFFile) -> int:
     """What a store made from this file holds in memory of its other tensors: all but those left
-    in the file (streaming.embedding_on_disk)."""
-    skip = expert_names(gf) | set(streaming.embedding_on_disk(gf))
+    in the file (embedding_on_disk)."""
+    skip = expert_names(gf) | set(embedding_on_disk(gf))
     return sum(t.nbytes for n, t in gf.tensors.items() if n not in skip)
 
 
@@ -124,7 +123,7 @@ def calibrate_activations(src: Path, text: str, max_tokens: int = 512) -> dict:
     {(layer, "in"): [D] for gate/up, (layer, e): [F] for down of expert e} (the down projection's
     input is the expert's own activation, biases included: expert_hidden)."""
     from ..models.tokenizer import open_tokenizer
-    from ..runtime.engine import Engine, KVCache
+    from ..runtime.engine import N_BATCH, Engine, KVCache
 
     gf = GGUFFile(src)
     args = ModelArgs.from_gguf(gf)
@@ -147,8 +146,8 @@ def calibrate_activations(src: Path, text: str, max_tokens: int = 512) -> dict:
 
     eng.observe = observe
     cache = KVCache(args, len(ids))
-    for i in range(0, len(ids), streaming.N_BATCH):
-        eng.forward(np.asarray(ids[i : i + streaming.N_BATCH]), cache, all_logits=False)
+    for i in range(0, len(ids), N_BATCH):
+        eng.forward(np.asarray(ids[i : i + N_BATCH]), cache, all_logits=False)
     return {k: (v[0] / max(v[1], 1)).astype(np.float32) for k, v in stats.items()}
 
 
@@ -202,33 +201,12 @@ def _convert(
     try:
         args = ModelArgs.from_gguf(gf)
         sbits = source_bits(gf, args)
-        bits = bits or nested.default_bits(sbits)
-        if sbits < bits[-1]:
-            warnings.warn(
-                f"{src.name}: the source experts have {sbits:g} bits per weight, fewer than the top nested "
-                f"width {bits[-1]}: the top width cannot be more accurate than the source",
-                stacklevel=2,
-            )
-        if scheme not in nested.SCHEMES:
-            raise EdgeMoEError(f"scheme {scheme!r} is not one of {', '.join(nested.SCHEMES)}")
-        first = next(i for i in range(args.n_layer) if not args.is_dense(i))
-        group = group_for(args, scheme, gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}").qtype, bits)
-        if scheme == "matquant" and bits[-1] == 4 and group == 32 and _all_q4_0(gf, args):
-            scheme = "matquant-sym"  # Q4_0 is symmetric: the offsets need not be stored
-        sch = nested.SCHEMES[scheme](bits, group)
+        sch = _nested_scheme(gf, args, src, sbits, bits, scheme)
         dst = Path(dst) if dst is not None else src.with_suffix(".edgemoe")
         _remove_stale_temps(dst)
         if dst.exists() and not force:
             raise EdgeMoEError(f"{dst}: already exists (use --force to replace it)")
-        act = None
-        if calibration is not None and src.suffix.lower() == ".onnx":
-            raise EdgeMoEError(f"{src}: --calibration is not supported for ONNX sources yet (convert without it)")
-        if calibration is not None:
-            try:
-                text = Path(calibration).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise EdgeMoEError(f"{calibration}: cannot read calibration text ({exc})") from None
-            act = calibrate_activations(src, text)
+        act = _calibration(src, calibration)
         tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
         tmp.mkdir(parents=True)
         try:
@@ -236,14 +214,7 @@ def _convert(
             for extra in getattr(gf, "extra_files", ()):  # an ONNX model's tokenizer.json
                 shutil.copyfile(extra, tmp / extra.name)
             _fsync_dir(tmp)
-            if dst.exists():
-                old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-                os.rename(dst, old)
-                os.rename(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dst)
-            _fsync_dir(dst.parent)
+            _move_into_place(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -252,30 +223,57 @@ def _convert(
         gf.close()
 
 
+def _nested_scheme(gf, args: ModelArgs, src: Path, sbits: float, bits: tuple[int, ...] | None, scheme: str):
+    """The nested scheme to encode the experts with: its widths (the source's default ones if not
+    given) and group."""
+    bits = bits or nested.default_bits(sbits)
+    if sbits < bits[-1]:
+        warnings.warn(
+            f"{src.name}: the source experts have {sbits:g} bits per weight, fewer than the top nested "
+            f"width {bits[-1]}: the top width cannot be more accurate than the source",
+            stacklevel=3,
+        )
+    if scheme not in nested.SCHEMES:
+        raise EdgeMoEError(f"scheme {scheme!r} is not one of {', '.join(nested.SCHEMES)}")
+    first = next(i for i in range(args.n_layer) if not args.is_dense(i))
+    group = group_for(args, scheme, gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}").qtype, bits)
+    if scheme == "matquant" and bits[-1] == 4 and group == 32 and _all_q4_0(gf, args):
+        scheme = "matquant-sym"  # Q4_0 is symmetric: the offsets need not be stored
+    return nested.SCHEMES[scheme](bits, group)
+
+
+def _calibration(src: Path, calibration: str | os.PathLike[str] | None) -> dict | None:
+    """calibrate_activations on the calibration text file, if one is given."""
+    if calibration is None:
+        return None
+    if src.suffix.lower() == ".onnx":
+        raise EdgeMoEError(f"{src}: --calibration is not supported for ONNX sources yet (convert without it)")
+    try:
+        text = Path(calibration).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgeMoEError(f"{calibration}: cannot read calibration text ({exc})") from None
+    return calibrate_activations(src, text)
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    """Rename the finished store to dst; an existing store is renamed away first (open readers keep
+    their files), then removed."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
 def _write_store(
     gf: GGUFFile, args: ModelArgs, sch, tmp: Path, act, progress: bool, src: Path, sbits: float, distinct: int | None
 ) -> None:
     from tqdm import tqdm
 
-    experts = expert_names(gf)
-    # dense: every other tensor in its source type, all metadata
-    w = gguf.GGUFWriter(tmp / store.DENSE, args.arch)
-    gf.copy_metadata(w)
-    dense_bytes = 0
-    for name, t in gf.tensors.items():
-        if name in experts:
-            continue
-        quant = t.data.dtype == np.uint8
-        w.add_tensor(name, t.data, raw_dtype=t.qtype if quant else None)
-        dense_bytes += t.nbytes
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    for name, t in gf.tensors.items():  # read once: out of the process's memory (the budget)
-        if name not in experts:
-            gf.release(t.data)
-
+    dense_bytes = _write_dense(gf, args, tmp)
     shapes = {
         "gate": (args.n_ff_exp, args.n_embd),
         "up": (args.n_ff_exp, args.n_embd),
@@ -284,7 +282,6 @@ def _write_store(
     plane_bytes = {m: sch.plane_nbytes(*shapes[m]) for m in store.MATRICES}
     n_planes = len(plane_bytes["gate"])
     per_plane = [sum(plane_bytes[m][p] for m in store.MATRICES) for p in range(n_planes)]
-    expert_nbytes = sum(per_plane)
     experts_manifest = []
     n_moe = sum(not args.is_dense(i) for i in range(args.n_layer))
     bar = tqdm(
@@ -294,62 +291,7 @@ def _write_store(
         if args.is_dense(i):  # deepseek2's leading dense layers: their FFN is in dense.gguf
             experts_manifest.append([])
             continue
-        path = tmp / store.shard_name(i)
-        w = gguf.GGUFWriter(path, args.arch)
-        w.add_custom_alignment(store.ALIGNMENT)
-        w.add_uint32("edgemoe.layer", i)
-        for e in range(args.n_expert):
-            w.add_tensor_info(store.expert_tensor_name(i, e), [expert_nbytes], np.dtype(np.int8), expert_nbytes)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        tensors = {m: gf.tensor(f"blk.{i}.{s}") for m, s in EXPERT_SUFFIXES.items()}
-        sums = []
-        blobs: dict[int, tuple[np.ndarray, list[int]]] = {}
-        for e in range(args.n_expert):
-            if distinct and e >= distinct:
-                blob, cks = blobs[e % distinct]
-                sums.append(cks)
-                w.write_tensor_data(blob.view(np.int8))
-                bar.update(1)
-                continue
-            planes = {}
-            for m in store.MATRICES:
-                if _exact_from_source(sch, tensors[m]):
-                    planes[m] = sch.from_codes(*_source_codes(tensors[m], e))
-                    continue
-                scale = None
-                if act is not None:
-                    scale = act.get((i, "in")) if m != "down" else act.get((i, e))
-                planes[m] = sch.encode(_expert_matrix(tensors[m], e), scale)
-            for t in tensors.values():
-                gf.release(t.data[e])
-            blob = np.empty(expert_nbytes, dtype=np.uint8)
-            pos = 0
-            cks = []
-            for p in range(n_planes):
-                start = pos
-                for m in store.MATRICES:
-                    b = planes[m][p]
-                    blob[pos : pos + b.nbytes] = b.reshape(-1)
-                    pos += b.nbytes
-                cks.append(store.checksum(blob[start:pos]))
-            sums.append(cks)
-            if distinct:
-                blobs[e] = (blob, cks)
-            w.write_tensor_data(blob.view(np.int8))
-            bar.update(1)
-        w.close()
-        r = gguf.GGUFReader(path)
-        offsets = {t.name: int(t.data_offset) for t in r.tensors}
-        del r
-        cum = [0, *np.cumsum(per_plane).tolist()]
-        experts_manifest.append(
-            [
-                dict(offset=offsets[store.expert_tensor_name(i, e)], plane_offsets=cum, checksums=sums[e])
-                for e in range(args.n_expert)
-            ]
-        )
+        experts_manifest.append(_write_shard(gf, args, sch, tmp, i, per_plane, act, distinct, bar))
     bar.close()
     manifest = dict(
         format_version=store.FORMAT_VERSION,
@@ -373,6 +315,95 @@ def _write_store(
     mtmp = tmp / (store.MANIFEST + ".tmp")
     mtmp.write_text(json.dumps(manifest))
     os.replace(mtmp, tmp / store.MANIFEST)
+
+
+def _write_dense(gf: GGUFFile, args: ModelArgs, tmp: Path) -> int:
+    """dense.gguf: every tensor but the routed experts' in its source type, all metadata; returns
+    the bytes of its tensors."""
+    experts = expert_names(gf)
+    w = gguf.GGUFWriter(tmp / store.DENSE, args.arch)
+    gf.copy_metadata(w)
+    dense_bytes = 0
+    for name, t in gf.tensors.items():
+        if name in experts:
+            continue
+        quant = t.data.dtype == np.uint8
+        w.add_tensor(name, t.data, raw_dtype=t.qtype if quant else None)
+        dense_bytes += t.nbytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for name, t in gf.tensors.items():  # read once: out of the process's memory (the budget)
+        if name not in experts:
+            gf.release(t.data)
+    return dense_bytes
+
+
+def _write_shard(
+    gf: GGUFFile, args: ModelArgs, sch, tmp: Path, i: int, per_plane: list[int], act, distinct: int | None, bar
+) -> list[dict]:
+    """Layer i's shard: one int8 tensor per expert holding its planes; returns the layer's manifest
+    entries."""
+    expert_nbytes = sum(per_plane)
+    path = tmp / store.shard_name(i)
+    w = gguf.GGUFWriter(path, args.arch)
+    w.add_custom_alignment(store.ALIGNMENT)
+    w.add_uint32("edgemoe.layer", i)
+    for e in range(args.n_expert):
+        w.add_tensor_info(store.expert_tensor_name(i, e), [expert_nbytes], np.dtype(np.int8), expert_nbytes)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    tensors = {m: gf.tensor(f"blk.{i}.{s}") for m, s in EXPERT_SUFFIXES.items()}
+    sums = []
+    blobs: dict[int, tuple[np.ndarray, list[int]]] = {}
+    for e in range(args.n_expert):
+        if distinct and e >= distinct:
+            blob, cks = blobs[e % distinct]
+        else:
+            blob, cks = _encode_expert(gf, sch, tensors, i, e, act, per_plane)
+            if distinct:
+                blobs[e] = (blob, cks)
+        sums.append(cks)
+        w.write_tensor_data(blob.view(np.int8))
+        bar.update(1)
+    w.close()
+    r = gguf.GGUFReader(path)
+    offsets = {t.name: int(t.data_offset) for t in r.tensors}
+    del r
+    cum = [0, *np.cumsum(per_plane).tolist()]
+    return [
+        dict(offset=offsets[store.expert_tensor_name(i, e)], plane_offsets=cum, checksums=sums[e])
+        for e in range(args.n_expert)
+    ]
+
+
+def _encode_expert(gf: GGUFFile, sch, tensors: dict, i: int, e: int, act, per_plane: list[int]):
+    """Expert e of layer i as one blob (plane 0 of gate, up, down, then plane 1 ...) and each
+    plane's checksum."""
+    planes = {}
+    for m in store.MATRICES:
+        if _exact_from_source(sch, tensors[m]):
+            planes[m] = sch.from_codes(*_source_codes(tensors[m], e))
+            continue
+        scale = None
+        if act is not None:
+            scale = act.get((i, "in")) if m != "down" else act.get((i, e))
+        planes[m] = sch.encode(_expert_matrix(tensors[m], e), scale)
+    for t in tensors.values():
+        gf.release(t.data[e])
+    blob = np.empty(sum(per_plane), dtype=np.uint8)
+    pos = 0
+    cks = []
+    for p in range(len(per_plane)):
+        start = pos
+        for m in store.MATRICES:
+            b = planes[m][p]
+            blob[pos : pos + b.nbytes] = b.reshape(-1)
+            pos += b.nbytes
+        cks.append(store.checksum(blob[start:pos]))
+    return blob, cks
 
 
 def _remove_stale_temps(dst: Path) -> None:

@@ -104,9 +104,7 @@ def codes_for(se, i: int, e: int, planes: list[np.ndarray]) -> dict | None:
             for m, view in se.reader.split_plane(buf, p).items():
                 per[m].append(view)
         return {m: full_codes(sch, per[m], *se.shapes[m]) for m in MATRICES}
-    with se.cache.cond:
-        ent = se.cache.entries.get((i, e))
-        fast = ent.fast if ent is not None else None
+    fast = se.cache.fast(i, e)
     if fast is None:
         return None
     return {m: codes_from_q41(fast[m].data, *se.shapes[m]) for m in MATRICES}
@@ -173,6 +171,8 @@ def expert_model(
 
 class OnnxExperts:
     """The onnxruntime expert backend of StoreExperts (see the module docstring for the rule)."""
+
+    default_pool_share = DEFAULT_POOL_SHARE
 
     def __init__(
         self,

@@ -1,2 +1,2 @@
 """The terminal UI: `edgemoe chat` (ChatApp) and `edgemoe monitor` (MonitorApp), reading the
-stats dict of edgemoe.runtime.snapshot. Importing this package does not import Textual."""
+Stats of edgemoe.runtime.stats. Importing this package does not import Textual."""

@@ -19,7 +19,6 @@ from textual.widgets import Footer, Header, Input, Static
 from ..errors import EdgeMoEError
 from ..runtime.memory import format_size
 from ..runtime.policy import quality_label
-from ..runtime.snapshot import stats_to_dict
 from . import commands
 from .widgets import Conversation, MessageView, PromptInput, StatsPanel
 
@@ -80,7 +79,7 @@ class ChatApp(App):
     def show_stats(self, stats: Any, *, sample: bool = False) -> None:
         """Feed the panel; sample=True only for the timer's snapshots while generating (the rates)."""
         self._shown = stats
-        self.query_one("#panel", StatsPanel).show(stats_to_dict(stats), sample=sample)
+        self.query_one("#panel", StatsPanel).show(stats, sample=sample)
 
     def _tick(self) -> None:
         latest = self._latest

@@ -14,6 +14,7 @@ from textual.binding import Binding, BindingType
 from textual.widgets import Footer, Header, Static
 
 from ..errors import EdgeMoEError
+from ..runtime.stats import Stats, StatsFormatError, stats_from_dict
 from .widgets import StatsPanel
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -26,8 +27,8 @@ def stats_url(url: str) -> str:
     return url if url.endswith("/stats") else url + "/stats"
 
 
-def fetch_stats(url: str, timeout: float = 2.0) -> dict[str, Any]:
-    """GET URL/stats -> the stats dict (edgemoe.runtime.snapshot.stats_to_dict's shape)."""
+def fetch_stats(url: str, timeout: float = 2.0) -> Stats:
+    """GET URL/stats (edgemoe.runtime.stats.stats_to_dict's shape) -> Stats."""
     target = stats_url(url)
     try:
         with urllib.request.urlopen(target, timeout=timeout) as resp:
@@ -39,9 +40,10 @@ def fetch_stats(url: str, timeout: float = 2.0) -> dict[str, Any]:
         raise EdgeMoEError(f"{target}: cannot connect ({reason})") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise EdgeMoEError(f"{target}: not a JSON stats document ({exc})") from None
-    if not isinstance(data, dict) or "resident_bytes" not in data:
-        raise EdgeMoEError(f"{target}: not an edgemoe stats document")
-    return data
+    try:
+        return stats_from_dict(data)
+    except (StatsFormatError, TypeError, ValueError) as exc:
+        raise EdgeMoEError(f"{target}: not an edgemoe stats document ({exc})") from None
 
 
 class MonitorApp(App):
@@ -96,7 +98,7 @@ class MonitorApp(App):
                 raise
             # the app is closing: its widgets are going away
 
-    def _show(self, data: dict[str, Any]) -> None:
+    def _show(self, data: Stats) -> None:
         self.polls += 1
         self.query_one(StatsPanel).snapshot = data
         self.query_one("#monitor-status", Static).update(f"{stats_url(self.url)}: ok, every {self.interval:g} s")

@@ -1,7 +1,7 @@
 """The live cache panel: memory against budget, hit rates, the layer x expert map, rates.
 
-It reads a plain dict (edgemoe.runtime.snapshot.stats_to_dict), so the chat app (a loaded model) and the monitor
-(GET /stats of `edgemoe serve`) feed it the same way: `panel.snapshot = d`.
+It reads edgemoe.runtime.stats.Stats: the chat app shows model.stats(), the monitor the Stats that
+stats_from_dict makes of GET /stats of `edgemoe serve`; both feed it the same way: `panel.snapshot = s`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from textual.widgets import Static
 
 from ...runtime import policy
 from ...runtime.memory import format_size
-from ...runtime.snapshot import hit_rate, parse_expert_key
+from ...runtime.stats import CacheStats, Stats, percent
 
 SPARK = "▁▂▃▄▅▆▇█"
 # resident width -> (cell, style): the width's digit on its colour, so the map reads without colour too
@@ -59,14 +59,10 @@ def short_size(n: float | None) -> str:
     return s if unit == "B" else f"{float(num):.1f} {unit}"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1%}"
-
-
 class StatsPanel(VerticalScroll):
-    """Live panel fed with stats dicts. `updates` counts renders whose content changed."""
+    """Live panel fed with Stats. `updates` counts renders whose content changed."""
 
-    snapshot: reactive[dict[str, Any] | None] = reactive(None, always_update=True, init=False)
+    snapshot: reactive[Stats | None] = reactive(None, always_update=True, init=False)
 
     def __init__(self, *, n_expert: int | None = None, show_rates: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
@@ -74,7 +70,7 @@ class StatsPanel(VerticalScroll):
         self.show_rates = show_rates  # False: no sparklines (snapshot tests: nothing timing-dependent)
         self.updates = 0
         self._signature: tuple[str, ...] | None = None
-        self._prev: tuple[float, dict[str, Any]] | None = None
+        self._prev: tuple[float, Stats] | None = None
         self.read_rates: deque[float] = deque(maxlen=HISTORY)
         self.token_rates: deque[float] = deque(maxlen=HISTORY)
 
@@ -86,13 +82,13 @@ class StatsPanel(VerticalScroll):
         yield Static("", id="panel-cache", classes="panel-section")
         yield Static("", id="panel-map", classes="panel-section")
 
-    def show(self, d: dict[str, Any], *, sample: bool = True) -> None:
+    def show(self, d: Stats, *, sample: bool = True) -> None:
         """Show a snapshot. sample=False: not a point of the rate sparklines (a refresh after a
         generation or a command); the next rate is measured from the snapshot after this one."""
         self._sample_next = sample
         self.snapshot = d
 
-    def watch_snapshot(self, d: dict[str, Any] | None) -> None:
+    def watch_snapshot(self, d: Stats | None) -> None:
         if d is None:
             return
         if getattr(self, "_sample_next", True):
@@ -107,14 +103,12 @@ class StatsPanel(VerticalScroll):
 
     # ---- rates ---------------------------------------------------------------------------------
 
-    def _sample_rates(self, d: dict[str, Any], now: float) -> None:
-        tokens = d.get("generated_tokens", 0)
-        read = (d.get("cache") or {}).get("bytes_read", 0)
+    def _sample_rates(self, d: Stats, now: float) -> None:
         if self._prev is not None:
             t0, p = self._prev
             dt = now - t0
-            dtok = tokens - p.get("generated_tokens", 0)
-            dread = read - (p.get("cache") or {}).get("bytes_read", 0)
+            dtok = d.generated_tokens - p.generated_tokens
+            dread = _bytes_read(d) - _bytes_read(p)
             if dt > 0 and dtok >= 0 and dread >= 0:  # counters that went back: a restarted server
                 self.token_rates.append(dtok / dt)
                 self.read_rates.append(dread / dt)
@@ -141,8 +135,8 @@ class StatsPanel(VerticalScroll):
         for wid, part in zip(("#panel-memory", "#panel-rates", "#panel-cache", "#panel-map"), parts):
             self.query_one(wid, Static).update(part)
 
-    def render_memory(self, d: dict[str, Any], width: int) -> Text:
-        used, budget = d.get("resident_bytes", 0), d.get("budget_bytes")
+    def render_memory(self, d: Stats, width: int) -> Text:
+        used, budget = d.resident_bytes, d.budget_bytes
         out = Text()
         if budget:
             frac = used / budget
@@ -154,11 +148,11 @@ class StatsPanel(VerticalScroll):
             out.append("memory ", "bold")
             out.append(f"{short_size(used)} (no budget)\n")
         out.append("quality ", "bold")
-        out.append(f"{quality_label(d)}\n", "" if d.get("lossless", True) else "yellow")
-        c = d.get("cache")
+        out.append(f"{policy.quality_label(d.quality, d.lossless)}\n", "" if d.lossless else "yellow")
+        c = d.cache
         if c:
-            out.append(f"cache {short_size(c.get('cache_bytes'))} of {short_size(c.get('cache_capacity'))}\n")
-            by_bits = sorted(((int(b), n) for b, n in (c.get("resident_bytes_by_bits") or {}).items()), reverse=True)
+            out.append(f"cache {short_size(c.cache_bytes)} of {short_size(c.cache_capacity)}\n")
+            by_bits = sorted(c.resident_bytes_by_bits.items(), reverse=True)
             total = sum(n for _, n in by_bits)
             out.append("held ")
             out.append(" ".join(f"{b}b {n / total:.0%}" for b, n in by_bits) if total else "-")
@@ -179,34 +173,31 @@ class StatsPanel(VerticalScroll):
         out.append(f" {last_tok:>11}")
         return out
 
-    def render_cache(self, d: dict[str, Any]) -> Text:
-        c = d.get("cache")
+    def render_cache(self, d: Stats) -> Text:
+        c = d.cache
         out = Text()
         if not c:
             return out  # the memory section says "all experts resident"
-        lookups = c.get("hits", 0) + c.get("misses", 0) + c.get("partial_hits", 0)
         out.append("hit rate ", "bold")
-        out.append(f"{_pct(hit_rate(c))}\n")
-        out.append(f"hit/part/miss {c.get('hits', 0)}/{c.get('partial_hits', 0)}/{c.get('misses', 0)}\n")
-        out.append(f"evict {c.get('evictions', 0)} up {c.get('upgrades', 0)} down {c.get('downgrades', 0)}\n")
-        skipped = c.get("skipped")
-        chosen = c.get("chosen") or lookups + (skipped or 0)
+        out.append(f"{percent(c.hit_rate)}\n")
+        out.append(f"hit/part/miss {c.hits}/{c.partial_hits}/{c.misses}\n")
+        out.append(f"evict {c.evictions} up {c.upgrades} down {c.downgrades}\n")
         out.append("skipped ", "bold")
-        out.append("-\n" if skipped is None else f"{skipped} ({_pct(skipped / chosen if chosen else None)})\n")
+        out.append(f"{c.skipped} ({percent(c.skipped / c.chosen if c.chosen else None)})\n")
         out.append("I/O stall ", "bold")
-        out.append(f"{_pct(io_stall_share(d))}\n")
-        issued, hits = c.get("prefetch_issued"), c.get("prefetch_hits")
+        out.append(f"{percent(io_stall_share(d))}\n")
+        issued = c.prefetch_issued
         out.append("prefetch hit ", "bold")
-        out.append("-" if issued is None or hits is None else f"{_pct(hits / issued if issued else None)} of {issued}")
+        out.append(f"{percent(c.prefetch_hits / issued if issued else None)} of {issued}")
         return out
 
-    def render_map(self, d: dict[str, Any], width: int) -> Text:
-        c = d.get("cache")
+    def render_map(self, d: Stats, width: int) -> Text:
+        c = d.cache
         out = Text()
         if not c:
             return out
-        layers = c.get("layers") or []
-        bits = {parse_expert_key(k): int(v) for k, v in (c.get("resident_bits") or {}).items()}
+        layers = c.layers
+        bits = c.resident_bits
         n_expert = self.n_expert or infer_n_expert(c)
         out.append("experts by resident bits\n", "bold")
         out.append(BITS_STYLE[0][0], BITS_STYLE[0][1])
@@ -227,36 +218,28 @@ class StatsPanel(VerticalScroll):
                     b = bits.get((i, e), 0)
                     glyph, colour = BITS_STYLE.get(b, OTHER_BITS)
                     out.append(glyph, colour)
-            rate = hit_rate(layer)
             if n_expert > row_w:  # wrapped rows: the rate lines up at the right
                 out.append(" " * (row_w - (n_expert - 1) % row_w - 1))
-            out.append(f" {'-' if rate is None else f'{rate:.0%}':>4}")
+            out.append(f" {percent(layer.hit_rate, 0):>4}")
         return out
 
 
-def quality_label(d: dict[str, Any]) -> str:
-    """ "max (lossless)", "fast (lossy)": the quality every figure of the panel is measured at
-    ("-" from a server too old to report it)."""
-    q = d.get("quality")
-    if q is None:
-        return "-"
-    return policy.quality_label(q, bool(d.get("lossless")))
+def _bytes_read(d: Stats) -> int:
+    return d.cache.bytes_read if d.cache else 0
 
 
-def infer_n_expert(c: dict[str, Any]) -> int:
-    keys = list((c.get("resident_bits") or {}).keys()) + list((c.get("experts") or {}).keys())
-    return max((parse_expert_key(k)[1] for k in keys), default=-1) + 1
+def infer_n_expert(c: CacheStats) -> int:
+    keys = list(c.resident_bits) + list(c.experts)
+    return max((e for _, e in keys), default=-1) + 1
 
 
-def io_stall_share(d: dict[str, Any]) -> float | None:
+def io_stall_share(d: Stats) -> float | None:
     """I/O stall seconds over the time spent evaluating (prompt + decode), from the counters."""
-    c = d.get("cache") or {}
-    stall = c.get("io_stall_s")
     busy = 0.0
-    if d.get("prompt_tokens_per_s"):
-        busy += d.get("prompt_tokens", 0) / d["prompt_tokens_per_s"]
-    if d.get("decode_tokens_per_s"):
-        busy += max(d.get("generated_tokens", 0) - 1, 0) / d["decode_tokens_per_s"]
-    if stall is None or busy <= 0:
+    if d.prompt_tokens_per_s:
+        busy += d.prompt_tokens / d.prompt_tokens_per_s
+    if d.decode_tokens_per_s:
+        busy += max(d.generated_tokens - 1, 0) / d.decode_tokens_per_s
+    if d.cache is None or busy <= 0:
         return None
-    return min(stall / busy, 1.0)
+    return min(d.cache.io_stall_s / busy, 1.0)
