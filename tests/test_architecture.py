@@ -120,3 +120,40 @@ def test_the_check_sees_a_cycle_and_a_private_import():
     graph = {"edgemoe.a": {"edgemoe.b"}, "edgemoe.b": {"edgemoe.a"}, "edgemoe.c": set()}
     assert _cycles(graph) == [["edgemoe.a", "edgemoe.b"]]
     assert _package("edgemoe.quant._ggml") != _package("edgemoe.runtime.engine")
+
+
+# Size limits (issue 14): a module over ~500 lines is doing more than one job, a function over 80
+# lines wants splitting unless the comment line right above it (or above its decorators) says why
+# it is long "on purpose".
+MAX_MODULE_LINES = 520
+MAX_FUNCTION_LINES = 80
+
+
+def oversized(path: Path) -> list[str]:
+    text = path.read_text()
+    lines = text.splitlines()
+    out = []
+    if len(lines) > MAX_MODULE_LINES:
+        out.append(f"{path.name}: {len(lines)} lines")
+    for node in ast.walk(ast.parse(text, str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            above = lines[first - 2].strip() if first >= 2 else ""
+            if n > MAX_FUNCTION_LINES and not (above.startswith("#") and "on purpose" in above):
+                out.append(f"{path.name}:{node.lineno} {node.name}: {n} lines")
+    return out
+
+
+def test_modules_and_functions_stay_small():
+    found = [f for p in sorted(PKG.rglob("*.py")) for f in oversized(p)]
+    assert not found, "\n".join(found)
+
+
+def test_the_size_check_sees_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    p = tmp_path / "m.py"
+    p.write_text(f"def f():\n{body}\n")
+    assert oversized(p) == ["m.py:1 f: 81 lines"]
+    p.write_text(f"# one long function on purpose: a test\ndef f():\n{body}\n")
+    assert oversized(p) == []

@@ -99,122 +99,148 @@ class ModelArgs:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile, n_ff_exp: int | None = None) -> ModelArgs:
-        """n_ff_exp: given by an expert store, whose dense file has no expert tensors."""
-        arch = f.architecture
-        if arch not in ARCHS:
-            raise EdgeMoEError(
-                f"{f.path}: architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
-            )
+        """n_ff_exp: given by an expert store, whose dense file has no expert tensors.
+
+        The helpers read (and check) the metadata in a fixed order, so a file with several faults
+        always reports the same one first."""
+        arch = _architecture(f)
         spec = ARCHS[arch]
-
-        def key(name: str, default=None, required: bool = False):
-            full = f"{arch}.{name}"
-            if required:
-                return f.require(full)
-            return f.get(full, default)
-
-        n_embd = int(key("embedding_length", required=True))
-        n_layer = int(key("block_count", required=True))
-        if not 0 < n_layer <= len(f.tensors):  # every block has tensors of its own
-            raise EdgeMoEError(f"{f.path}: {arch}.block_count is {n_layer}, but the file has {len(f.tensors)} tensors")
-        n_head = _scalar(key("attention.head_count", required=True), f, "attention.head_count")
-        n_head_kv = _scalar(key("attention.head_count_kv", n_head), f, "attention.head_count_kv")
-        if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
-            raise EdgeMoEError(f"{f.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
-        head_dim = int(key("attention.key_length", n_embd // n_head))
-        head_dim_v = int(key("attention.value_length", head_dim))
+        key = _key_reader(f, arch)
         attention = spec.get("attention", "standard")
         extra: dict = {}
-        if attention == "mla":
-            head_dim, head_dim_v = deepseek2.mla_fields(key, f, extra)  # the true q/k and v head sizes
-        n_expert = int(key("expert_count", 0))
-        n_expert_used = int(key("expert_used_count", 0))
-        if n_expert < 1 or not 1 <= n_expert_used <= n_expert:
-            raise EdgeMoEError(
-                f"{f.path}: not a Mixture-of-Experts model (expert_count={n_expert}, "
-                f"expert_used_count={n_expert_used})"
-            )
-        norm_eps = float(key("attention.layer_norm_rms_epsilon", 1e-5))
-        tok = f.tensor("token_embd.weight")
-        n_vocab = int(tok.shape[1])
-        n_leading_dense = int(key("leading_dense_block_count", 0) or 0) if arch == "deepseek2" else 0
-        first_moe = f"blk.{n_leading_dense}."
-        if n_ff_exp is None:
-            n_ff_exp = int(key("expert_feed_forward_length", 0) or 0) if arch in ("deepseek2", "gpt-oss") else 0
-            n_ff_exp = n_ff_exp or int(f.tensor(first_moe + "ffn_gate_exps.weight").shape[1])
-        if n_leading_dense:
-            extra.update(n_leading_dense=n_leading_dense,
-                         n_ff=int(f.tensor("blk.0.ffn_gate.weight").shape[1]))
-
-        n_rot = int(key("rope.dimension_count", head_dim))
-        scaling = str(key("rope.scaling.type", "none") or "none")
-        factor = float(key("rope.scaling.factor", 0.0) or 0.0)
-        if scaling not in ("none", "linear", "yarn"):
-            raise EdgeMoEError(f"{f.path}: rope scaling type {scaling!r} is not supported")
-        freq_scale = 1.0 / factor if scaling != "none" and factor > 0 else 1.0
-        n_ctx_train = int(key("context_length", 4096))
-        attn_scale = float(key("attention.scale", 0.0) or 0.0) or inv_sqrt(head_dim)
-        rope_attn_factor = float(key("rope.scaling.attn_factor", 1.0))
-        norm_topk = spec["norm_topk"]
-        gating = spec.get("gating", "softmax")
-        if gating == "deepseek":
-            norm_topk, rope_attn_factor, attn_scale = deepseek2.routing_fields(
-                key, f, extra, scaling, freq_scale, rope_attn_factor, head_dim
-            )
-        _expert_groups(key, f, n_expert, extra)
-        if arch == "gpt-oss":
-            attn_scale = inv_sqrt(n_rot)
-            gpt_oss.fields(key, n_layer, extra)
-        if norm_topk is None:
-            norm_topk = False
-        first_shexp = f.maybe(first_moe + "ffn_gate_shexp.weight")
+        shape = _shape_fields(key, f, arch, attention, extra)
+        n_ff_exp, first_moe = _ffn_fields(key, f, arch, n_ff_exp, extra)
+        rope = _rope_fields(key, f, shape["head_dim"])
+        routing = _routing_fields(key, f, arch, shape, rope, extra)
+        has_shared_expert = f.maybe(first_moe + "ffn_gate_shexp.weight") is not None
         return cls(
             arch=arch,
-            n_layer=n_layer,
-            n_embd=n_embd,
-            n_head=n_head,
-            n_head_kv=n_head_kv,
-            head_dim=head_dim,
-            head_dim_v=head_dim_v,
-            n_vocab=n_vocab,
-            n_ctx_train=n_ctx_train,
-            n_expert=n_expert,
-            n_expert_used=n_expert_used,
+            **shape,
             n_ff_exp=n_ff_exp,
-            norm_eps=norm_eps,
             rope_type=spec["rope"],
-            n_rot=n_rot,
-            rope_theta=float(key("rope.freq_base", 10000.0)),
-            rope_freq_scale=freq_scale,
-            rope_scaling=scaling,
-            rope_n_ctx_orig=int(key("rope.scaling.original_context_length", n_ctx_train)),
-            rope_attn_factor=rope_attn_factor,
-            yarn_beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
-            yarn_beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)),
-            norm_topk=norm_topk,
-            attn_scale=attn_scale,
-            embedding_scale=float(key("embedding_scale", 1.0)),
-            residual_scale=float(key("residual_scale", 1.0)),
-            logit_scale=float(key("logit_scale", 1.0)),
-            has_shared_expert=first_shexp is not None,
+            **rope,
+            **routing,
+            **_rope_base_and_multipliers(key, rope["n_ctx_train"]),
+            has_shared_expert=has_shared_expert,
             attention=attention,
-            gating=gating,
             expert_act=spec.get("act", "silu"),
             **extra,
         )
 
 
-def _expert_groups(key, f: GGUFFile, n_expert: int, extra: dict) -> None:
-    """Group-limited expert selection (deepseek2 V3): expert_group_count groups, the best
-    expert_group_used_count of them per token."""
-    n_groups = int(key("expert_group_count", 0) or 0)
-    if n_groups > 1:
-        n_group_used = int(key("expert_group_used_count", 0) or 0)
-        if n_expert % n_groups or not 0 < n_group_used < n_groups or n_expert // n_groups < 2:
-            raise EdgeMoEError(
-                f"{f.path}: bad expert groups: {n_expert} experts, {n_groups} groups, {n_group_used} used"
-            )
-        extra.update(n_expert_groups=n_groups, n_group_used=n_group_used)
+def _architecture(f: GGUFFile) -> str:
+    arch = f.architecture
+    if arch not in ARCHS:
+        raise EdgeMoEError(f"{f.path}: architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}")
+    return arch
+
+
+def _key_reader(f: GGUFFile, arch: str):
+    """key(name, default, required): the metadata value `{arch}.{name}`."""
+
+    def key(name: str, default=None, required: bool = False):
+        full = f"{arch}.{name}"
+        if required:
+            return f.require(full)
+        return f.get(full, default)
+
+    return key
+
+
+def _shape_fields(key, f: GGUFFile, arch: str, attention: str, extra: dict) -> dict:
+    """Sizes, heads (MLA's ranks into extra), experts, norm epsilon and vocabulary."""
+    n_embd = int(key("embedding_length", required=True))
+    n_layer = int(key("block_count", required=True))
+    if not 0 < n_layer <= len(f.tensors):  # every block has tensors of its own
+        raise EdgeMoEError(f"{f.path}: {arch}.block_count is {n_layer}, but the file has {len(f.tensors)} tensors")
+    n_head = _scalar(key("attention.head_count", required=True), f, "attention.head_count")
+    n_head_kv = _scalar(key("attention.head_count_kv", n_head), f, "attention.head_count_kv")
+    if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
+        raise EdgeMoEError(f"{f.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    head_dim = int(key("attention.key_length", n_embd // n_head))
+    head_dim_v = int(key("attention.value_length", head_dim))
+    if attention == "mla":
+        head_dim, head_dim_v = deepseek2.mla_fields(key, f, extra)  # the true q/k and v head sizes
+    n_expert = int(key("expert_count", 0))
+    n_expert_used = int(key("expert_used_count", 0))
+    if n_expert < 1 or not 1 <= n_expert_used <= n_expert:
+        raise EdgeMoEError(
+            f"{f.path}: not a Mixture-of-Experts model (expert_count={n_expert}, expert_used_count={n_expert_used})"
+        )
+    norm_eps = float(key("attention.layer_norm_rms_epsilon", 1e-5))
+    tok = f.tensor("token_embd.weight")
+    return dict(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        n_vocab=int(tok.shape[1]),
+        n_expert=n_expert,
+        n_expert_used=n_expert_used,
+        norm_eps=norm_eps,
+    )
+
+
+def _ffn_fields(key, f: GGUFFile, arch: str, n_ff_exp: int | None, extra: dict) -> tuple[int, str]:
+    """The expert width and deepseek2's leading dense layers (into extra); returns (n_ff_exp, the
+    tensor name prefix of the first MoE layer)."""
+    n_leading_dense = int(key("leading_dense_block_count", 0) or 0) if arch == "deepseek2" else 0
+    first_moe = f"blk.{n_leading_dense}."
+    if n_ff_exp is None:
+        n_ff_exp = int(key("expert_feed_forward_length", 0) or 0) if arch in ("deepseek2", "gpt-oss") else 0
+        n_ff_exp = n_ff_exp or int(f.tensor(first_moe + "ffn_gate_exps.weight").shape[1])
+    if n_leading_dense:
+        extra.update(n_leading_dense=n_leading_dense, n_ff=int(f.tensor("blk.0.ffn_gate.weight").shape[1]))
+    return n_ff_exp, first_moe
+
+
+def _rope_fields(key, f: GGUFFile, head_dim: int) -> dict:
+    """Rope dimensions and scaling, and the training context."""
+    n_rot = int(key("rope.dimension_count", head_dim))
+    scaling = str(key("rope.scaling.type", "none") or "none")
+    factor = float(key("rope.scaling.factor", 0.0) or 0.0)
+    if scaling not in ("none", "linear", "yarn"):
+        raise EdgeMoEError(f"{f.path}: rope scaling type {scaling!r} is not supported")
+    freq_scale = 1.0 / factor if scaling != "none" and factor > 0 else 1.0
+    n_ctx_train = int(key("context_length", 4096))
+    return dict(n_rot=n_rot, rope_scaling=scaling, rope_freq_scale=freq_scale, n_ctx_train=n_ctx_train)
+
+
+def _routing_fields(key, f: GGUFFile, arch: str, shape: dict, rope: dict, extra: dict) -> dict:
+    """Top-k renormalisation and gating, with deepseek2's and gpt-oss's specifics (into extra);
+    also the attention scale and the rope's attn_factor, which deepseek2's yarn settings change."""
+    spec = ARCHS[arch]
+    head_dim = shape["head_dim"]
+    attn_scale = float(key("attention.scale", 0.0) or 0.0) or inv_sqrt(head_dim)
+    rope_attn_factor = float(key("rope.scaling.attn_factor", 1.0))
+    norm_topk = spec["norm_topk"]
+    gating = spec.get("gating", "softmax")
+    if gating == "deepseek":
+        norm_topk, rope_attn_factor, attn_scale = deepseek2.routing_fields(
+            key, f, extra, rope["rope_scaling"], rope["rope_freq_scale"], rope_attn_factor, head_dim
+        )
+    deepseek2.expert_groups(key, f, shape["n_expert"], extra)
+    if arch == "gpt-oss":
+        attn_scale = inv_sqrt(rope["n_rot"])
+        gpt_oss.fields(key, shape["n_layer"], extra)
+    if norm_topk is None:
+        norm_topk = False
+    return dict(norm_topk=norm_topk, gating=gating, attn_scale=attn_scale, rope_attn_factor=rope_attn_factor)
+
+
+def _rope_base_and_multipliers(key, n_ctx_train: int) -> dict:
+    """Rope base and yarn parameters, and granite's multipliers."""
+    return dict(
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_n_ctx_orig=int(key("rope.scaling.original_context_length", n_ctx_train)),
+        yarn_beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
+        yarn_beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)),
+        embedding_scale=float(key("embedding_scale", 1.0)),
+        residual_scale=float(key("residual_scale", 1.0)),
+        logit_scale=float(key("logit_scale", 1.0)),
+    )
 
 
 def inv_sqrt(n: int) -> float:

@@ -44,9 +44,7 @@ def routing_fields(
     func = int(key("expert_gating_func", 0) or 0)
     if func not in GATING_FUNC:
         raise EdgeMoEError(f"{f.path}: expert_gating_func {func} is not supported (1 softmax, 2 sigmoid)")
-    extra.update(
-        gating_func=GATING_FUNC[func], expert_weights_scale=float(key("expert_weights_scale", 0.0) or 0.0)
-    )
+    extra.update(gating_func=GATING_FUNC[func], expert_weights_scale=float(key("expert_weights_scale", 0.0) or 0.0))
     log_mul = float(key("rope.scaling.yarn_log_multiplier", 0.0) or 0.0) / 0.1
     extra.update(rope_yarn_log_mul=log_mul)
     if scaling == "yarn" and log_mul != 0.0 and freq_scale < 1.0:
@@ -56,3 +54,16 @@ def routing_fields(
     m = np.float32(mscale)
     attn_scale = float(m * m / np.sqrt(np.float32(head_dim)))  # in float32, as llama.cpp
     return norm_topk, rope_attn_factor, attn_scale
+
+
+def expert_groups(key, f, n_expert: int, extra: dict) -> None:
+    """Group-limited expert selection (V3) into extra: expert_group_count groups, the best
+    expert_group_used_count of them per token."""
+    n_groups = int(key("expert_group_count", 0) or 0)
+    if n_groups > 1:
+        n_group_used = int(key("expert_group_used_count", 0) or 0)
+        if n_expert % n_groups or not 0 < n_group_used < n_groups or n_expert // n_groups < 2:
+            raise EdgeMoEError(
+                f"{f.path}: bad expert groups: {n_expert} experts, {n_groups} groups, {n_group_used} used"
+            )
+        extra.update(n_expert_groups=n_groups, n_group_used=n_group_used)

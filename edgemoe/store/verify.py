@@ -14,10 +14,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import EdgeMoEError
 from . import format as store
-from .format import check_entry, check_manifest
+from .format import Layout, check_entry, check_manifest
 
 MAX_LISTED = 200
 _UNREADABLE = object()  # damage lines printed in full; the summary counts all of them
@@ -68,6 +69,19 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True) -> Report:
     rep = Report(root)
     if not root.is_dir():
         raise EdgeMoEError(f"{root}: not a directory (an expert store is a directory)")
+    raw, lay = _read_manifest(root, rep)
+    _check_dense(root, raw, lay, rep)
+    if lay is None:
+        return rep
+    for layer, entries in enumerate(raw["experts"]):
+        if not entries:
+            continue  # a leading dense layer: no shard
+        _check_shard(root, layer, entries, lay, rep, checksums)
+    return rep
+
+
+def _read_manifest(root: Path, rep: Report) -> tuple[Any, Layout | None]:
+    """The manifest as read (_UNREADABLE if it does not parse) and its layout (None if damaged)."""
     mpath = root / store.MANIFEST
     try:
         raw = json.loads(mpath.read_text(encoding="utf-8"))
@@ -82,7 +96,11 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True) -> Report:
             lay = check_manifest(raw, mpath, entries=False)
         except EdgeMoEError as exc:
             rep.damage(str(exc))
+    return raw, lay
 
+
+def _check_dense(root: Path, raw, lay: Layout | None, rep: Report) -> None:
+    """dense.gguf opens, and its dimensions and which layers have experts agree with the manifest."""
     from ..models.gguf_file import GGUFFile
 
     dense = root / store.DENSE
@@ -90,91 +108,102 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True) -> Report:
         gf = GGUFFile(dense)
     except EdgeMoEError as exc:
         rep.damage(f"{dense}: dense weights do not open ({exc})")
-    else:
-        try:
-            arch = gf.architecture
-            for key, want in (
-                ("block_count", lay and lay.n_layer),
-                ("expert_count", lay and lay.n_expert),
-                ("embedding_length", raw.get("n_embd") if lay else None),
-            ):
-                got = gf.get(f"{arch}.{key}")
-                if want is not None and got != want:
-                    rep.damage(f"{dense}: {arch}.{key} is {got!r}, the manifest says {want}")
-            if lay is not None:  # which layers have experts: the model's configuration decides
-                from ..models.config import ModelArgs
+        return
+    try:
+        arch = gf.architecture
+        for key, want in (
+            ("block_count", lay and lay.n_layer),
+            ("expert_count", lay and lay.n_expert),
+            ("embedding_length", raw.get("n_embd") if lay else None),
+        ):
+            got = gf.get(f"{arch}.{key}")
+            if want is not None and got != want:
+                rep.damage(f"{dense}: {arch}.{key} is {got!r}, the manifest says {want}")
+        if lay is not None:  # which layers have experts: the model's configuration decides
+            from ..models.config import ModelArgs
 
-                args = ModelArgs.from_gguf(gf, n_ff_exp=int(raw.get("n_ff_exp") or 1))
-                for i, entries in enumerate(raw["experts"][: args.n_layer]):
-                    want_n = 0 if args.is_dense(i) else args.n_expert
-                    if len(entries) != want_n:
-                        rep.damage(
-                            f"{root / store.MANIFEST}: layer {i} has {len(entries)} experts, "
-                            f"the model's configuration has {want_n}"
-                        )
-        except EdgeMoEError as exc:
-            rep.damage(str(exc))
-        finally:
-            gf.close()
-    if lay is None:
-        return rep
+            args = ModelArgs.from_gguf(gf, n_ff_exp=int(raw.get("n_ff_exp") or 1))
+            for i, entries in enumerate(raw["experts"][: args.n_layer]):
+                want_n = 0 if args.is_dense(i) else args.n_expert
+                if len(entries) != want_n:
+                    rep.damage(
+                        f"{root / store.MANIFEST}: layer {i} has {len(entries)} experts, "
+                        f"the model's configuration has {want_n}"
+                    )
+    except EdgeMoEError as exc:
+        rep.damage(str(exc))
+    finally:
+        gf.close()
 
-    expected_cum, n_planes, expert_bytes = list(lay.plane_offsets), lay.n_planes, lay.expert_bytes
-    for layer, entries in enumerate(raw["experts"]):
-        if not entries:
-            continue  # a leading dense layer: no shard
-        spath = root / store.shard_name(layer)
-        if not spath.is_file():
-            rep.damage(f"{spath}: missing shard (layer {layer})")
-            continue
-        rep.shards += 1
-        tensors = _shard_offsets(spath, rep)
-        size = spath.stat().st_size
-        try:
-            fd = os.open(spath, os.O_RDONLY)
-        except OSError as exc:
-            rep.damage(f"{spath}: cannot open shard ({exc.strerror})")
-            continue
-        try:
-            for e, ent in enumerate(entries):
-                where = f"{spath}: layer {layer} expert {e}"
-                err = check_entry(ent, lay)
-                if err:
-                    rep.damage(f"{where}: bad manifest entry ({err})")
-                    continue
-                off, cks = ent["offset"], ent["checksums"]
-                if tensors is not None:
-                    t = tensors.get(store.expert_tensor_name(layer, e))
-                    if t is None:
-                        rep.damage(f"{where}: tensor {store.expert_tensor_name(layer, e)} is not in the shard")
-                    elif t[0] != off or t[1] < expert_bytes:
-                        rep.damage(
-                            f"{where}: manifest offset {off} / {expert_bytes} bytes, the shard's tensor "
-                            f"is at {t[0]} with {t[1]} bytes"
-                        )
-                if off + expert_bytes > size:
-                    rep.damage(f"{where}: truncated shard: needs bytes {off}..{off + expert_bytes}, file has {size}")
-                    continue
-                rep.experts_checked += 1
-                if not checksums:
-                    continue
-                try:
-                    blob = os.pread(fd, expert_bytes, off)
-                except OSError as exc:
-                    rep.damage(f"{where}: read failed ({exc.strerror})")
-                    continue
-                os.posix_fadvise(fd, off, expert_bytes, os.POSIX_FADV_DONTNEED)
-                rep.bytes_checked += len(blob)
-                for p in range(n_planes):
-                    rep.planes_checked += 1
-                    if store.checksum(blob[expected_cum[p] : expected_cum[p + 1]]) != cks[p]:
-                        rep.damage(
-                            f"{where} plane {p}: checksum mismatch (bytes {off + expected_cum[p]}.."
-                            f"{off + expected_cum[p + 1]})"
-                        )
-        finally:
-            os.close(fd)
-    return rep
+
+@dataclass
+class _Shard:
+    path: Path
+    layer: int
+    fd: int
+    size: int
+    tensors: dict[str, tuple[int, int]] | None  # None: the shard does not open as a GGUF
+
+
+def _check_shard(root: Path, layer: int, entries: list, lay: Layout, rep: Report, checksums: bool) -> None:
+    spath = root / store.shard_name(layer)
+    if not spath.is_file():
+        rep.damage(f"{spath}: missing shard (layer {layer})")
+        return
+    rep.shards += 1
+    tensors = _shard_offsets(spath, rep)
+    size = spath.stat().st_size
+    try:
+        fd = os.open(spath, os.O_RDONLY)
+    except OSError as exc:
+        rep.damage(f"{spath}: cannot open shard ({exc.strerror})")
+        return
+    try:
+        shard = _Shard(spath, layer, fd, size, tensors)
+        for e, ent in enumerate(entries):
+            _check_expert(shard, e, ent, lay, rep, checksums)
+    finally:
+        os.close(fd)
+
+
+def _check_expert(shard: _Shard, e: int, ent, lay: Layout, rep: Report, checksums: bool) -> None:
+    """An expert's manifest entry against the shard's tensor and size, then its planes' checksums."""
+    where = f"{shard.path}: layer {shard.layer} expert {e}"
+    err = check_entry(ent, lay)
+    if err:
+        rep.damage(f"{where}: bad manifest entry ({err})")
+        return
+    off, expert_bytes = ent["offset"], lay.expert_bytes
+    if shard.tensors is not None:
+        t = shard.tensors.get(store.expert_tensor_name(shard.layer, e))
+        if t is None:
+            rep.damage(f"{where}: tensor {store.expert_tensor_name(shard.layer, e)} is not in the shard")
+        elif t[0] != off or t[1] < expert_bytes:
+            rep.damage(
+                f"{where}: manifest offset {off} / {expert_bytes} bytes, the shard's tensor "
+                f"is at {t[0]} with {t[1]} bytes"
+            )
+    if off + expert_bytes > shard.size:
+        rep.damage(f"{where}: truncated shard: needs bytes {off}..{off + expert_bytes}, file has {shard.size}")
+        return
+    rep.experts_checked += 1
+    if checksums:
+        _check_planes(shard.fd, where, off, ent["checksums"], lay, rep)
+
+
+def _check_planes(fd: int, where: str, off: int, cks: list[int], lay: Layout, rep: Report) -> None:
+    cum, expert_bytes = lay.plane_offsets, lay.expert_bytes
+    try:
+        blob = os.pread(fd, expert_bytes, off)
+    except OSError as exc:
+        rep.damage(f"{where}: read failed ({exc.strerror})")
+        return
+    os.posix_fadvise(fd, off, expert_bytes, os.POSIX_FADV_DONTNEED)
+    rep.bytes_checked += len(blob)
+    for p in range(lay.n_planes):
+        rep.planes_checked += 1
+        if store.checksum(blob[cum[p] : cum[p + 1]]) != cks[p]:
+            rep.damage(f"{where} plane {p}: checksum mismatch (bytes {off + cum[p]}..{off + cum[p + 1]})")
 
 
 def main(root: str, *, quiet: bool = False, out=None) -> int:
