@@ -193,8 +193,15 @@ def _store_rows(path: Path) -> list[tuple[str, str]]:
         ),
         ("store: dense (resident)", format_size(r.dense_path.stat().st_size)),
         ("store: experts, all planes", format_size(experts_all)),
-        ("store: per expert by width", per_width),
+        ("store: per expert by width", per_width + (" (the largest layer's)" if r.native else "")),
     ]
+    if r.native:  # the source's types, kept: gate/up/down per layer, counted
+        kinds: dict[str, int] = {}
+        for s in r.schemes:
+            if s is not None:
+                k = "/".join(s.types[m].name for m in ("gate", "up", "down"))
+                kinds[k] = kinds.get(k, 0) + 1
+        rows.insert(2, ("source types (gate/up/down)", ", ".join(f"{k} in {n} layers" for k, n in kinds.items())))
     r.close()
     return rows
 

@@ -558,7 +558,6 @@ def test_onnx_expert_backend_counts_rows_and_matches_up_to_activation_rounding(s
 
 def test_export_store_expert_shards(spec, tmp_path):
     """STORE/onnx/blk.L.exp.E.onnx files, derived from the planes, compute the expert's FFN."""
-    from edgemoe.quant import nested
     from edgemoe.store.onnx_experts import export_store
     from edgemoe.store.reader import StoreReader
 
@@ -567,10 +566,10 @@ def test_export_store_expert_shards(spec, tmp_path):
     paths = export_store(st, layers=[1])
     assert len(paths) == spec.n_expert and paths[3].name == "blk.1.exp.3.onnx"
     r = StoreReader(st)
-    sch = nested.SCHEMES[r.scheme_name](r.bits, r.group)
-    bufs = [np.empty(r.plane_size(p), np.uint8) for p in range(r.n_planes)]
+    sch = r.schemes[1]
+    bufs = [np.empty(n, np.uint8) for n in r.plane_sizes(1)]
     r.read_planes(1, 3, 0, bufs)
-    per = {m: [r.split_plane(b, p)[m] for p, b in enumerate(bufs)] for m in ("gate", "up", "down")}
+    per = {m: [r.split_plane(b, p, 1)[m] for p, b in enumerate(bufs)] for m in ("gate", "up", "down")}
     F, D = r.n_ff_exp, r.n_embd
     r.close()
     x = np.random.default_rng(0).standard_normal((5, D)).astype(np.float32)

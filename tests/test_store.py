@@ -139,16 +139,16 @@ def test_top_width_reproduces_a_4bit_source(build_model, tmp_path):
     src = build_model("qwen3moe", "Q4_0", n_embd=256, n_ff_exp=256)
     st = convert(src, tmp_path / "q4.edgemoe", progress=False)
     r = StoreReader(st)
-    sch = nested.SCHEMES[r.scheme_name](r.bits, r.group)
+    sch = r.schemes[0]
     assert (r.scheme_name, r.bits) == ("matquant-sym", (2, 3, 4))
-    assert r.plane_size(0) < nested.SCHEMES["matquant"]((2, 3, 4), 32).plane_nbytes(256, 256)[0] * 3
+    assert r.plane_size(0, 0) < nested.SCHEMES["matquant"]((2, 3, 4), 32).plane_nbytes(256, 256)[0] * 3
     g = gguf.GGUFReader(src)
     tensors = {t.name: t for t in g.tensors}
     for layer, e in [(0, 0), (1, 3)]:
-        bufs = [np.empty(r.plane_size(k), np.uint8) for k in range(r.n_planes)]
+        bufs = [np.empty(n, np.uint8) for n in r.plane_sizes(layer)]
         r.read_planes(layer, e, 0, bufs)
         for mat, n_out, n_in in [("gate", r.n_ff_exp, r.n_embd), ("down", r.n_embd, r.n_ff_exp)]:
-            planes = [r.split_plane(b, k)[mat] for k, b in enumerate(bufs)]
+            planes = [r.split_plane(b, k, layer)[mat] for k, b in enumerate(bufs)]
             ref = gguf.quants.dequantize(
                 np.asarray(tensors[f"blk.{layer}.ffn_{mat}_exps.weight"].data[e]), gguf.GGMLQuantizationType.Q4_0
             )
@@ -248,8 +248,8 @@ class FakeReader:
     def __init__(self):
         self.reads = []
 
-    def plane_size(self, p):
-        return 100 * (p + 1)
+    def plane_sizes(self, layer):
+        return [100 * (p + 1) for p in range(self.n_planes)]
 
     def read_planes(self, layer, expert, first, bufs):
         self.reads.append((layer, expert, first, len(bufs)))
@@ -349,9 +349,9 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
         assert w.packed == kernels.can_pack_shape(QT.Q4_0, 256)
         got = gguf.quants.dequantize(kernels.unpack(w), w.qtype)
         np.testing.assert_array_equal(got, ref)
-        bufs = [np.empty(exp.reader.plane_size(k), np.uint8) for k in range(exp.reader.n_planes)]
+        bufs = [np.empty(n, np.uint8) for n in exp.reader.plane_sizes(0)]
         exp.reader.read_planes(0, 1, 0, bufs)
-        per = [exp.reader.split_plane(b, p)["up"] for p, b in enumerate(bufs)]
+        per = [exp.reader.split_plane(b, p, 0)["up"] for p, b in enumerate(bufs)]
         q41 = transcode.q41_blocks(exp.scheme, per, 256, 256)
         fw = transcode.fast_weight(exp.scheme, per, 256, 256, "up")
         np.testing.assert_array_equal(

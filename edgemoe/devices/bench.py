@@ -129,15 +129,12 @@ def routings(model: Path, seqs: list[list[int]]) -> list[tuple[np.ndarray, np.nd
 def replay_setup(st: Path) -> dict:
     """What replay.replay_run needs of a store, as the engine reads it: plane sizes, the planes of
     the lowest width, NAEE's betas (calibration.json) and the transcoded size of a full-width expert."""
-    from ..quant.nested import SCHEMES
-
     reader = store.StoreReader(st)
     try:
-        scheme = SCHEMES[reader.scheme_name](reader.bits, reader.group)
         cal = Calibration.load(st, reader.n_layer)
         return dict(
-            plane_sizes=[reader.plane_size(p) for p in range(reader.n_planes)],
-            low_planes=scheme.planes_for(scheme.widths[0]),
+            plane_sizes=[reader.plane_sizes(i) for i in range(reader.n_layer)],
+            low_planes=1,
             betas=cal.betas if cal is not None else None,
             full_bytes=transcoded_bytes(reader),
         )

@@ -19,19 +19,21 @@ from ..runtime.policy import Quality, plan_widths, renormalise, skip_mask
 class PlaneCounter:
     """A store reader that reads nothing: it counts the bytes and the reads asked of it."""
 
-    def __init__(self, n_layer: int, plane_sizes: list[int]):
+    def __init__(self, n_layer: int, plane_sizes: list[int] | list[list[int]]):
+        """plane_sizes: one expert's plane bytes, the same in every layer, or a list per layer."""
+        per_layer = bool(plane_sizes) and isinstance(plane_sizes[0], list)
         self.n_layer = n_layer
-        self.sizes = list(plane_sizes)
-        self.n_planes = len(self.sizes)
+        self.sizes = [list(x) for x in plane_sizes] if per_layer else [list(plane_sizes)] * n_layer
+        self.n_planes = max(len(x) for x in self.sizes)
         self.bytes = 0
         self.reads = 0
 
-    def plane_size(self, p: int) -> int:
-        return self.sizes[p]
+    def plane_sizes(self, layer: int) -> list[int]:
+        return self.sizes[layer]
 
     def read_planes(self, layer, expert, first, bufs) -> None:
         self.reads += 1
-        self.bytes += sum(self.sizes[first : first + len(bufs)])
+        self.bytes += sum(self.sizes[layer][first : first + len(bufs)])
 
 
 @contextmanager
@@ -72,7 +74,7 @@ def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str
 def replay_run(
     trace: np.ndarray,
     weights: np.ndarray,
-    plane_sizes: list[int],
+    plane_sizes: list[int] | list[list[int]],
     low_planes: int,
     capacity: int,
     quality: Quality,
@@ -84,13 +86,14 @@ def replay_run(
     """A run replayed through the expert cache as the engine runs it: the first `prompt` tokens as
     one prefill batch, then one token at a time. Each MoE layer's chosen experts (trace [T, L, K])
     and gate weights go through the quality's skipping and widths (policy.skip_mask, plan_widths)
-    and the cache (its capacity and policy; the store's plane sizes; full_bytes: what a full-width
-    expert is charged once transcoded, quant.transcode.transcoded_bytes). Counted over the decoded
-    tokens: tokens, bytes read, reads, and the bytes of the experts used at their widths."""
+    and the cache (its capacity and policy; the store's plane sizes, per layer where they differ;
+    full_bytes: what a full-width expert is charged once transcoded,
+    quant.transcode.transcoded_bytes). Counted over the decoded tokens: tokens, bytes read, reads,
+    and the bytes of the experts used at their widths."""
     T, L, K = trace.shape
     counter = PlaneCounter(L, plane_sizes)
     cache = ExpertCache(counter, capacity, policy)
-    n_planes = len(plane_sizes)
+    n_planes = counter.n_planes
     used = 0
     steps = ([slice(0, prompt)] if prompt else []) + [slice(t, t + 1) for t in range(prompt, T)]
     with _counting_only():
@@ -115,7 +118,7 @@ def replay_run(
                     if full_bytes:  # transcoded at full width, as StoreExperts._fast_form does
                         cache.fast_form(layer, e, lambda planes: ({}, full_bytes))
                 if step.start >= prompt:
-                    used += sum(sum(plane_sizes[:n]) for n, _ in wants.values())
+                    used += sum(sum(counter.plane_sizes(layer)[:n]) for n, _ in wants.values())
     return dict(
         tokens=T - prompt, read_bytes=counter.bytes - start[0], reads=counter.reads - start[1], expert_bytes_used=used
     )

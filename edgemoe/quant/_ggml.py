@@ -19,6 +19,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -105,6 +106,26 @@ class GGMLLib:
             return None
         ff = self.cpu.ggml_get_type_traits_cpu(Q8_0).contents.from_float
         return (*fns, int(ff)) if all(fns) and ff else None
+
+    def quantize(self, gtype: int, w: np.ndarray) -> np.ndarray:
+        """float32 [n_out, n_in] -> uint8 [n_out, row bytes] quantized by ggml itself
+        (ggml_quantize_chunk: llama.cpp's quantizer, no importance matrix)."""
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        n_out, n_in = w.shape
+        out = np.empty((n_out, self.row_size(gtype, n_in)), np.uint8)
+        f = self.base.ggml_quantize_chunk
+        f.restype = ctypes.c_size_t
+        f.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
+        f(gtype, w.ctypes.data, out.ctypes.data, 0, n_out, n_in, None)
+        return out
 
     def row_size(self, gtype: int, n: int) -> int:
         return int(self.base.ggml_row_size(gtype, n))

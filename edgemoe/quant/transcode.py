@@ -43,7 +43,7 @@ def transcoded_bytes(reader) -> int | None:
     """The bytes a full-width expert of this store is charged once StoreExperts._fast_form has
     transcoded it into ggml blocks (repacked Q4_0 for matquant-sym, else Q4_1), or None when the
     store's experts stay as planes."""
-    scheme = nested.SCHEMES[reader.scheme_name](reader.bits, reader.group)
+    scheme = next(s for s in reader.schemes if s is not None)
     if not transcodes(scheme):
         return None
     blocks = 3 * reader.n_ff_exp * reader.n_embd // 32

@@ -117,7 +117,7 @@ class ExpertCache:
             raise EdgeMoEError(f"cache policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.reader = reader
         self.policy = policy
-        self.plane_sizes = [reader.plane_size(p) for p in range(reader.n_planes)]
+        self._sizes = [list(reader.plane_sizes(i)) for i in range(reader.n_layer)]  # per layer, per plane
         self._capacity = int(capacity_bytes)
         self._entries: dict[tuple[int, int], _Entry] = {}
         self._nbytes = 0  # resident plane bytes, plus bytes reserved for reads in flight
@@ -227,17 +227,21 @@ class ExpertCache:
                 self._heat[key] = (self._heat_of(layer, expert) + (1 - SCORE_DECAY), self._visits[layer])
             return kind
 
+    def plane_sizes(self, layer: int) -> list[int]:
+        """The bytes of each plane of an expert of this layer."""
+        return self._sizes[layer]
+
     def get(self, layer: int, expert: int, n_planes: int, pinned: frozenset = frozenset()) -> list[np.ndarray]:
         """The expert's first n_planes, reading what is missing in one contiguous read."""
         key = (layer, expert)
         with self._lock:
             self.count(layer, expert, n_planes)
             have = self.resident(layer, expert)
-            need = sum(self.plane_sizes[have:n_planes])
+            need = sum(self._sizes[layer][have:n_planes])
             if have < n_planes:
                 self.make_room(need, layer, pinned | {key})
         if have < n_planes:
-            bufs = [alloc(self.plane_sizes[p]) for p in range(have, n_planes)]
+            bufs = [alloc(self._sizes[layer][p]) for p in range(have, n_planes)]
             t0 = time.perf_counter()
             try:
                 self.reader.read_planes(layer, expert, have, bufs)
@@ -263,7 +267,7 @@ class ExpertCache:
             if ent is None:
                 ent = self._entries[key] = _Entry(layer, expert, [], last_use=self._clock, prefetched=prefetched)
             have = len(ent.planes)
-            n = sum(self.plane_sizes[have : have + len(bufs)])  # nominal sizes: the replay tool reads nothing
+            n = sum(self._sizes[layer][have : have + len(bufs)])  # nominal sizes: the replay tool reads nothing
             ent.planes.extend(bufs)
             ent.nbytes += n
             self._nbytes += n
@@ -311,7 +315,7 @@ class ExpertCache:
     def _drop_top(self, v: _Entry) -> None:
         """Drop v's highest plane (the expert stays usable at fewer bits), or v itself."""
         st = self._layers[v.layer]
-        top = self.plane_sizes[len(v.planes) - 1]
+        top = self._sizes[v.layer][len(v.planes) - 1]
         if v.prefetched and not v.used:
             self._prefetch_wasted_bytes += top
         if len(v.planes) > 1 and v.fast is None:  # the expert stays usable at fewer bits
@@ -344,7 +348,7 @@ class ExpertCache:
                 return None
             if ent.fast is not None:
                 return ent.fast
-            if len(ent.planes) < len(self.plane_sizes):
+            if len(ent.planes) < len(self._sizes[layer]):
                 return None
             planes = list(ent.planes)
         fast, size = build(planes)

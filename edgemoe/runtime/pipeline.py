@@ -158,7 +158,7 @@ class Pipeline:
                 if r.queue[0] > have:  # lower planes were dropped meanwhile: read them first
                     r.queue = list(range(have, r.n_planes))
                 plane = r.queue[0]
-                size = cache.plane_sizes[plane]
+                size = cache.plane_sizes(r.layer)[plane]
                 room = cache.try_make_room(size, r.layer, self.pinned | self.reading | {key})
                 if not room and not r.prefetch:
                     # only pinned experts are left: keep the complete ones (the caller computes

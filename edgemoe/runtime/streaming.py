@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import EdgeMoEError
 from ..models.config import ModelArgs
 from ..models.gguf_file import GGUFFile
-from ..quant import kernels, nested
+from ..quant import kernels
 from ..quant.transcode import fast_weight, transcodes
 from ..store.reader import MATRICES, StoreReader
 from . import policy
@@ -41,7 +41,10 @@ class StoreExperts:
         # expert biases (gpt-oss) stay in the dense file
         self.bias = [None if args.is_dense(i) else expert_biases(dense, i) for i in range(args.n_layer)]
         self.cache = cache
-        self.scheme = nested.SCHEMES[reader.scheme_name](reader.bits, reader.group)
+        # one scheme for every layer (matquant, d2moe) or, for a native store, one per layer; the
+        # widths (by plane count) are the same in every layer
+        self.scheme = next(s for s in reader.schemes if s is not None)
+        self.native = reader.native
         if bits is not None and bits not in self.scheme.widths:
             raise EdgeMoEError(f"bits {bits} is not a width of this store ({', '.join(map(str, self.scheme.widths))})")
         self.n_planes = self.scheme.planes_for(bits if bits is not None else self.scheme.widths[-1])
@@ -62,9 +65,11 @@ class StoreExperts:
         self.ratios: list[list[float]] | None = None  # set by calibrate: w_k / w_1 per layer
         self.onnx = None  # an onnx_experts.OnnxExperts: experts run by onnxruntime (Model(onnx_experts=True))
         self.backend_rows = {"edgemoe": 0, "ggml": 0, "onnxruntime": 0}  # token rows computed by each
-        self.q41 = transcodes(self.scheme) and self.n_planes == self.scheme.n_planes
+        self.q41 = not self.native and transcodes(self.scheme) and self.n_planes == self.scheme.n_planes
 
     def ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+        if self.native:
+            return self._native_ffn(i, e, planes, x)
         fast = self._fast_form(i, e, planes)
         # onnxruntime (edgemoe.store.onnx_experts) by its rule, except for experts in ggml's repacked
         # Q4_0 form, which is faster at every batch size (docs/onnx.md)
@@ -90,9 +95,12 @@ class StoreExperts:
         else:
             per = {m: [] for m in MATRICES}
             for p, buf in enumerate(planes):
-                for m, view in self.reader.split_plane(buf, p).items():
+                for m, view in self.reader.split_plane(buf, p, i).items():
                     per[m].append(view)
             mm = self.scheme.matmul
+        return self._swiglu(i, e, mm, per, x)
+
+    def _swiglu(self, i: int, e: int, mm, per: dict, x: np.ndarray) -> np.ndarray:
         b = self.bias[i][e] if self.bias[i] is not None else None
         g = mm(per["gate"], *self.shapes["gate"], x)  # [T, F]
         u = mm(per["up"], *self.shapes["up"], x)  # [T, F]
@@ -115,12 +123,39 @@ class StoreExperts:
         def build(planes: list[np.ndarray]) -> tuple[dict, int]:
             fast = {}
             for m in MATRICES:
-                per = [self.reader.split_plane(buf, p)[m] for p, buf in enumerate(planes)]
+                per = [self.reader.split_plane(buf, p, i)[m] for p, buf in enumerate(planes)]
                 n_out, n_in = self.shapes[m]
                 fast[m] = fast_weight(self.scheme, per, n_out, n_in, f"blk.{i}.exp.{e}.{m}")
             return fast, sum(w.nbytes for w in fast.values())  # repacked Q4_0: 10% under the planes
 
         return self.cache.fast_form(i, e, build)
+
+    def _native_ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+        """A native store's expert: its planes merged back into blocks of the source's types
+        (native.NativeScheme.blocks) run on ggml's kernels for those types. At full width these are
+        the source's own bytes, built once and held instead of the planes (the same size); a lower
+        width is merged for this use only, every code's missing bits filled from its bin."""
+        sch = self.reader.schemes[i]
+
+        def build(planes: list[np.ndarray]) -> tuple[dict, int]:
+            out = {}
+            for m in MATRICES:
+                per = [self.reader.split_plane(buf, p, i)[m] for p, buf in enumerate(planes)]
+                n_out, n_in = self.shapes[m]
+                w = kernels.QWeight(sch.blocks(m, per, n_out, n_in), sch.types[m], n_in, f"blk.{i}.exp.{e}.{m}")
+                out[m] = kernels.pack(w)  # Q4_0: ggml's repacked layout, as the GGUF in place gets
+            return out, sum(w.nbytes for w in out.values())
+
+        full = len(planes) == self.reader.n_planes
+        weights = self.cache.fast_form(i, e, build) if full else None
+        if weights is None:
+            weights, _ = build(planes)
+        self.backend_rows["ggml"] += x.shape[0]
+
+        def mm(w, n_out, n_in, xx):
+            return kernels.matmul(w, xx)
+
+        return self._swiglu(i, e, mm, weights, x)
 
     def _widths(self, i: int, top: np.ndarray, w: np.ndarray, skip: np.ndarray) -> dict[int, tuple[int, float]]:
         """{expert: (planes to use, hotness)} for the kept experts of one layer."""
@@ -173,9 +208,9 @@ class StoreExperts:
         until it is full (as llama.cpp's mmap load reads the file); the counters start after.
         Returns the bytes read."""
         c = self.cache
-        size = self.reader.expert_bytes(self.n_planes)
         read = 0
         for i, layer in enumerate(self.reader.locations):
+            size = self.reader.expert_bytes(self.n_planes, i) if layer else 0
             for e in range(len(layer)):
                 if c.nbytes + size > c.capacity:
                     break
@@ -197,7 +232,8 @@ class StoreExperts:
         return best
 
     def min_layer_bytes(self, n_expert_used: int) -> int:
-        """One layer's chosen experts at the width they are read at (all planes unless bits= is lower)."""
+        """One layer's chosen experts at the width they are read at (all planes unless bits= is
+        lower), in the layer where experts are largest."""
         return n_expert_used * self.reader.expert_bytes(self.n_planes)
 
     def snapshot(self) -> CacheStats:

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import EdgeMoEError
 from ..models.config import ModelArgs
 from ..models.gguf_file import GGUFFile, embedding_on_disk
-from ..quant import nested
+from ..quant import native, nested
 from . import reader as store
 
 # The nested scheme: matquant won tools/bench_nested.py at the top widths and ties d2moe within a
@@ -225,7 +225,18 @@ def _convert(
 
 def _nested_scheme(gf, args: ModelArgs, src: Path, sbits: float, bits: tuple[int, ...] | None, scheme: str):
     """The nested scheme to encode the experts with: its widths (the source's default ones if not
-    given) and group."""
+    given) and group; for "native", the source's own blocks, a NativeScheme per layer."""
+    if scheme == native.NativeScheme.name:
+        if bits is not None:
+            raise EdgeMoEError("--bits: a native store's widths are its source types' own (see `edgemoe info`)")
+        types = [
+            None if args.is_dense(i) else {m: gf.tensor(f"blk.{i}.{s}").qtype for m, s in EXPERT_SUFFIXES.items()}
+            for i in range(args.n_layer)
+        ]
+        try:
+            return native.store_schemes(types)
+        except ValueError as exc:
+            raise EdgeMoEError(f"{src}: {exc}") from None
     bits = bits or nested.default_bits(sbits)
     if sbits < bits[-1]:
         warnings.warn(
@@ -234,7 +245,8 @@ def _nested_scheme(gf, args: ModelArgs, src: Path, sbits: float, bits: tuple[int
             stacklevel=3,
         )
     if scheme not in nested.SCHEMES:
-        raise EdgeMoEError(f"scheme {scheme!r} is not one of {', '.join(nested.SCHEMES)}")
+        names = ", ".join([*nested.SCHEMES, native.NativeScheme.name])
+        raise EdgeMoEError(f"scheme {scheme!r} is not one of {names}")
     first = next(i for i in range(args.n_layer) if not args.is_dense(i))
     group = group_for(args, scheme, gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}").qtype, bits)
     if scheme == "matquant" and bits[-1] == 4 and group == 32 and _all_q4_0(gf, args):
@@ -274,14 +286,9 @@ def _write_store(
     from tqdm import tqdm
 
     dense_bytes = _write_dense(gf, args, tmp)
-    shapes = {
-        "gate": (args.n_ff_exp, args.n_embd),
-        "up": (args.n_ff_exp, args.n_embd),
-        "down": (args.n_embd, args.n_ff_exp),
-    }
-    plane_bytes = {m: sch.plane_nbytes(*shapes[m]) for m in store.MATRICES}
-    n_planes = len(plane_bytes["gate"])
-    per_plane = [sum(plane_bytes[m][p] for m in store.MATRICES) for p in range(n_planes)]
+    shapes = store.expert_shapes(args.n_embd, args.n_ff_exp)
+    schemes = sch if isinstance(sch, list) else [None if args.is_dense(i) else sch for i in range(args.n_layer)]
+    layer_bytes = [None if s is None else store.matrix_plane_bytes(s, shapes) for s in schemes]
     experts_manifest = []
     n_moe = sum(not args.is_dense(i) for i in range(args.n_layer))
     bar = tqdm(
@@ -291,8 +298,23 @@ def _write_store(
         if args.is_dense(i):  # deepseek2's leading dense layers: their FFN is in dense.gguf
             experts_manifest.append([])
             continue
-        experts_manifest.append(_write_shard(gf, args, sch, tmp, i, per_plane, act, distinct, bar))
+        pb = layer_bytes[i]
+        per_plane = [sum(pb[m][p] for m in store.MATRICES) for p in range(len(pb["gate"]))]
+        experts_manifest.append(_write_shard(gf, args, schemes[i], tmp, i, per_plane, act, distinct, bar))
     bar.close()
+    first = next(s for s in schemes if s is not None)
+    scheme = dict(
+        name=first.name,
+        bits=list(first.widths),
+        group=first.group,
+        planes_for={str(b): first.planes_for(b) for b in first.widths},
+        activation_aware=act is not None,
+    )
+    if isinstance(sch, list):  # native: the source's types per layer, and plane sizes per layer
+        scheme["types"] = [None if s is None else {m: s.types[m].name for m in store.MATRICES} for s in schemes]
+        plane_bytes = layer_bytes
+    else:
+        plane_bytes = next(pb for pb in layer_bytes if pb is not None)
     manifest = dict(
         format_version=store.FORMAT_VERSION,
         source=dict(file=src.name, bytes=src.stat().st_size, expert_bits_per_weight=sbits),
@@ -301,13 +323,7 @@ def _write_store(
         n_expert=args.n_expert,
         n_embd=args.n_embd,
         n_ff_exp=args.n_ff_exp,
-        scheme=dict(
-            name=sch.name,
-            bits=list(sch.widths),
-            group=sch.group,
-            planes_for={str(b): sch.planes_for(b) for b in sch.widths},
-            activation_aware=act is not None,
-        ),
+        scheme=scheme,
         plane_bytes=plane_bytes,
         dense_bytes=dense_bytes,
         experts=experts_manifest,
@@ -362,7 +378,7 @@ def _write_shard(
         if distinct and e >= distinct:
             blob, cks = blobs[e % distinct]
         else:
-            blob, cks = _encode_expert(gf, sch, tensors, i, e, act, per_plane)
+            blob, cks = _encode_expert(gf, args, sch, tensors, i, e, act, per_plane)
             if distinct:
                 blobs[e] = (blob, cks)
         sums.append(cks)
@@ -379,11 +395,15 @@ def _write_shard(
     ]
 
 
-def _encode_expert(gf: GGUFFile, sch, tensors: dict, i: int, e: int, act, per_plane: list[int]):
+def _encode_expert(gf: GGUFFile, args: ModelArgs, sch, tensors: dict, i: int, e: int, act, per_plane: list[int]):
     """Expert e of layer i as one blob (plane 0 of gate, up, down, then plane 1 ...) and each
     plane's checksum."""
     planes = {}
+    shapes = store.expert_shapes(args.n_embd, args.n_ff_exp)
     for m in store.MATRICES:
+        if isinstance(sch, native.NativeScheme):  # the source's own blocks, split into planes
+            planes[m] = sch.split(m, np.asarray(tensors[m].data[e]), *shapes[m])
+            continue
         if _exact_from_source(sch, tensors[m]):
             planes[m] = sch.from_codes(*_source_codes(tensors[m], e))
             continue

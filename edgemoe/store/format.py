@@ -19,9 +19,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import xxhash
 
 from ..errors import EdgeMoEError
+from ..quant import native, nested
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -57,20 +59,76 @@ def _int(v, what: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """What a valid manifest says about the experts' bytes."""
+    """What a valid manifest says about the experts' bytes: per layer (None: no experts) and
+    matrix, the bytes of each plane."""
 
     n_layer: int
     n_expert: int
     n_planes: int
-    plane_offsets: tuple[int, ...]  # cumulative, n_planes + 1
+    plane_bytes: tuple[dict[str, tuple[int, ...]] | None, ...]
 
-    @property
-    def expert_bytes(self) -> int:
-        return self.plane_offsets[-1]
+    def plane_offsets(self, layer: int) -> tuple[int, ...]:
+        """An expert's cumulative plane offsets in this layer (n_planes + 1)."""
+        pb = self.plane_bytes[layer]
+        cum = [0]
+        for p in range(self.n_planes):
+            cum.append(cum[-1] + sum(pb[m][p] for m in MATRICES))
+        return tuple(cum)
+
+    def expert_bytes(self, layer: int) -> int:
+        return self.plane_offsets(layer)[-1]
 
 
-def check_entry(ent, lay: Layout) -> str | None:
-    """What is wrong with one expert's manifest entry, or None."""
+def scheme_of(sch: dict):
+    """The scheme object a manifest's "scheme" names: a nested.Scheme (re-fitted planes, one
+    layout for every layer) or a native.NativeScheme per layer (the source's blocks: a list, None
+    for layers without experts). Raises ValueError."""
+    if not isinstance(sch, dict):
+        raise ValueError("scheme must be an object")
+    name = sch.get("name")
+    if name == native.NativeScheme.name:
+        types = sch.get("types")
+        if not isinstance(types, list) or not types:
+            raise ValueError("scheme.types must be a list with one entry per layer")
+        given = []
+        for layer, t in enumerate(types):
+            if t is None:
+                given.append(None)
+                continue
+            if not isinstance(t, dict) or set(t) != set(MATRICES):
+                raise ValueError(f"scheme.types[{layer}] must name the type of {', '.join(MATRICES)}")
+            try:
+                given.append({m: gguf.GGMLQuantizationType[t[m]] for m in MATRICES})
+            except (KeyError, TypeError):
+                raise ValueError(f"scheme.types[{layer}] {json.dumps(t)[:80]} names an unknown GGML type") from None
+        return native.store_schemes(given)
+    if not isinstance(name, str) or name not in nested.SCHEMES:
+        names = ", ".join([*nested.SCHEMES, native.NativeScheme.name])
+        raise ValueError(f"scheme.name {json.dumps(name)[:40]} is not one of {names}")
+    bits = sch.get("bits")
+    if not isinstance(bits, list) or not bits:
+        raise ValueError("scheme.bits must be a non-empty list")
+    bits = tuple(_int(b, "scheme.bits[]", 1, 8) for b in bits)
+    group = _int(sch.get("group"), "scheme.group", 1, 1 << 16)
+    try:
+        return nested.SCHEMES[name](bits, group)
+    except ValueError as exc:
+        raise ValueError(f"scheme {name} {bits} group {group}: {exc}") from None
+
+
+def matrix_plane_bytes(scheme, shapes: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """Per matrix, the bytes of each of its planes under this scheme (one layer's, for native)."""
+    if isinstance(scheme, native.NativeScheme):
+        return {m: [int(x) for x in scheme.plane_nbytes(m, *shapes[m])] for m in MATRICES}
+    return {m: [int(x) for x in scheme.plane_nbytes(*shapes[m])] for m in MATRICES}
+
+
+def expert_shapes(n_embd: int, n_ff_exp: int) -> dict[str, tuple[int, int]]:
+    return {"gate": (n_ff_exp, n_embd), "up": (n_ff_exp, n_embd), "down": (n_embd, n_ff_exp)}
+
+
+def check_entry(ent, lay: Layout, layer: int) -> str | None:
+    """What is wrong with one expert's manifest entry in this layer, or None."""
     try:
         if not isinstance(ent, dict):
             raise ValueError("the entry is not an object")
@@ -78,10 +136,9 @@ def check_entry(ent, lay: Layout) -> str | None:
         if off % ALIGNMENT:
             raise ValueError(f"offset {off} is not a multiple of {ALIGNMENT}")
         cum = ent.get("plane_offsets")
-        if not isinstance(cum, list) or tuple(cum) != lay.plane_offsets or any(isinstance(c, bool) for c in cum):
-            raise ValueError(
-                f"plane_offsets {json.dumps(cum)[:80]} do not match the plane sizes {list(lay.plane_offsets)}"
-            )
+        want = lay.plane_offsets(layer)
+        if not isinstance(cum, list) or tuple(cum) != want or any(isinstance(c, bool) for c in cum):
+            raise ValueError(f"plane_offsets {json.dumps(cum)[:80]} do not match the plane sizes {list(want)}")
         cks = ent.get("checksums")
         if not isinstance(cks, list) or len(cks) != lay.n_planes:
             raise ValueError(f"{len(cks) if isinstance(cks, list) else 'no'} checksums for {lay.n_planes} planes")
@@ -96,7 +153,6 @@ def check_manifest(m, mpath: Path | str, *, entries: bool = True) -> Layout:
     """Validate a parsed manifest.json: every field StoreReader and the runtime use, with its type and
     range; the scheme must exist and produce exactly the plane sizes listed (so no size in the file
     is trusted for an allocation); entries: every expert entry too. Raises EdgeMoEError."""
-    from ..quant import nested
 
     def bad(what: str) -> EdgeMoEError:
         return EdgeMoEError(f"{mpath}: manifest is missing or has a bad field: {what}")
@@ -109,36 +165,10 @@ def check_manifest(m, mpath: Path | str, *, entries: bool = True) -> Layout:
             f"version {FORMAT_VERSION}; convert the model again"
         )
     try:
-        sch = m.get("scheme")
-        if not isinstance(sch, dict):
-            raise ValueError("scheme must be an object")
-        name = sch.get("name")
-        if not isinstance(name, str) or name not in nested.SCHEMES:
-            raise ValueError(f"scheme.name {json.dumps(name)[:40]} is not one of {', '.join(nested.SCHEMES)}")
-        bits = sch.get("bits")
-        if not isinstance(bits, list) or not bits:
-            raise ValueError("scheme.bits must be a non-empty list")
-        bits = tuple(_int(b, "scheme.bits[]", 1, 8) for b in bits)
-        group = _int(sch.get("group"), "scheme.group", 1, 1 << 16)
         dims = {k: _int(m.get(k), k, 1, hi) for k, hi in LIMITS.items()}
-        try:
-            scheme = nested.SCHEMES[name](bits, group)
-            shapes = {
-                "gate": (dims["n_ff_exp"], dims["n_embd"]),
-                "up": (dims["n_ff_exp"], dims["n_embd"]),
-                "down": (dims["n_embd"], dims["n_ff_exp"]),
-            }
-            want = {mat: [int(x) for x in scheme.plane_nbytes(*shapes[mat])] for mat in MATRICES}
-            planes_for = {str(b): scheme.planes_for(b) for b in scheme.widths}
-        except (ValueError, ZeroDivisionError) as exc:
-            raise ValueError(
-                f"scheme {name} {bits} group {group} for experts {dims['n_embd']}x{dims['n_ff_exp']}: {exc}"
-            ) from None
-        pb = m.get("plane_bytes")
-        if not isinstance(pb, dict) or any(pb.get(mat) != want[mat] for mat in MATRICES):
-            raise ValueError(f"plane_bytes {json.dumps(pb)[:120]} differ from the scheme's {want}")
-        if "planes_for" in sch and sch["planes_for"] != planes_for:
-            raise ValueError(f"scheme.planes_for {json.dumps(sch['planes_for'])[:80]} differ from {planes_for}")
+        sch = m.get("scheme")
+        scheme = scheme_of(sch)
+        shapes = expert_shapes(dims["n_embd"], dims["n_ff_exp"])
         experts = m.get("experts")
         if not isinstance(experts, list) or len(experts) != dims["n_layer"]:
             raise ValueError(f"experts must be a list of n_layer={dims['n_layer']} layers")
@@ -147,17 +177,50 @@ def check_manifest(m, mpath: Path | str, *, entries: bool = True) -> Layout:
                 raise ValueError(f"experts[{layer}] must list n_expert={dims['n_expert']} experts (or none)")
         if not any(experts):
             raise ValueError("no layer has experts")
+        layers, n_planes = _plane_bytes(m, sch, scheme, shapes, experts)
     except ValueError as exc:
         raise bad(str(exc)) from None
-    n_planes = len(want["gate"])
-    cum = [0]
-    for p in range(n_planes):
-        cum.append(cum[-1] + sum(want[mat][p] for mat in MATRICES))
-    lay = Layout(dims["n_layer"], dims["n_expert"], n_planes, tuple(cum))
+    lay = Layout(dims["n_layer"], dims["n_expert"], n_planes, tuple(layers))
     if entries:
         for layer, lst in enumerate(experts):
             for e, ent in enumerate(lst):
-                err = check_entry(ent, lay)
+                err = check_entry(ent, lay, layer)
                 if err:
                     raise bad(f"layer {layer} expert {e}: {err}")
     return lay
+
+
+def _plane_bytes(m: dict, sch: dict, scheme, shapes, experts) -> tuple[list, int]:
+    """Per layer the plane bytes the scheme gives (checked against the manifest's), and n_planes."""
+    pb = m.get("plane_bytes")
+    if isinstance(scheme, list):  # native: per layer
+        if len(scheme) != len(experts) or not isinstance(pb, list) or len(pb) != len(experts):
+            raise ValueError("scheme.types and plane_bytes must have one entry per layer")
+        layers = []
+        for layer, (s, lst) in enumerate(zip(scheme, experts)):
+            if (s is None) != (not lst):
+                raise ValueError(f"scheme.types[{layer}] must be given exactly for the layers with experts")
+            want = None
+            if s is not None:
+                try:
+                    want = matrix_plane_bytes(s, shapes)
+                except ValueError as exc:
+                    raise ValueError(f"layer {layer}: {exc}") from None
+            if pb[layer] != want:
+                raise ValueError(f"plane_bytes[{layer}] {json.dumps(pb[layer])[:120]} differ from the scheme's {want}")
+            layers.append(None if want is None else {k: tuple(v) for k, v in want.items()})
+        n_planes = {len(x["gate"]) for x in layers if x is not None}
+        if len(n_planes) != 1:
+            raise ValueError("the layers' experts have different numbers of planes")
+        return layers, n_planes.pop()
+    try:
+        want = matrix_plane_bytes(scheme, shapes)
+        planes_for = {str(b): scheme.planes_for(b) for b in scheme.widths}
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ValueError(f"scheme {scheme!r} for experts {shapes['down'][0]}x{shapes['down'][1]}: {exc}") from None
+    if not isinstance(pb, dict) or any(pb.get(mat) != want[mat] for mat in MATRICES):
+        raise ValueError(f"plane_bytes {json.dumps(pb)[:120]} differ from the scheme's {want}")
+    if "planes_for" in sch and sch["planes_for"] != planes_for:
+        raise ValueError(f"scheme.planes_for {json.dumps(sch['planes_for'])[:80]} differ from {planes_for}")
+    per = {k: tuple(v) for k, v in want.items()}
+    return [per if lst else None for lst in experts], len(want["gate"])

@@ -101,7 +101,7 @@ def codes_for(se, i: int, e: int, planes: list[np.ndarray]) -> dict | None:
     if planes[0].size:
         per = {m: [] for m in MATRICES}
         for p, buf in enumerate(planes):
-            for m, view in se.reader.split_plane(buf, p).items():
+            for m, view in se.reader.split_plane(buf, p, i).items():
                 per[m].append(view)
         return {m: full_codes(sch, per[m], *se.shapes[m]) for m in MATRICES}
     fast = se.cache.fast(i, e)
@@ -318,7 +318,7 @@ def export_store(store_path: str | Path, layers: list[int] | None = None) -> lis
 
     r = StoreReader(store_path)
     try:
-        sch = nested.SCHEMES[r.scheme_name](r.bits, r.group)
+        sch = next(x for x in r.schemes if x is not None)
         if not supported(sch):
             raise EdgeMoEError(f"{store_path}: ONNX expert shards need a matquant store with top width 4 or 8 bits")
         shapes = {"gate": (r.n_ff_exp, r.n_embd), "up": (r.n_ff_exp, r.n_embd), "down": (r.n_embd, r.n_ff_exp)}
@@ -329,10 +329,10 @@ def export_store(store_path: str | Path, layers: list[int] | None = None) -> lis
             if layers is not None and i not in layers:
                 continue
             for e in range(len(layer)):
-                bufs = [np.empty(r.plane_size(p), np.uint8) for p in range(r.n_planes)]
+                bufs = [np.empty(n, np.uint8) for n in r.plane_sizes(i)]
                 r.read_planes(i, e, 0, bufs)
                 codes = {
-                    m: full_codes(sch, [r.split_plane(b, p)[m] for p, b in enumerate(bufs)], *shapes[m])
+                    m: full_codes(sch, [r.split_plane(b, p, i)[m] for p, b in enumerate(bufs)], *shapes[m])
                     for m in MATRICES
                 }
                 path = out / f"blk.{i}.exp.{e}.onnx"

@@ -20,8 +20,11 @@ from .format import (  # noqa: F401 (the format's names, for the store's users)
     MATRICES,
     check_manifest,
     checksum,
+    expert_shapes,
     expert_tensor_name,
     is_store,
+    matrix_plane_bytes,
+    scheme_of,
     shard_name,
 )
 
@@ -48,7 +51,7 @@ class StoreReader:
             raise EdgeMoEError(f"{mpath}: unreadable manifest ({exc})") from None
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         if version == FORMAT_VERSION:
-            check_manifest(manifest, mpath)  # types, ranges and sizes before anything is allocated
+            lay = check_manifest(manifest, mpath)  # types, ranges and sizes before anything is allocated
         if version != FORMAT_VERSION:
             raise EdgeMoEError(
                 f"{mpath}: store format version {version!r}, this edgemoe reads version {FORMAT_VERSION}; "
@@ -57,15 +60,20 @@ class StoreReader:
         try:
             self.manifest = manifest
             self.scheme_name: str = manifest["scheme"]["name"]
-            self.bits: tuple[int, ...] = tuple(manifest["scheme"]["bits"])
-            self.group: int = int(manifest["scheme"]["group"])
+            scheme = scheme_of(manifest["scheme"])
+            # per layer: the scheme its experts are in (None: no experts)
+            self.schemes = scheme if isinstance(scheme, list) else [scheme if x else None for x in manifest["experts"]]
+            first = next(s for s in self.schemes if s is not None)
+            self.bits: tuple[int, ...] = tuple(first.widths)
+            self.group: int = int(first.group)
             self.n_layer: int = int(manifest["n_layer"])
             self.n_expert: int = int(manifest["n_expert"])
             self.n_embd: int = int(manifest["n_embd"])
             self.n_ff_exp: int = int(manifest["n_ff_exp"])
-            # per matrix per plane byte lengths (identical for every expert)
-            self.plane_bytes: dict[str, list[int]] = {m: list(manifest["plane_bytes"][m]) for m in MATRICES}
-            self.n_planes = len(self.plane_bytes["gate"])
+            # per layer (None: no experts), per matrix, per plane: byte lengths (the same for every
+            # expert of a layer)
+            self.plane_bytes: tuple[dict[str, tuple[int, ...]] | None, ...] = lay.plane_bytes
+            self.n_planes = lay.n_planes
             self.locations: list[list[ExpertLocation]] = [
                 [
                     ExpertLocation(
@@ -87,15 +95,34 @@ class StoreReader:
     def dense_path(self) -> Path:
         return self.root / DENSE
 
-    def plane_size(self, plane: int) -> int:
-        return sum(self.plane_bytes[m][plane] for m in MATRICES)
+    @property
+    def native(self) -> bool:
+        """Whether the experts are the source's own blocks (scheme "native")."""
+        return self.scheme_name == "native"
 
-    def expert_bytes(self, n_planes: int) -> int:
-        return sum(self.plane_size(p) for p in range(n_planes))
+    def moe_layers(self) -> list[int]:
+        return [i for i, pb in enumerate(self.plane_bytes) if pb is not None]
+
+    def plane_size(self, plane: int, layer: int) -> int:
+        pb = self.plane_bytes[layer]
+        return sum(pb[m][plane] for m in MATRICES)
+
+    def plane_sizes(self, layer: int) -> list[int]:
+        """The bytes of each plane of an expert of this layer ([] for a layer without experts)."""
+        if self.plane_bytes[layer] is None:
+            return []
+        return [self.plane_size(p, layer) for p in range(self.n_planes)]
+
+    def expert_bytes(self, n_planes: int, layer: int | None = None) -> int:
+        """One expert's bytes at n_planes planes in this layer; layer None: the largest over the
+        layers (what a budget must hold room for)."""
+        if layer is None:
+            return max(self.expert_bytes(n_planes, i) for i in self.moe_layers())
+        return sum(self.plane_size(p, layer) for p in range(n_planes))
 
     def all_experts_bytes(self) -> int:
         """Every expert of every MoE layer at every plane."""
-        return sum(len(layer) for layer in self.locations) * self.expert_bytes(self.n_planes)
+        return sum(len(self.locations[i]) * self.expert_bytes(self.n_planes, i) for i in self.moe_layers())
 
     def _fd(self, layer: int) -> int:
         fd = self._fds.get(layer)
@@ -149,12 +176,12 @@ class StoreReader:
                     f"plane {first + i}: the shard is damaged; convert the model again"
                 )
 
-    def split_plane(self, buf: np.ndarray, plane: int) -> dict[str, np.ndarray]:
-        """Views of one plane buffer per matrix."""
+    def split_plane(self, buf: np.ndarray, plane: int, layer: int) -> dict[str, np.ndarray]:
+        """Views of one plane buffer of this layer per matrix."""
         out = {}
         pos = 0
         for m in MATRICES:
-            n = self.plane_bytes[m][plane]
+            n = self.plane_bytes[layer][m][plane]
             out[m] = buf[pos : pos + n]
             pos += n
         return out

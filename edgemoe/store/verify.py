@@ -169,11 +169,11 @@ def _check_shard(root: Path, layer: int, entries: list, lay: Layout, rep: Report
 def _check_expert(shard: _Shard, e: int, ent, lay: Layout, rep: Report, checksums: bool) -> None:
     """An expert's manifest entry against the shard's tensor and size, then its planes' checksums."""
     where = f"{shard.path}: layer {shard.layer} expert {e}"
-    err = check_entry(ent, lay)
+    err = check_entry(ent, lay, shard.layer)
     if err:
         rep.damage(f"{where}: bad manifest entry ({err})")
         return
-    off, expert_bytes = ent["offset"], lay.expert_bytes
+    off, expert_bytes = ent["offset"], lay.expert_bytes(shard.layer)
     if shard.tensors is not None:
         t = shard.tensors.get(store.expert_tensor_name(shard.layer, e))
         if t is None:
@@ -188,11 +188,11 @@ def _check_expert(shard: _Shard, e: int, ent, lay: Layout, rep: Report, checksum
         return
     rep.experts_checked += 1
     if checksums:
-        _check_planes(shard.fd, where, off, ent["checksums"], lay, rep)
+        _check_planes(shard.fd, where, off, ent["checksums"], lay.plane_offsets(shard.layer), rep)
 
 
-def _check_planes(fd: int, where: str, off: int, cks: list[int], lay: Layout, rep: Report) -> None:
-    cum, expert_bytes = lay.plane_offsets, lay.expert_bytes
+def _check_planes(fd: int, where: str, off: int, cks: list[int], cum: tuple[int, ...], rep: Report) -> None:
+    expert_bytes = cum[-1]
     try:
         blob = os.pread(fd, expert_bytes, off)
     except OSError as exc:
@@ -200,7 +200,7 @@ def _check_planes(fd: int, where: str, off: int, cks: list[int], lay: Layout, re
         return
     os.posix_fadvise(fd, off, expert_bytes, os.POSIX_FADV_DONTNEED)
     rep.bytes_checked += len(blob)
-    for p in range(lay.n_planes):
+    for p in range(len(cum) - 1):
         rep.planes_checked += 1
         if store.checksum(blob[cum[p] : cum[p + 1]]) != cks[p]:
             rep.damage(f"{where} plane {p}: checksum mismatch (bytes {off + cum[p]}..{off + cum[p + 1]})")

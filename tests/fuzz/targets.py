@@ -189,7 +189,7 @@ def read_all(root: Path, validate: bool = True) -> None:
     try:
         for layer, entries in enumerate(r.locations):
             for e in range(len(entries)):
-                bufs = [np.empty(r.plane_size(p), dtype=np.uint8) for p in range(r.n_planes)]
+                bufs = [np.empty(n, dtype=np.uint8) for n in r.plane_sizes(layer)]
                 r.read_planes(layer, e, 0, bufs)
     finally:
         r.close()
