@@ -345,13 +345,17 @@ def _add_store_commands(sub) -> None:
     c.add_argument("model", help="GGUF model file")
     c.add_argument("-o", "--output", help="store directory (default: MODEL with the suffix .edgemoe)")
     c.add_argument(
-        "--bits", help="nested widths, e.g. 2,3,4 or 2,4,8 (default: 2,3,4 for sources of <= 5 bits, else 2,4,8)"
+        "--bits",
+        help="nested widths of a matquant or d2moe store, e.g. 2,3,4 or 2,4,8 (default: 2,3,4 for sources of "
+        "<= 5 bits, else 2,4,8)",
     )
     c.add_argument(
         "--scheme",
-        default="matquant",
-        help="nested quantization scheme: matquant (default; all-Q4_0 experts are stored as matquant-sym, "
-        "their offsets implied) or d2moe",
+        choices=("native", "matquant", "d2moe"),
+        help="how experts become nested planes: native (default for quantized experts: the source's own "
+        "blocks, so --quality max is the source exactly; the widths follow its types), matquant (default "
+        "for float experts or with --bits: re-fitted planes; all-Q4_0 experts are stored as matquant-sym) "
+        "or d2moe",
     )
     c.add_argument("--calibration", help="text file: fit scales activation-aware on it")
     c.add_argument("--force", action="store_true", help="replace an existing store")

@@ -141,3 +141,16 @@ def test_native_store_info_verify_and_bits_errors(build_model, tmp_path, capsys)
     (st / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(edgemoe.EdgeMoEError, match=r"scheme.types\[0\].*unknown GGML type"):
         StoreReader(st)
+
+
+def test_an_expert_held_at_full_width_serves_a_lower_width_request(build_model, tmp_path):
+    """Once merged at full width an expert's planes are gone; asked for at a lower width later
+    (quality fast after max), it is computed from the held blocks, not from planes it no longer has."""
+    src = build_model("qwen3moe", "Q4_0")
+    st = convert(src, tmp_path / "n.edgemoe", scheme="native", progress=False)
+    ids = random_ids(16, 256, seed=5)
+    with edgemoe.load(st, kv_type="f32", n_ctx=64) as m:
+        full = m.logits(ids)
+        m.set_quality("fast")
+        np.testing.assert_array_equal(m.logits(ids)[:, :0], full[:, :0])  # runs; held experts stay exact
+        assert any(h.fast for h in m.streamed_experts.cache.state().held.values())

@@ -38,8 +38,7 @@ class ModelFacts:
 def model_facts(path: Path, model) -> ModelFacts:
     """Sizes of a loaded model: expert bytes per nested width, dense bytes, KV cache."""
     from ..models.gguf_file import GGUFFile
-    from ..quant import nested
-    from ..store.convert import EXPERT_SUFFIXES, group_for, source_bits, source_expert_bytes
+    from ..store.convert import expert_bytes_by_width, plan_scheme, source_bits, source_expert_bytes
     from ..store.reader import DENSE, StoreReader, is_store
 
     c = model.config
@@ -53,27 +52,11 @@ def model_facts(path: Path, model) -> ModelFacts:
         r.close()
     else:
         gf = GGUFFile(path)
-        moe = [l for l in range(c.n_layer) if gf.maybe(f"blk.{l}.{EXPERT_SUFFIXES['gate']}") is not None]
-        first = moe[0]
         src_expert = source_expert_bytes(gf, c)
         sbits = source_bits(gf, c)
-        widths = nested.default_bits(sbits)
-        scheme = "d2moe"
-        try:
-            from ..store import convert as conv
-
-            scheme = getattr(conv, "DEFAULT_SCHEME", "d2moe")  # what `edgemoe convert` would write
-            qt = gf.tensor(f"blk.{first}.{EXPERT_SUFFIXES['gate']}").qtype
-            try:
-                group = group_for(c, scheme, qt, widths)
-            except TypeError:  # an older signature
-                group = group_for(c)
-            sch = nested.SCHEMES[scheme](widths, group)
-            shapes = [(c.n_ff_exp, c.n_embd), (c.n_ff_exp, c.n_embd), (c.n_embd, c.n_ff_exp)]
-            eb = {b: sum(sum(sch.plane_nbytes(o, i)[: sch.planes_for(b)]) for o, i in shapes) for b in widths}
-        except Exception as exc:  # noqa: BLE001 - shapes the scheme cannot take: scale by bits
-            notes.append(f"nested sizes estimated as source bytes x width / {sbits:g} bits ({scheme}: {exc})")
-            eb = {b: int(src_expert * b / sbits) for b in widths}
+        sch = plan_scheme(gf, c, Path(path), sbits, None, None)  # what `edgemoe convert` would write
+        eb = expert_bytes_by_width(sch, c)
+        widths = tuple(eb)
         eb["source"] = src_expert
     tensors = gf.tensors
     dense = sum(t.nbytes for n, t in tensors.items() if not n.endswith("_exps.weight"))

@@ -146,8 +146,8 @@ class StoreExperts:
                 out[m] = kernels.pack(w)  # Q4_0: ggml's repacked layout, as the GGUF in place gets
             return out, sum(w.nbytes for w in out.values())
 
-        full = len(planes) == self.reader.n_planes
-        weights = self.cache.fast_form(i, e, build) if full else None
+        # held at full width already (then its planes are gone): that form, whatever width was asked
+        weights = self.cache.fast_form(i, e, build)
         if weights is None:
             weights, _ = build(planes)
         self.backend_rows["ggml"] += x.shape[0]

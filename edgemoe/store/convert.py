@@ -13,6 +13,8 @@ import shutil
 import struct
 import sys
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -21,14 +23,11 @@ import numpy as np
 from ..errors import EdgeMoEError
 from ..models.config import ModelArgs
 from ..models.gguf_file import GGUFFile, embedding_on_disk
-from ..quant import native, nested
+from ..quant import kernels, native, nested
 from . import reader as store
 
-# The nested scheme: matquant won tools/bench_nested.py at the top widths and ties d2moe within a
-# few percent below them; its slices are uniform grids, and Q4_0/Q4_1 sources convert exactly
-# (see README "Expert store").
-DEFAULT_SCHEME = "matquant"
 Q = gguf.GGMLQuantizationType
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 EXPERT_SUFFIXES = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
 
 
@@ -180,7 +179,7 @@ def _convert(
     dst: str | os.PathLike[str] | None = None,
     *,
     bits: tuple[int, ...] | None = None,
-    scheme: str = DEFAULT_SCHEME,
+    scheme: str | None = None,
     calibration: str | os.PathLike[str] | None = None,
     force: bool = False,
     progress: bool = True,
@@ -201,7 +200,7 @@ def _convert(
     try:
         args = ModelArgs.from_gguf(gf)
         sbits = source_bits(gf, args)
-        sch = _nested_scheme(gf, args, src, sbits, bits, scheme)
+        sch = plan_scheme(gf, args, src, sbits, bits, scheme)
         dst = Path(dst) if dst is not None else src.with_suffix(".edgemoe")
         _remove_stale_temps(dst)
         if dst.exists() and not force:
@@ -223,9 +222,45 @@ def _convert(
         gf.close()
 
 
-def _nested_scheme(gf, args: ModelArgs, src: Path, sbits: float, bits: tuple[int, ...] | None, scheme: str):
-    """The nested scheme to encode the experts with: its widths (the source's default ones if not
-    given) and group; for "native", the source's own blocks, a NativeScheme per layer."""
+def scheme_name(gf, args: ModelArgs, bits: tuple[int, ...] | None = None, scheme: str | None = None) -> str:
+    """The scheme a conversion uses unless told: "native" (the source's own blocks, so quality max
+    is the source exactly) for quantized experts; "matquant" (re-fitted planes; it won
+    tools/bench_nested.py over d2moe at the top widths) for float experts, which have no codes to
+    nest, and wherever --bits asks for widths of one's choosing. Experts all Q4_0 or Q4_1 stay
+    matquant: its planes hold those sources' own codes and scales (exact too), and its transcoding
+    to ggml blocks costs less on a miss than native's merge of 32-weight blocks (tools/bench_kernels.py)."""
+    if scheme is not None:
+        return scheme
+    if bits is not None:
+        return "matquant"
+    types = {
+        gf.tensor(f"blk.{i}.{s}").qtype
+        for i in range(args.n_layer)
+        if not args.is_dense(i)
+        for s in EXPERT_SUFFIXES.values()
+    }
+    if types & set(FLOAT_TYPES) or types <= {Q.Q4_0, Q.Q4_1}:
+        return "matquant"
+    return native.NativeScheme.name
+
+
+def expert_bytes_by_width(sch, args: ModelArgs) -> dict[int, int]:
+    """One expert's bytes at each width of a scheme (plan_scheme's), in the layer where they
+    are largest."""
+    shapes = store.expert_shapes(args.n_embd, args.n_ff_exp)
+    layers = [s for s in sch if s is not None] if isinstance(sch, list) else [sch]
+    out = {}
+    for b in layers[0].widths:
+        k = layers[0].planes_for(b)
+        out[int(b)] = max(sum(sum(v[:k]) for v in store.matrix_plane_bytes(s, shapes).values()) for s in layers)
+    return out
+
+
+def plan_scheme(gf, args: ModelArgs, src: Path, sbits: float, bits: tuple[int, ...] | None, scheme: str | None):
+    """The nested scheme to encode the experts with (scheme_name's unless given): its widths (the
+    source's default ones if not given) and group; for "native", the source's own blocks, a
+    NativeScheme per layer."""
+    scheme = scheme_name(gf, args, bits, scheme)
     if scheme == native.NativeScheme.name:
         if bits is not None:
             raise EdgeMoEError("--bits: a native store's widths are its source types' own (see `edgemoe info`)")
@@ -373,14 +408,16 @@ def _write_shard(
     w.write_ti_data_to_file()
     tensors = {m: gf.tensor(f"blk.{i}.{s}") for m, s in EXPERT_SUFFIXES.items()}
     sums = []
-    blobs: dict[int, tuple[np.ndarray, list[int]]] = {}
+    blobs: list[tuple[np.ndarray, list[int]]] = []
+    n_encoded = min(distinct or args.n_expert, args.n_expert)
+    encoded = _in_order(lambda e: _encode_expert(gf, args, sch, tensors, i, e, act, per_plane), n_encoded)
     for e in range(args.n_expert):
-        if distinct and e >= distinct:
-            blob, cks = blobs[e % distinct]
-        else:
-            blob, cks = _encode_expert(gf, args, sch, tensors, i, e, act, per_plane)
+        if e < n_encoded:
+            blob, cks = next(encoded)
             if distinct:
-                blobs[e] = (blob, cks)
+                blobs.append((blob, cks))
+        else:
+            blob, cks = blobs[e % n_encoded]
         sums.append(cks)
         w.write_tensor_data(blob.view(np.int8))
         bar.update(1)
@@ -393,6 +430,20 @@ def _write_shard(
         dict(offset=offsets[store.expert_tensor_name(i, e)], plane_offsets=cum, checksums=sums[e])
         for e in range(args.n_expert)
     ]
+
+
+def _in_order(encode, n: int):
+    """encode(0), encode(1), ... encode(n - 1), computed by kernels.THREADS threads (the kernels
+    release the GIL), at most one more than that in flight (each a whole expert's planes)."""
+    workers = max(1, kernels.THREADS)
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for e in range(n):
+            pending.append(pool.submit(encode, e))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _encode_expert(gf: GGUFFile, args: ModelArgs, sch, tensors: dict, i: int, e: int, act, per_plane: list[int]):
