@@ -8,6 +8,14 @@ On a shared machine pin everything to one thread for clean numbers:
     OPENBLAS_NUM_THREADS=1 python tools/bench_kernels.py --threads 1 --cold
 
     python tools/bench_kernels.py [--types Q4_K,Q8_0] [--threads 1,2] [--cold] [--json OUT]
+
+--native: the table of a native store's kernels instead (edgemoe.quant.native): for each source type
+llama.cpp writes (blocks made by its own quantizer), shape (2048x1024; 768x2048, Qwen3-30B-A3B's
+expert) and T (1, 32), every width as StoreExperts runs it: "held" the full width once merged (the
+source's own blocks on ggml's kernel), "merge+mm" a lower width merged for one use, then ggml's
+kernel; beside it ggml's time for the native type nearest that width's bytes (Q2_K, Q3_K, Q4_K,
+Q5_K, Q6_K, Q8_0) and the ratio; and the merge alone against the matrix's read time at 2 GB/s.
+    python tools/bench_kernels.py --native [--types Q4_K,Q6_K,Q8_0,MXFP4] [--threads 1,2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -143,6 +151,80 @@ def nested_backends(data: np.ndarray, n_in: int):
     return out
 
 
+NATIVE_SHAPES = [(2048, 1024), (768, 2048)]
+NATIVE_TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "MXFP4", "Q4_0"]
+NEAREST = {2: QT.Q2_K, 3: QT.Q3_K, 4: QT.Q4_K, 5: QT.Q5_K, 6: QT.Q6_K, 8: QT.Q8_0}
+
+
+def native_table(types: list[str], threads: list[int], budget: float) -> list[dict]:
+    """The --native table (see the module docstring); returns its rows."""
+    from edgemoe.quant._ggml import GGMLLib
+
+    lib = GGMLLib()
+    rng = np.random.default_rng(0)
+    rows = []
+    hdr = (
+        f"{'type':6} {'shape':>9} {'T':>2} {'thr':>3} {'width':>5} {'edgemoe':>16} {'us':>8} "
+        f"{'ggml nearest':>13} {'us':>8} {'ratio':>6}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for name in types:
+        for n_out, n_in in NATIVE_SHAPES:
+            rows += _native_rows(lib, QT[name], n_out, n_in, threads, budget, rng)
+    return rows
+
+
+def _native_rows(lib, qtype: QT, n_out: int, n_in: int, threads: list[int], budget: float, rng) -> list[dict]:
+    from edgemoe.quant import native
+
+    name, rows = qtype.name, []
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32) * 0.05
+    nt = native.TYPES[qtype]
+    planes = native.split(qtype, lib.quantize(int(qtype), w), n_out, n_in)
+    held = kernels.pack(kernels.QWeight(native.merge(qtype, planes, n_out, n_in), qtype, n_in, "bench"))
+    nearest = {}
+    for b in nt.widths:
+        nearest[b] = kernels.pack(kernels.QWeight(lib.quantize(int(NEAREST[b]), w), NEAREST[b], n_in, "nearest"))
+
+    def merged(x, k):
+        blocks = native.merge(qtype, planes[:k], n_out, n_in)
+        return kernels.matmul(kernels.pack(kernels.QWeight(blocks, qtype, n_in, "w")), x)
+
+    for T in TS:
+        x = rng.standard_normal((T, n_in)).astype(np.float32)
+        for th in threads:
+            set_threads(th)
+            for k, b in enumerate(nt.widths, 1):
+                label = "held" if k == nt.n_planes else "merge+mm"
+                if k == nt.n_planes:
+                    med, _ = timeit(lambda x=x: kernels.matmul(held, x), budget)
+                else:
+                    med, _ = timeit(lambda x=x, k=k: merged(x, k), budget)
+                ref, _ = timeit(lambda x=x, b=b: kernels.matmul(nearest[b], x), budget)
+                rows.append(
+                    dict(
+                        type=name, n_out=n_out, n_in=n_in, T=T, threads=th, width=b, edgemoe=label,
+                        us=med * 1e6, nearest=NEAREST[b].name, nearest_us=ref * 1e6, ratio=med / ref,
+                    )
+                )  # fmt: skip
+                print(
+                    f"{name:6} {f'{n_out}x{n_in}':>9} {T:2d} {th:3d} {b:5d} {label:>16} {med * 1e6:8.1f} "
+                    f"{NEAREST[b].name:>13} {ref * 1e6:8.1f} {med / ref:5.2f}x",
+                    flush=True,
+                )
+    full = sum(p.nbytes for p in planes)
+    m, _ = timeit(lambda: native.merge(qtype, planes, n_out, n_in), budget)
+    read = full / 2e9
+    rows.append(dict(type=name, n_out=n_out, n_in=n_in, merge_us=m * 1e6, read_us_2gbs=read * 1e6))
+    print(
+        f"{name:6} {f'{n_out}x{n_in}':>9} full-width merge {m * 1e6:8.1f} us = {m / read:5.2f}x the read of its "
+        f"{full / 1e6:.2f} MB at 2 GB/s",
+        flush=True,
+    )
+    return rows
+
+
 def _cycle(fns):
     """One callable that runs the next copy each time (cold-cache mode)."""
     state = [0]
@@ -172,9 +254,17 @@ def main(argv=None) -> int:
         "--cold", action="store_true", help="cycle through enough weight copies (>= 256 MB) to defeat the caches"
     )
     ap.add_argument("--json", metavar="OUT")
+    ap.add_argument("--native", action="store_true", help="the native store's kernels per width (see above)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     threads = [int(t) for t in args.threads.split(",")]
+    if args.native:
+        types = NATIVE_TYPES if args.types == ",".join(TYPES) else args.types.split(",")
+        rows = native_table(types, threads, args.budget)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(backend=kernels.BACKEND, threads=threads, native=True, rows=rows), f, indent=1)
+        return 0
     rows = []
     print(
         f"active backend: {kernels.BACKEND}; threads tried: {threads}; "

@@ -17,7 +17,14 @@ Weight sets:
 Kernel timings: nested matmul at each width (1024x2048 and 2048x1024, T=1 and T=8), median of
 repeats, us and effective GB/s of plane bytes read, next to edgemoe.quant.kernels.matmul on Q4_0/Q8_0.
 
+Native (source-exact) planes, per source type llama.cpp writes (blocks made by its quantizer,
+ggml_quantize_chunk, from the synth matrix): output error of each width against the source matrix,
+beside independent RTN at that width from the same source (group 32, min-max) and, for reference,
+with a per-row least-squares rescale of the width (a per-width correction that would cost 2 bytes
+per row; edgemoe does not store it: see the printed gains).
+
 usage: python tools/bench_nested.py [--model PATH] [--json OUT] [--skip-model] [--skip-timing]
+                                    [--skip-native]
 """
 
 from __future__ import annotations
@@ -153,6 +160,44 @@ def synth_mats(seed: int = 0) -> tuple[list, str]:
     )
 
 
+def native_accuracy(seed: int = 0) -> list[dict]:
+    """Rows of the native table (module docstring)."""
+    from edgemoe.quant import native
+    from edgemoe.quant._ggml import GGMLLib
+
+    lib = GGMLLib()
+    [(w, _, xe)], _ = synth_mats(seed)
+    rows = []
+    for qtype, nt in native.TYPES.items():
+        raw = lib.quantize(int(qtype), w)
+        planes = native.split(qtype, raw, *w.shape)
+        src = native.dequantize(qtype, planes, *w.shape)
+        ref = xe @ src.T
+        for k, b in enumerate(nt.widths[:-1], 1):
+            wk = native.dequantize(qtype, planes[:k], *w.shape)
+            alpha = (wk * src).sum(1, keepdims=True) / np.maximum((wk * wk).sum(1, keepdims=True), 1e-30)
+            errs = {
+                "native": wk,
+                "native+row-rescale": alpha * wk,
+                "rtn": nested_fit.rtn_quantize(src, b, 32),
+            }
+            row = {"type": qtype.name, "width": b}
+            for name, m in errs.items():
+                row[name] = float(np.linalg.norm(xe @ m.T - ref) / np.linalg.norm(ref))
+            rows.append(row)
+    return rows
+
+
+def print_native(rows: list[dict]) -> None:
+    print("\nnative planes: output error ||x W_r^T - x W^T|| / ||x W^T|| against the source matrix W")
+    print(f"{'type':6} {'width':>5} {'native':>8} {'+rescale':>9} {'rtn g32':>8} {'native/rtn':>11}")
+    for r in rows:
+        print(
+            f"{r['type']:6} {r['width']:5d} {r['native']:8.4f} {r['native+row-rescale']:9.4f} {r['rtn']:8.4f} "
+            f"{r['native'] / r['rtn']:10.2f}x"
+        )
+
+
 def _median_us(f, repeats: int) -> tuple[float, float]:
     """(median, min) microseconds; the min is the robust figure on a shared, busy machine."""
     f()
@@ -254,6 +299,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-native", action="store_true")
     ap.add_argument("--json", default=None, help="write all results as JSON here")
     args = ap.parse_args(argv)
 
@@ -286,6 +332,9 @@ def main(argv=None) -> int:
     res = accuracy(mats)
     out["synth"] = {"desc": desc, "results": res}
     print_accuracy(f"synthetic - {desc}", res)
+    if not args.skip_native:
+        out["native"] = native_accuracy()
+        print_native(out["native"])
     if not args.skip_timing:
         rows = timings(args.repeats)
         out["timings"] = rows

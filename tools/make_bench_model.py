@@ -4,6 +4,7 @@
     python tools/make_bench_model.py --shape olmoe-1b-7b --type Q4_0 --out PATH   # ~4.0 GB
     python tools/make_bench_model.py --shape olmoe-small                          # ~1.2 GB
     python tools/make_bench_model.py --shape olmoe-small --check                  # + llama.cpp run
+    python tools/make_bench_model.py --shape olmoe-1b-7b --type Q4_K_M            # ~4.2 GB, from Q4_0
 
 Quantized blocks are generated directly (random codes + fp16 scales), never as floats, and
 tensors are written one layer at a time, so a 4 GB file needs a few hundred MB of RAM and one or
@@ -46,6 +47,7 @@ except ImportError:  # run as a script from a checkout
 import gguf
 
 Q = gguf.GGMLQuantizationType
+REQUANTIZED = ("Q4_K_M", "Q5_K_M", "Q6_K")  # written by llama.cpp's quantizer from the Q4_0 file
 CAL_SEQS, CAL_POS = 16, 32  # calibration: sequences x positions (the bench: prompt 16 + decode 16)
 GAIN_RANGE = (0.05, 4.0)  # attention-output gains the calibration may choose
 DEFAULT_DIR = Path.home() / ".cache" / "edgemoe" / "bench-models"
@@ -435,7 +437,13 @@ def _neox_rope(x: np.ndarray, pos: np.ndarray, base: float = 10000.0) -> np.ndar
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe-small")
-    ap.add_argument("--type", choices=["Q4_0", "Q8_0"], default="Q4_0")
+    ap.add_argument(
+        "--type",
+        choices=["Q4_0", "Q8_0", *REQUANTIZED],
+        default="Q4_0",
+        help="Q4_0/Q8_0: written directly; Q4_K_M, Q5_K_M, Q6_K: the Q4_0 file (written first if missing) "
+        "requantized by llama.cpp's own quantizer (llama_model_quantize), with its per-tensor type choices",
+    )
     ap.add_argument("--out", type=Path, default=None, help=f"output file (default {DEFAULT_DIR}/<shape>-<type>.gguf)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
     ap.add_argument("--vocab", type=int, default=None, help="override the vocab size")
@@ -463,6 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or DEFAULT_DIR / f"{args.shape}-{args.type}.gguf"
     if out.exists() and not args.force:
         print(f"{out} exists (use --force to rewrite)")
+    elif args.type in REQUANTIZED:
+        base = out.with_name(f"{args.shape}-Q4_0.gguf")
+        if not base.exists():
+            write_bench_model(shape, base, Q.Q4_0, args.seed)
+        t0 = time.time()
+        types = synth.quantize_model(base, out, args.type, nthread=args.threads, requantize=True)
+        print(f"wrote {out}: {out.stat().st_size / 1e9:.2f} GB in {time.time() - t0:.1f} s from {base.name}")
+        print(f"expert types: {synth.summarize_types(types)}")
     else:
         t0 = time.time()
         write_bench_model(shape, out, Q[args.type], args.seed)

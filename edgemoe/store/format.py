@@ -10,6 +10,11 @@
 
 Plane-major means reading an expert at k planes is ONE contiguous read, and upgrading it from k to
 k' planes is one more contiguous read. Standard GGUF tools can list both kinds of file.
+
+The manifest's scheme is a nested.Scheme (name, bits, group; plane_bytes {matrix: [bytes per
+plane]}, the same in every layer) or "native" (the source's blocks, quant/native.py: scheme.types
+lists per layer the ggml type of gate, up and down, null for a layer without experts, and
+plane_bytes is a list of such dicts per layer, as the types' sizes differ from layer to layer).
 """
 
 from __future__ import annotations

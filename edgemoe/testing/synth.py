@@ -179,14 +179,15 @@ QUANT_FTYPES = {
 
 
 def quantize_model(
-    src_path: str | os.PathLike, dst_path: str | os.PathLike, ftype: str, nthread: int = 2
+    src_path: str | os.PathLike, dst_path: str | os.PathLike, ftype: str, nthread: int = 2, requantize: bool = False
 ) -> dict[str, str]:
     """Quantize a GGUF file with llama.cpp (llama_model_quantize) and return the tensor types
     actually written, {tensor_name: type_name}, read back with gguf.GGUFReader.
 
     llama.cpp chooses per-tensor types itself (routers and norms stay F32, attn_k/attn_v and
     output get higher-precision types, shapes that do not fit a K-quant fall back), so callers
-    should look at the returned map rather than assume `ftype` everywhere.
+    should look at the returned map rather than assume `ftype` everywhere. requantize: the source
+    may itself be quantized (llama.cpp's allow_requantize; it dequantizes first).
     """
     import llama_cpp
 
@@ -200,6 +201,7 @@ def quantize_model(
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = QUANT_FTYPES[ftype]
         params.nthread = nthread
+        params.allow_requantize = requantize
         rc = llama_cpp.llama_model_quantize(str(src_path).encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({src_path}, {ftype}) failed with {rc}")
