@@ -331,7 +331,14 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
         views.append(pl.reshape(n, -1))
     if out is None:
         out = np.empty((n_out, n_in // qk * bsize), np.uint8)
-    _merge(out.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program(), k, *_pad(views))
+    r = nt.ranges[0]
+    if len(nt.ranges) == 1 and r.masks == _NIB4[0]:  # Q4_K, MXFP4, Q4_0, Q4_1: 2.3-3.3x the generic kernel
+        fill = np.array(r.fills[k - 1] * (r.length // 2), np.uint8)
+        v = _pad(views)
+        m = nt.meta[1] - nt.meta[0]
+        _merge_nib4(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, r.length, v[0], m, v[1], v[2], fill, k)
+    else:
+        _merge(out.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program(), k, *_pad(views))
     return out
 
 
@@ -411,3 +418,32 @@ def _merge(blocks, m0, m1, prog, n_read, a, b, c, d):  # pragma: no cover - comp
                 for j in range(n):
                     x = np.uint8(np.uint8(row[j] >> sh) & lo)
                     out[j] |= np.uint8(np.uint8(np.uint8(x & k1) << s1) | np.uint8(np.uint8(x & k2) << s2))
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_nib4(out, m0, m1, s, length, p0, o0, p1, p2, fill, n_read):  # pragma: no cover - compiled
+    """_merge for one code range of 4-bit nibbles split 0xCC | 0x22 | 0x11, the masks as constants
+    (so the loops vectorize); fill: the range's fill bytes for n_read planes."""
+    n0 = length // 2
+    n1 = length // 4
+    for i in range(out.shape[0]):
+        o = out[i, s : s + length]
+        for t in range(m1 - m0):
+            out[i, m0 + t] = p0[i, t]
+        a0 = p0[i, o0 : o0 + n0]
+        for j in range(n0):
+            lo = a0[j] & np.uint8(15)
+            hi = a0[j] >> np.uint8(4)
+            o[j] = fill[j] | ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4))
+            o[j + n0] = fill[j + n0] | ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4))
+        for p in range(1, n_read):
+            a = p1[i, :n1] if p == 1 else p2[i, :n1]
+            for q in range(4):
+                oq = o[q * n1 : (q + 1) * n1]
+                sh = np.uint8(2 * q)
+                for j in range(n1):
+                    x = (a[j] >> sh) & np.uint8(3)
+                    if p == 1:
+                        oq[j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
+                    else:
+                        oq[j] |= (x & np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(3))
