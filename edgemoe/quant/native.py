@@ -337,6 +337,9 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
         v = _pad(views)
         m = nt.meta[1] - nt.meta[0]
         _merge_nib4(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, r.length, v[0], m, v[1], v[2], fill, k)
+    elif nt is TYPES[Q.Q6_K]:  # Q4_K_M's and Q5_K_M's down projections: ~3x the generic kernel
+        v = _pad(views)
+        _merge_q6_k(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(r.fills[k - 1][0]), k)
     else:
         _merge(out.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program(), k, *_pad(views))
     return out
@@ -447,3 +450,32 @@ def _merge_nib4(out, m0, m1, s, length, p0, o0, p1, p2, fill, n_read):  # pragma
                         oq[j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
                     else:
                         oq[j] |= (x & np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(3))
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_q6_k(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
+    """_merge for Q6_K split 2|2|2 (TYPES): plane 0 = scales and d (18 bytes), then qh (64) as it
+    is; ql's nibbles 0xCC in plane 1, 0x33 in plane 2 (two slots of 64 bytes each)."""
+    for i in range(out.shape[0]):
+        o = out[i]
+        a = p0[i]
+        for t in range(18):
+            o[192 + t] = a[t]
+        for t in range(64):
+            o[128 + t] = a[18 + t]
+        for j in range(128):
+            o[j] = fill
+        if n_read >= 2:
+            b = p1[i]
+            for j in range(64):
+                lo = b[j] & np.uint8(15)
+                hi = b[j] >> np.uint8(4)
+                o[j] = ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4)) | fill
+                o[j + 64] = ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4)) | fill
+        if n_read >= 3:
+            c = p2[i]
+            for j in range(64):
+                lo = c[j] & np.uint8(15)
+                hi = c[j] >> np.uint8(4)
+                o[j] |= (lo & np.uint8(3)) | ((lo & np.uint8(12)) << np.uint8(2))
+                o[j + 64] |= (hi & np.uint8(3)) | ((hi & np.uint8(12)) << np.uint8(2))
