@@ -29,6 +29,7 @@ reading, and the IQ types' codes index lattices whose leading bits are not a coa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import gguf
@@ -113,6 +114,7 @@ class NativeType:
         n = n_out * n_in // qk
         return [n * b for b in self.block_plane_bytes()]
 
+    @functools.cached_property
     def program(self) -> np.ndarray:
         """The kernels' instructions, int64 [steps, 8]: per (range, plane) with a non-zero mask:
         plane, range start, range length, output offset in the plane's block piece, bits per byte,
@@ -305,7 +307,7 @@ def split_type(nt: NativeType, raw: np.ndarray, n_out: int, n_in: int) -> list[n
     blocks = _blocks_of(raw, nt, n_out, n_in)
     pb = nt.block_plane_bytes()
     planes = [np.empty((len(blocks), b), np.uint8) for b in pb]
-    _split(blocks, nt.meta[0], nt.meta[1], nt.program(), *_pad(planes))
+    _split(blocks, nt.meta[0], nt.meta[1], nt.program, *_pad(planes))
     return [p.reshape(-1) for p in planes]
 
 
@@ -341,7 +343,7 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
         v = _pad(views)
         _merge_q6_k(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(r.fills[k - 1][0]), k)
     else:
-        _merge(out.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program(), k, *_pad(views))
+        _merge(out.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program, k, *_pad(views))
     return out
 
 
