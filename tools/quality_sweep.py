@@ -7,7 +7,8 @@ quantization, skipping thresholds, quality presets and memory budget; a table an
 
 Rows:
 - the GGUF itself, in llama.cpp and in edgemoe (the reference lines);
-- nested stores read at each of their widths (matquant 2,3,4 and 2,4,8; d2moe 2,3,4);
+- nested stores read at each of their widths (the default store, native for the bundled model's
+  Q8_0 experts; matquant 2,3,4 and 2,4,8; d2moe 2,3,4);
 - independent quantization at the same widths (a one-width matquant store: its own fitted scales);
 - quality presets and explicit thresholds on the default store, with NAEE calibrated on the
   validation split;
@@ -99,10 +100,13 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         # rows[1] is the "max" baseline every other row is compared with: the default store at max
         default_store = convert(args.model, tmp / "default.edgemoe", progress=False)
-        bits = json.loads((default_store / "manifest.json").read_text())["scheme"]["bits"]
+        scheme = json.loads((default_store / "manifest.json").read_text())["scheme"]
+        name, bits = scheme["name"], scheme["bits"]
         value, extra = ppl(default_store, wins)
-        add("max", f"store matquant {','.join(map(str, bits))}, max", value, **extra)
+        add("max", f"store {name} {','.join(map(str, bits))}, max", value, **extra)
         add("reference", "GGUF in edgemoe", ppl(args.model, wins)[0])
+        for b in bits[:-1]:  # the default store's own lower widths
+            add("nested", f"{name} {','.join(map(str, bits))} read at {b} bits", ppl(default_store, wins, bits=b)[0])
         for scheme, family in (("matquant", (2, 3, 4)), ("matquant", (2, 4, 8)), ("d2moe", (2, 3, 4))):
             st = convert(
                 args.model,
