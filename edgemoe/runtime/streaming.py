@@ -67,10 +67,17 @@ class StoreExperts:
         self.backend_rows = {"edgemoe": 0, "ggml": 0, "onnxruntime": 0}  # token rows computed by each
         self.q41 = not self.native and transcodes(self.scheme) and self.n_planes == self.scheme.n_planes
 
+    def _ran_at(self, n_planes: int) -> None:
+        """Count one expert computation at the width of n_planes (the width it ran at: an expert
+        held at full width runs at full width whatever was asked)."""
+        b = self.bits_of(n_planes)
+        self.uses_by_bits[b] = self.uses_by_bits.get(b, 0) + 1
+
     def ffn(self, i: int, e: int, planes: list[np.ndarray], x: np.ndarray) -> np.ndarray:
         if self.native:
             return self._native_ffn(i, e, planes, x)
         fast = self._fast_form(i, e, planes)
+        self._ran_at(self.reader.n_planes if fast is not None else len(planes))
         # onnxruntime (edgemoe.store.onnx_experts) by its rule, except for experts in ggml's repacked
         # Q4_0 form, which is faster at every batch size (docs/onnx.md)
         if (
@@ -148,6 +155,7 @@ class StoreExperts:
 
         # held at full width already (then its planes are gone): that form, whatever width was asked
         weights = self.cache.fast_form(i, e, build)
+        self._ran_at(self.reader.n_planes if weights is not None else len(planes))
         if weights is None:
             weights, _ = build(planes)
         self.backend_rows["ggml"] += x.shape[0]
@@ -176,9 +184,6 @@ class StoreExperts:
             self.skipped += int(skip.sum())
             w = policy.renormalise(w, skip)
         wants = self._widths(i, top, w, skip)
-        for n, _ in wants.values():
-            b = self.bits_of(n)
-            self.uses_by_bits[b] = self.uses_by_bits.get(b, 0) + 1
         # one row per (token, slot), summed over slots in slot order at the end: the result does
         # not depend on the order the experts were computed in (reads land in any order)
         slots = np.zeros((top.shape[0], top.shape[1], h.shape[1]), dtype=np.float32)  # [T, K, D]
