@@ -569,7 +569,7 @@ def test_export_store_expert_shards(spec, tmp_path):
     sch = r.schemes[1]
     bufs = [np.empty(n, np.uint8) for n in r.plane_sizes(1)]
     r.read_planes(1, 3, 0, bufs)
-    per = {m: [r.split_plane(b, p, 1)[m] for p, b in enumerate(bufs)] for m in ("gate", "up", "down")}
+    per = r.matrix_planes(bufs, 1)
     F, D = r.n_ff_exp, r.n_embd
     r.close()
     x = np.random.default_rng(0).standard_normal((5, D)).astype(np.float32)

@@ -148,7 +148,7 @@ def test_top_width_reproduces_a_4bit_source(build_model, tmp_path):
         bufs = [np.empty(n, np.uint8) for n in r.plane_sizes(layer)]
         r.read_planes(layer, e, 0, bufs)
         for mat, n_out, n_in in [("gate", r.n_ff_exp, r.n_embd), ("down", r.n_embd, r.n_ff_exp)]:
-            planes = [r.split_plane(b, k, layer)[mat] for k, b in enumerate(bufs)]
+            planes = r.matrix_planes(bufs, layer)[mat]
             ref = gguf.quants.dequantize(
                 np.asarray(tensors[f"blk.{layer}.ffn_{mat}_exps.weight"].data[e]), gguf.GGMLQuantizationType.Q4_0
             )
@@ -351,7 +351,7 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
         np.testing.assert_array_equal(got, ref)
         bufs = [np.empty(n, np.uint8) for n in exp.reader.plane_sizes(0)]
         exp.reader.read_planes(0, 1, 0, bufs)
-        per = [exp.reader.split_plane(b, p, 0)["up"] for p, b in enumerate(bufs)]
+        per = exp.reader.matrix_planes(bufs, 0)["up"]
         q41 = transcode.q41_blocks(exp.scheme, per, 256, 256)
         fw = transcode.fast_weight(exp.scheme, per, 256, 256, "up")
         np.testing.assert_array_equal(

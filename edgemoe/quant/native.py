@@ -94,11 +94,6 @@ class NativeType:
     def n_planes(self) -> int:
         return len(self.widths)
 
-    def planes_for(self, width: int) -> int:
-        if width not in self.widths:
-            raise ValueError(f"{self.qtype.name}: width {width} is not one of {self.widths}")
-        return self.widths.index(width) + 1
-
     def block_plane_bytes(self) -> list[int]:
         """Bytes of one block in each plane."""
         out = [self.meta[1] - self.meta[0]] + [0] * (self.n_planes - 1)
@@ -193,10 +188,6 @@ FOUR_PLANES: dict[Q, NativeType] = {
 }
 
 
-def nestable(qtype) -> bool:
-    return Q(qtype) in TYPES
-
-
 def _natural_planes(qtype) -> int:
     return TYPES[qtype].n_planes if qtype in TYPES else 1
 
@@ -251,11 +242,6 @@ class NativeScheme:
         if bits not in self.widths:
             raise ValueError(f"native: width {bits} is not one of {self.widths}")
         return self.widths.index(bits) + 1
-
-    def width_of(self, n_planes: int) -> int:
-        if not 1 <= n_planes <= len(self.widths):
-            raise ValueError(f"native: {n_planes} planes is not a readable prefix (1..{len(self.widths)})")
-        return self.widths[n_planes - 1]
 
     def plane_nbytes(self, matrix: str, n_out: int, n_in: int) -> list[int]:
         nt = self.layouts[matrix]

@@ -11,7 +11,7 @@ from ..models.config import ModelArgs
 from ..models.gguf_file import GGUFFile
 from ..quant import kernels
 from ..quant.transcode import fast_weight, transcodes
-from ..store.reader import MATRICES, StoreReader
+from ..store.reader import StoreReader, expert_shapes
 from . import policy
 from .cache import ExpertCache
 from .experts import expert_act, expert_biases, sum_slots
@@ -50,11 +50,7 @@ class StoreExperts:
         self.n_planes = self.scheme.planes_for(bits if bits is not None else self.scheme.widths[-1])
         self.low_planes = self.scheme.planes_for(self.scheme.widths[0])
         self._bits_of_planes = {self.scheme.planes_for(b): b for b in self.scheme.widths}
-        self.shapes = {
-            "gate": (reader.n_ff_exp, reader.n_embd),
-            "up": (reader.n_ff_exp, reader.n_embd),
-            "down": (reader.n_embd, reader.n_ff_exp),
-        }
+        self.shapes = expert_shapes(reader.n_embd, reader.n_ff_exp)
         self.quality = quality or PRESETS["max"]
         self.calibration = Calibration.load(reader.root, args.n_layer)
         self.pipeline = Pipeline(cache) if pipeline else None
@@ -94,18 +90,8 @@ class StoreExperts:
                 return y
         self.backend_rows["ggml" if fast is not None else "edgemoe"] += x.shape[0]
         if fast is not None:  # ggml's kernels on the same weights
-
-            def mm(w, n_out, n_in, xx):
-                return kernels.matmul(w, xx)
-
-            per = fast
-        else:
-            per = {m: [] for m in MATRICES}
-            for p, buf in enumerate(planes):
-                for m, view in self.reader.split_plane(buf, p, i).items():
-                    per[m].append(view)
-            mm = self.scheme.matmul
-        return self._swiglu(i, e, mm, per, x)
+            return self._swiglu(i, e, _ggml_matmul, fast, x)
+        return self._swiglu(i, e, self.scheme.matmul, self.reader.matrix_planes(planes, i), x)
 
     def _swiglu(self, i: int, e: int, mm, per: dict, x: np.ndarray) -> np.ndarray:
         b = self.bias[i][e] if self.bias[i] is not None else None
@@ -128,11 +114,10 @@ class StoreExperts:
             return None
 
         def build(planes: list[np.ndarray]) -> tuple[dict, int]:
-            fast = {}
-            for m in MATRICES:
-                per = [self.reader.split_plane(buf, p, i)[m] for p, buf in enumerate(planes)]
-                n_out, n_in = self.shapes[m]
-                fast[m] = fast_weight(self.scheme, per, n_out, n_in, f"blk.{i}.exp.{e}.{m}")
+            fast = {
+                m: fast_weight(self.scheme, per, *self.shapes[m], f"blk.{i}.exp.{e}.{m}")
+                for m, per in self.reader.matrix_planes(planes, i).items()
+            }
             return fast, sum(w.nbytes for w in fast.values())  # repacked Q4_0: 10% under the planes
 
         return self.cache.fast_form(i, e, build)
@@ -146,8 +131,7 @@ class StoreExperts:
 
         def build(planes: list[np.ndarray]) -> tuple[dict, int]:
             out = {}
-            for m in MATRICES:
-                per = [self.reader.split_plane(buf, p, i)[m] for p, buf in enumerate(planes)]
+            for m, per in self.reader.matrix_planes(planes, i).items():
                 n_out, n_in = self.shapes[m]
                 w = kernels.QWeight(sch.blocks(m, per, n_out, n_in), sch.types[m], n_in, f"blk.{i}.exp.{e}.{m}")
                 out[m] = kernels.pack(w)  # Q4_0: ggml's repacked layout, as the GGUF in place gets
@@ -159,11 +143,7 @@ class StoreExperts:
         if weights is None:
             weights, _ = build(planes)
         self.backend_rows["ggml"] += x.shape[0]
-
-        def mm(w, n_out, n_in, xx):
-            return kernels.matmul(w, xx)
-
-        return self._swiglu(i, e, mm, weights, x)
+        return self._swiglu(i, e, _ggml_matmul, weights, x)
 
     def _widths(self, i: int, top: np.ndarray, w: np.ndarray, skip: np.ndarray) -> dict[int, tuple[int, float]]:
         """{expert: (planes to use, hotness)} for the kept experts of one layer."""
@@ -283,3 +263,8 @@ class StoreExperts:
             onnx_sessions=self.onnx.created if self.onnx is not None else 0,
             onnx_bytes=self.onnx.held_bytes if self.onnx is not None else 0,
         )
+
+
+def _ggml_matmul(w: kernels.QWeight, n_out: int, n_in: int, x: np.ndarray) -> np.ndarray:
+    """The plane kernels' signature (planes, n_out, n_in, x) over a ggml weight."""
+    return kernels.matmul(w, x)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import EdgeMoEError
 from ..quant import nested
-from .reader import MATRICES
+from .reader import MATRICES, expert_shapes
 
 # tools/bench_onnx_experts.py on this project's x86 box, 1 thread, an OLMoE-shaped expert
 # (2048 x 1024, group 32), ms per call of the whole expert for 1 / 16 / 64 rows: onnxruntime 4-bit
@@ -99,10 +99,7 @@ def codes_for(se, i: int, e: int, planes: list[np.ndarray]) -> dict | None:
     if len(planes) != sch.n_planes:
         return None
     if planes[0].size:
-        per = {m: [] for m in MATRICES}
-        for p, buf in enumerate(planes):
-            for m, view in se.reader.split_plane(buf, p, i).items():
-                per[m].append(view)
+        per = se.reader.matrix_planes(planes, i)
         return {m: full_codes(sch, per[m], *se.shapes[m]) for m in MATRICES}
     fast = se.cache.fast(i, e)
     if fast is None:
@@ -321,7 +318,7 @@ def export_store(store_path: str | Path, layers: list[int] | None = None) -> lis
         sch = next(x for x in r.schemes if x is not None)
         if not supported(sch):
             raise EdgeMoEError(f"{store_path}: ONNX expert shards need a matquant store with top width 4 or 8 bits")
-        shapes = {"gate": (r.n_ff_exp, r.n_embd), "up": (r.n_ff_exp, r.n_embd), "down": (r.n_embd, r.n_ff_exp)}
+        shapes = expert_shapes(r.n_embd, r.n_ff_exp)
         out = Path(store_path) / "onnx"
         out.mkdir(exist_ok=True)
         paths = []
@@ -331,10 +328,7 @@ def export_store(store_path: str | Path, layers: list[int] | None = None) -> lis
             for e in range(len(layer)):
                 bufs = [np.empty(n, np.uint8) for n in r.plane_sizes(i)]
                 r.read_planes(i, e, 0, bufs)
-                codes = {
-                    m: full_codes(sch, [r.split_plane(b, p, i)[m] for p, b in enumerate(bufs)], *shapes[m])
-                    for m in MATRICES
-                }
+                codes = {m: full_codes(sch, per, *shapes[m]) for m, per in r.matrix_planes(bufs, i).items()}
                 path = out / f"blk.{i}.exp.{e}.onnx"
                 onnx.save(expert_model(sch, codes, shapes, path.stem), str(path))
                 paths.append(path)
@@ -356,7 +350,7 @@ def measure(
     """Time one expert of this shape: session creation, and per call on onnxruntime and on
     edgemoe's kernels for each batch of rows. Returns the figures and the break-even rows."""
     rng = np.random.default_rng(seed)
-    shapes = {"gate": (n_ff, n_embd), "up": (n_ff, n_embd), "down": (n_embd, n_ff)}
+    shapes = expert_shapes(n_embd, n_ff)
     per = {m: scheme.encode(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[1])) for m, s in shapes.items()}
     be = OnnxExperts(scheme, shapes, min_rows=0, threads=threads)
     t0 = time.perf_counter()

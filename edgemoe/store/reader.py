@@ -176,14 +176,16 @@ class StoreReader:
                     f"plane {first + i}: the shard is damaged; convert the model again"
                 )
 
-    def split_plane(self, buf: np.ndarray, plane: int, layer: int) -> dict[str, np.ndarray]:
-        """Views of one plane buffer of this layer per matrix."""
-        out = {}
-        pos = 0
-        for m in MATRICES:
-            n = self.plane_bytes[layer][m][plane]
-            out[m] = buf[pos : pos + n]
-            pos += n
+    def matrix_planes(self, bufs: list[np.ndarray], layer: int) -> dict[str, list[np.ndarray]]:
+        """An expert of this layer's plane buffers (plane 0 first) as each matrix's planes:
+        {matrix: [views of its bytes in each plane]}."""
+        out: dict[str, list[np.ndarray]] = {m: [] for m in MATRICES}
+        for plane, buf in enumerate(bufs):
+            pos = 0
+            for m in MATRICES:
+                n = self.plane_bytes[layer][m][plane]
+                out[m].append(buf[pos : pos + n])
+                pos += n
         return out
 
     def close(self) -> None:
