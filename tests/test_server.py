@@ -394,6 +394,27 @@ def test_close_stops_running_generation(model, slow_model):
         socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
 
 
+def test_polls_are_quiet_in_the_log(model, capsys):
+    """`edgemoe monitor` polls /stats every second: successful GETs of the read-only endpoints are not
+    logged; completions and errors (a poll's included) are."""
+    with Server(model, "127.0.0.1", 0, log=True).start() as srv:
+        capsys.readouterr()
+        for path in ("/stats", "/metrics", "/v1/models", f"/v1/models/{srv.name}", "/health") * 2:
+            assert raw(srv, "GET", path)[0] == 200
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("HEAD", "/stats")
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert capsys.readouterr().err == "", "a successful poll was logged"
+        raw(srv, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        raw(srv, "GET", "/v1/models/nope")
+        raw(srv, "GET", "/nowhere")
+        lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert '"POST /v1/completions HTTP/1.1" 200' in lines[0]
+    assert '"GET /v1/models/nope HTTP/1.1" 404' in lines[1] and '"GET /nowhere HTTP/1.1" 404' in lines[2]
+
+
 def test_non_loopback_host_is_refused(model):
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10")

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/stats", "/metrics", "/health")
+# read-only endpoints that monitors poll (`edgemoe monitor` every second, Prometheus, health checks):
+# their successful GETs are not logged; completions and errors are
+QUIET = ("/stats", "/metrics", "/v1/models", "/health")
 
 
 class _Strip:
@@ -62,6 +65,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         if self.app.log:
             sys.stderr.write(f"edgemoe: {self.address_string()} {format % args}\n")
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        polled = self.command in ("GET", "HEAD") and self._endpoint() in QUIET
+        if polled and str(getattr(code, "value", code)).startswith(("2", "3")):
+            return  # a poll that read something: quiet
+        super().log_request(code, size)
 
     # ---- plumbing
 
