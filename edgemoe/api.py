@@ -173,12 +173,14 @@ class Model:
     def _converted_store(self, progress: bool, n_ctx: int | None, kv_type: str) -> Path:
         from .store.convert import convert
 
-        dst = catalog.cache_dir() / (catalog.store_key(self.path) + ".edgemoe")
-        if store.is_store(dst):
-            return dst
+        found, fp = catalog.find_store(self.path)  # beside the model (edgemoe convert), else the cache's
+        if found is not None:
+            catalog.mark_used(found)
+            return found
+        dst = catalog.cache_store(self.path, fp)
+        catalog.ensure_writable_dir(dst.parent, "an expert store")
         if self.path.suffix.lower() != ".onnx":
             self._budget.refuse_before_converting(self.path, n_ctx, lambda c, n: KVCache(c, n, kv_type).nbytes)
-        dst.parent.mkdir(parents=True, exist_ok=True)
         if progress:
             print(
                 f"edgemoe: converting {self.path.name} into an expert store at {dst} (first use only)", file=sys.stderr

@@ -55,12 +55,12 @@ OWN_SEQS = 8  # random-token sequences whose routing the bench reports as the mo
 def ensure_store(model: Path, progress: bool = True) -> Path:
     from ..store.convert import convert
 
-    dst = catalog.cache_dir() / (catalog.store_key(model) + ".edgemoe")
-    if not store.is_store(dst):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        print(f"edgemoe: converting {model.name} into {dst}", file=sys.stderr)
-        convert(model, dst, progress=progress)
-    return dst
+    found, fp = catalog.find_store(model)
+    if found is not None:
+        return found
+    dst = catalog.cache_store(model, fp)
+    print(f"edgemoe: converting {model.name} into {dst}", file=sys.stderr)
+    return convert(model, dst, progress=progress)
 
 
 def run_engine(engine: str, path: str, args, extra: list[str] | None = None, cgroups: list[Path] | None = None) -> dict:

@@ -24,6 +24,7 @@ from ..errors import EdgeMoEError
 from ..models.config import ModelArgs
 from ..models.gguf_file import GGUFFile, embedding_on_disk
 from ..quant import kernels, native, nested
+from . import catalog
 from . import reader as store
 
 Q = gguf.GGMLQuantizationType
@@ -206,17 +207,22 @@ def _convert(
         if dst.exists() and not force:
             raise EdgeMoEError(f"{dst}: already exists (use --force to replace it)")
         act = _calibration(src, calibration)
+        catalog.ensure_writable_dir(dst.parent, "an expert store")
         tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir()
             _write_store(gf, args, sch, tmp, act, progress, src, sbits, distinct_experts)
             for extra in getattr(gf, "extra_files", ()):  # an ONNX model's tokenizer.json
                 shutil.copyfile(extra, tmp / extra.name)
             _fsync_dir(tmp)
             _move_into_place(tmp, dst)
+        except OSError as exc:  # a full disk, a read-only or special file system (/proc)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise EdgeMoEError(f"{dst}: cannot write the expert store there ({exc.strerror or exc})") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        catalog.record(dst, src)
         return dst
     finally:
         gf.close()
@@ -352,7 +358,9 @@ def _write_store(
         plane_bytes = next(pb for pb in layer_bytes if pb is not None)
     manifest = dict(
         format_version=store.FORMAT_VERSION,
-        source=dict(file=src.name, bytes=src.stat().st_size, expert_bits_per_weight=sbits),
+        source=dict(
+            file=src.name, bytes=src.stat().st_size, expert_bits_per_weight=sbits, fingerprint=catalog.fingerprint(src)
+        ),
         arch=args.arch,
         n_layer=args.n_layer,
         n_expert=args.n_expert,
