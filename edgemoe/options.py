@@ -32,7 +32,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         default=None,
-        help="device profile (profiles/NAME.yaml or a path): its default budget when --budget is not given",
+        help="device profile: a YAML path, or a name found as NAME.yaml in ., ./profiles, the user's profiles "
+        "(~/.config/edgemoe/profiles, where `edgemoe profile` writes) or the shipped ones; its default budget "
+        "when --budget is not given",
     )
     p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
     p.add_argument(

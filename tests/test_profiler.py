@@ -78,6 +78,84 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys):
     assert "--text" in capsys.readouterr().err
 
 
+QUICK_PROFILE = ["--size", "8MiB", "--mem-size", "16MiB", "--time-limit", "0.3", "--no-kernels"]
+
+
+@pytest.fixture
+def user_home(tmp_path, monkeypatch):
+    """A fresh user config dir ($XDG_CONFIG_HOME) and an empty current directory."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("EDGEMOE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return tmp_path
+
+
+def test_a_measured_profile_is_found_by_name(user_home, capsys):
+    """`edgemoe profile` writes into the user's config dir and says so; `--profile NAME` then finds it
+    (the loader every --profile goes through, and run's budget from it)."""
+    from argparse import Namespace
+
+    from edgemoe.options import budget_of
+
+    (user_home / "disk").mkdir()
+    assert main(["profile", "--name", "my-box", "--storage", str(user_home / "disk"), *QUICK_PROFILE]) == 0
+    written = user_home / "config" / "edgemoe" / "profiles" / "my-box.yaml"
+    assert written.is_file() and not list(Path.cwd().iterdir())
+    out = capsys.readouterr().out
+    assert str(written) in out and "--profile my-box" in out
+    p = profiles.load_profile("my-box")
+    assert p.name == "my-box"
+    assert budget_of(Namespace(budget=None, profile="my-box")) == p.default_budget
+    assert "my-box" in profiles.available()
+    with pytest.raises(SystemExit):  # the help says where it writes
+        main(["profile", "--help"])
+    assert str(user_home / "config" / "edgemoe" / "profiles") in "".join(capsys.readouterr().out.split())
+    # ./profiles/NAME.yaml comes before the user's, ./NAME.yaml before both
+    shipped = profiles.profiles_dir() / "emmc-sbc-4gb.yaml"
+    (Path.cwd() / "profiles").mkdir()
+    (Path.cwd() / "profiles" / "my-box.yaml").write_text(shipped.read_text())
+    assert profiles.find_profile("my-box").resolve() == (Path.cwd() / "profiles" / "my-box.yaml").resolve()
+    assert profiles.load_profile("my-box").name == "emmc-sbc-4gb"
+    (Path.cwd() / "my-box.yaml").write_text(shipped.read_text())
+    assert profiles.find_profile("my-box").resolve() == (Path.cwd() / "my-box.yaml").resolve()
+    assert profiles.load_profile("emmc-sbc-4gb").name == "emmc-sbc-4gb"  # shipped ones still by name
+
+
+def test_profile_errors_say_what_is_wrong(user_home):
+    """A file that is not a profile is "not a valid profile (why)", an unknown name lists where it
+    looked and the names there: one line from the CLI, exit 2."""
+    import subprocess
+    import sys
+
+    def run_profile(value: str) -> str:
+        p = subprocess.run(
+            [sys.executable, "-m", "edgemoe", "run", "--profile", value, "-n", "1", "hi"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert p.stderr.startswith("edgemoe: error: ")
+        return p.stderr.strip()
+
+    err = run_profile("/etc/passwd")
+    assert "/etc/passwd: not a valid profile (" in err and "no such" not in err
+    user = user_home / "config" / "edgemoe" / "profiles"
+    user.mkdir(parents=True)
+    (user / "half.yaml").write_text("name: half\nram: 4GiB\n")
+    err = run_profile("half")
+    assert f"{user / 'half.yaml'}: not a valid profile (storage.kind is missing)" in err
+    (user / "broken.yaml").write_text("name: [unclosed\n")
+    assert "broken.yaml: not a valid profile (not YAML" in run_profile("broken")
+    err = run_profile("no-such-box")
+    assert "no-such-box: no such profile" in err
+    for where in ("./no-such-box.yaml", str(user / "no-such-box.yaml"), str(profiles.profiles_dir())):
+        assert where in err, where
+    assert "known: " in err and "emmc-sbc-4gb" in err and "half" in err
+    assert run_profile(str(user_home / "missing.yaml")).endswith("missing.yaml: no such profile file")
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_profiles_load(path):
     p = profiles.load_profile(path)

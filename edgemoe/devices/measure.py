@@ -371,9 +371,3 @@ def summary_table(m: dict, out: Path | None = None) -> str:
         rows.append(("written", str(out)))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
-
-
-def default_profiles_dir() -> Path:
-    """profiles/ of a source checkout when running from one, else ./profiles."""
-    here = Path(__file__).resolve().parents[2] / "profiles"  # edgemoe/devices/ -> the checkout
-    return here if here.is_dir() and (here.parent / "pyproject.toml").is_file() else Path("profiles")

@@ -14,9 +14,9 @@ import yaml
 
 from ..errors import EdgeMoEError
 from .cachesim import hit_rates, popularity, reuse
-from .measure import MiB, default_profiles_dir, measure_device, profile_yaml
+from .measure import MiB, measure_device, profile_yaml
 from .perf_model import predict
-from .profiles import Profile, load_profile, parse_profile
+from .profiles import Profile, find_profile, load_profile, parse_profile, read_profile
 from .report import report_markdown, write_plots
 
 
@@ -234,10 +234,9 @@ def lossy_option(preds: list[dict], widths, rec: dict | None) -> dict | None:
 def _device_profile(device, measured) -> tuple[Profile, str]:
     if device is not None:
         return load_profile(device), str(device)
-    for d in (Path("profiles"), default_profiles_dir()):
-        here = d / "this-machine.yaml"
-        if here.is_file():
-            return load_profile(here), str(here)
+    here = find_profile("this-machine")  # what `edgemoe profile` writes (user_dir) or one in ./
+    if here is not None:
+        return read_profile(here), str(here)
     m = measured or measure_device(size=64 * MiB, mem_bytes=128 * MiB, kernels=False, time_limit=1.5)
     prof = parse_profile(yaml.safe_load(profile_yaml(m, "this-machine")), "measured")
-    return prof, "measured now (no --device, no profiles/this-machine.yaml): 64 MiB test file"
+    return prof, "measured now (no --device, no this-machine profile): 64 MiB test file"

@@ -1,5 +1,6 @@
-"""`edgemoe profile`: measure this device (a profiles/*.yaml in edgemoe.devices.profiles' format), or profile a
-model's routing on this device (report.md with plots, a recommended budget, width and cache size).
+"""`edgemoe profile`: measure this device (a profile YAML in edgemoe.devices.profiles' format, written to the
+user's profiles, profiles.user_dir), or profile a model's routing on this device (report.md with plots, a
+recommended budget, width and cache size).
 
 The CLI glue; the work is done in edgemoe.devices.measure (device figures, profile YAML),
 edgemoe.devices.kernel_speed (kernel throughput), edgemoe.devices.model_profile (model profile,
@@ -13,8 +14,9 @@ from pathlib import Path
 
 from ..errors import EdgeMoEError
 from ..runtime.memory import format_size, parse_size
-from .measure import SEQ_BLOCK, MiB, default_profiles_dir, measure_device, profile_yaml, summary_table, write_profile
+from .measure import SEQ_BLOCK, MiB, measure_device, profile_yaml, summary_table, write_profile
 from .model_profile import profile_model
+from .profiles import find_profile, looks_like_path, search_dirs, shown, user_dir
 
 
 def add_arguments(p) -> None:
@@ -25,10 +27,14 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--device",
         help="device profile (name or YAML path) for the model report's prediction "
-        "(default: profiles/this-machine.yaml if present, else measured now)",
+        "(default: the this-machine profile if one is found by name, else measured now)",
     )
     p.add_argument("--storage", help="measure the storage holding this directory (default: ~/.cache/edgemoe)")
-    p.add_argument("--out", help="profile to write (default: profiles/NAME.yaml)")
+    p.add_argument(
+        "--out",
+        help="profile to write (default: NAME.yaml in the user's profiles, $XDG_CONFIG_HOME/edgemoe/profiles or "
+        f"~/.config/edgemoe/profiles, here {user_dir()}; --profile NAME then finds it)",
+    )
     p.add_argument("--name", default="this-machine", help="profile name (default this-machine)")
     p.add_argument("--description", help="profile description")
     p.add_argument("--size", default="256MiB", help="storage test file size (default 256MiB)")
@@ -76,9 +82,9 @@ def run_cli(args) -> int:
     if size < 2 * SEQ_BLOCK:
         raise EdgeMoEError(f"--size must be at least {2 * SEQ_BLOCK // MiB}MiB, got {args.size!r}")
     name = args.name
-    if not name or "/" in name:
-        raise EdgeMoEError(f"--name {name!r}: a profile name is a file stem")
-    out = Path(args.out) if args.out else default_profiles_dir() / f"{name}.yaml"
+    if not name or looks_like_path(name):
+        raise EdgeMoEError(f"--name {name!r}: a profile name is a file stem (no directory, no .yaml)")
+    out = Path(args.out) if args.out else user_dir() / f"{name}.yaml"
     storage = Path(args.storage) if args.storage else None
     if storage is not None and not storage.is_dir():
         raise EdgeMoEError(f"--storage {storage}: not a directory")
@@ -87,4 +93,15 @@ def run_cli(args) -> int:
     text = profile_yaml(m, name, args.description)
     write_profile(text, out)
     print(summary_table(m, out))
+    print(_how_to_use(name, out))
     return 0
+
+
+def _how_to_use(name: str, out: Path) -> str:
+    """How --profile names the profile just written: by NAME where the search finds this file."""
+    found = find_profile(name)
+    if found is not None and found.resolve() == out.resolve():
+        return f'use it with --profile {name} (e.g. edgemoe run --profile {name} "...")'
+    if found is not None:
+        return f"use it with --profile {out} (--profile {name} finds {shown(found)} first)"
+    return f"use it with --profile {out} (--profile NAME looks in {', '.join(shown(d) for d in search_dirs())})"
