@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,12 @@ class Model:
         else:
             self.config = ModelArgs.from_gguf(self._file)
         self.n_ctx = n_ctx or min(DEFAULT_N_CTX, self.config.n_ctx_train)
+        if self.n_ctx > self.config.n_ctx_train:  # as llama.cpp warns ("possible training context overflow")
+            warnings.warn(
+                f"{self.path.name}: n_ctx {self.n_ctx} is beyond the model's training context "
+                f"{self.config.n_ctx_train}: output past that position may degrade",
+                stacklevel=4,
+            )
         self._kv = KVCache(self.config, self.n_ctx, kv_type)
         if self.store_path:
             self._open_store(bits, cache_policy, pipeline, prefetch)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import EdgeMoEError
-from .options import add_load_options, add_sampling_options, load_model
+from .options import Parser, add_load_options, add_sampling_options, budget_of, load_model, one_line_warnings
 from .store.cli import add_subcommands as _store_subcommands
 
 EXIT_BAD_INPUT = 2
@@ -62,6 +62,19 @@ def _print_stats(s) -> None:
             ("evictions / upgrades / downgrades", f"{c.evictions} / {c.upgrades} / {c.downgrades}"),
             ("I/O stall", f"{c.io_stall_s:.2f} s"),
             (
+                "skipped experts",
+                f"{c.skipped} of {c.chosen} chosen ({percent(c.skipped / c.chosen if c.chosen else None)})",
+            ),
+            (
+                "expert computations by width",
+                ", ".join(f"{b}-bit {n}" for b, n in sorted(c.uses_by_bits.items())) or "-",
+            ),
+            (
+                "prefetch issued / used / cancelled",
+                f"{c.prefetch_issued} / {c.prefetch_hits} / {c.prefetch_cancelled}, "
+                f"{format_size(c.prefetch_wasted_bytes)} wasted",
+            ),
+            (
                 "resident by bits",
                 ", ".join(f"{b}-bit {format_size(n)}" for b, n in sorted(c.resident_bytes_by_bits.items())) or "-",
             ),
@@ -100,7 +113,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .runtime.policy import Calibration, betas_from_ratios
 
     text = _read_text(args.text)
-    with load_model(args) as model:
+    budget = None
+    if args.model is None and budget_of(args) is None:  # the bundled model: calibrate its expert store
+        from .runtime.memory import available
+
+        budget = int(0.8 * available())
+    with load_model(args, budget) as model:
         if model.streamed_experts is None:
             raise EdgeMoEError("calibration needs an expert store: give a store, or a GGUF with --budget")
         model.set_quality("max")
@@ -200,10 +218,13 @@ def _size(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from . import __version__
+
+    p = Parser(
         prog="edgemoe",
         description="Run Mixture-of-Experts GGUF models on devices whose memory is smaller than the model.",
     )
+    p.add_argument("--version", action="version", version=f"edgemoe {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     # in the order `edgemoe --help` lists them
@@ -310,6 +331,7 @@ def _add_profile(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    one_line_warnings()
     if argv[:1] == ["bench"]:  # its own parser (edgemoe/devices/bench.py), options and --help included
         args = argparse.Namespace(func=lambda a: __import__("edgemoe.devices.bench", fromlist=["main"]).main(argv[1:]))
     else:

@@ -4,16 +4,46 @@ they name."""
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose option errors are one line with a hint, not the usage block:
+    `edgemoe: error: argument --ctx: invalid int value: 'x' (see `edgemoe run --help`)`, exit 2."""
+
+    def error(self, message: str, prog: str | None = None):
+        self.exit(2, f"edgemoe: error: {message} (see `{prog or self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:  # found after the subcommand's parser returned: the hint names the subcommand
+            cmd = getattr(ns, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extra)}", f"{self.prog} {cmd}" if cmd else None)
+        return ns
+
+
+def one_line_warnings() -> None:
+    """Show the package's warnings as `edgemoe: warning: ...`, one line each (for the CLI)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"edgemoe: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
 
 
 def add_load_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF model file or expert store directory (default: the bundled model)")
+    p.add_argument(
+        "-m",
+        "--model",
+        help="GGUF model file, ONNX MoE decoder (.onnx) or expert store directory (default: the bundled model)",
+    )
     p.add_argument(
         "--budget",
         help="memory budget for everything the model holds, e.g. 1.5GiB or 800MB; "
         "a GGUF is converted into an expert store on first use",
     )
-    p.add_argument("--ctx", type=int, default=None, help="context length (default: min(4096, training context))")
+    p.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: min(4096, training context))")
     p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="KV cache type (default f16, as llama.cpp)")
     p.add_argument("--bits", type=int, default=None, help="read experts at this nested width (default: all planes)")
     p.add_argument(
@@ -64,14 +94,11 @@ def budget_of(args: argparse.Namespace):
     return args.budget
 
 
-def load_model(args: argparse.Namespace, memory_budget=None):
-    """The model the load options name; memory_budget (when given) in place of budget_of(args)."""
-    from .api import load
-
-    budget = budget_of(args) if memory_budget is None else memory_budget
-    return load(
-        args.model,
-        memory_budget=budget,
+def load_options(args: argparse.Namespace, memory_budget=None) -> dict:
+    """edgemoe.load's keyword arguments as the load options say (the model path is args.model);
+    memory_budget (when given) in place of budget_of(args). The chat TUI reloads with them."""
+    return dict(
+        memory_budget=budget_of(args) if memory_budget is None else memory_budget,
         quality=args.quality,
         n_ctx=args.ctx,
         kv_type=args.kv_type,
@@ -80,3 +107,10 @@ def load_model(args: argparse.Namespace, memory_budget=None):
         pipeline=not args.no_pipeline,
         prefetch=args.prefetch,
     )
+
+
+def load_model(args: argparse.Namespace, memory_budget=None):
+    """The model the load options name; memory_budget (when given) in place of budget_of(args)."""
+    from .api import load
+
+    return load(args.model, **load_options(args, memory_budget))

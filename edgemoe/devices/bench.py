@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import EdgeMoEError
 from ..fileio import write_text_atomic
+from ..options import Parser
 from ..quant.transcode import transcoded_bytes
 from ..runtime import evaluate
 from ..runtime.policy import DEFAULT, Calibration, parse_quality
@@ -147,7 +148,7 @@ def smbu(active_bytes: float, tps: float, prof: Profile) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="edgemoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("model", type=Path, help="GGUF model")
@@ -165,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("-n", "--decode-tokens", type=int, default=16, help="tokens to decode per run (default 16)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--engines", default="llama.cpp,edgemoe")
     ap.add_argument("--no-throttle", action="store_true", help="no read throttle (this machine's storage speed)")

@@ -22,7 +22,7 @@ from .profiles import find_profile, looks_like_path, search_dirs, shown, user_di
 def add_arguments(p) -> None:
     p.add_argument("-m", "--model", help="profile this model's routing on this device instead (needs --text)")
     p.add_argument("--text", help="text file whose first --tokens tokens make the routing trace")
-    p.add_argument("--tokens", type=int, default=256, help="tokens to trace (default 256)")
+    p.add_argument("-n", "--tokens", type=int, default=256, help="tokens to trace (default 256)")
     p.add_argument("--out-dir", help="where the model report goes (default: profile-MODEL/)")
     p.add_argument(
         "--device",
