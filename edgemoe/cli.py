@@ -102,8 +102,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise EdgeMoEError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 0 <= args.port <= 65535:
         raise EdgeMoEError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise EdgeMoEError(f"--max-tokens must be positive, got {args.max_tokens}")
     with load_model(args) as model:
-        serve(model, args.host, args.port, max_queue=args.max_queue, log=not args.quiet)
+        serve(model, args.host, args.port, max_queue=args.max_queue, log=not args.quiet, max_tokens=args.max_tokens)
     return 0
 
 
@@ -274,6 +276,14 @@ def _add_serve(sub) -> None:
         type=int,
         default=8,
         help="requests that may wait behind the one generating; more are answered 429 (default 8)",
+    )
+    sv.add_argument(
+        "-n",
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="tokens to generate for a request that does not say (default: 16 for /v1/completions, as "
+        "OpenAI; the rest of the context for /v1/chat/completions)",
     )
     sv.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
     sv.set_defaults(func=cmd_serve)

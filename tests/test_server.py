@@ -415,6 +415,22 @@ def test_polls_are_quiet_in_the_log(model, capsys):
     assert '"GET /v1/models/nope HTTP/1.1" 404' in lines[1] and '"GET /nowhere HTTP/1.1" 404' in lines[2]
 
 
+def test_max_tokens_default_of_the_server(model):
+    """`edgemoe serve -n N` (llama-server's -n): the default of requests that name no max_tokens."""
+    with Server(model, "127.0.0.1", 0, max_tokens=3).start() as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        done = c.completions.create(model=srv.name, prompt="hi", temperature=0)
+        chat = c.chat.completions.create(model=srv.name, messages=MESSAGES, temperature=0)
+        asked = c.completions.create(model=srv.name, prompt="hi", temperature=0, max_tokens=5)
+    assert done.usage.completion_tokens <= 3 and chat.usage.completion_tokens <= 3
+    assert 3 in (done.usage.completion_tokens, chat.usage.completion_tokens)  # not all cut by an end token
+    assert asked.usage.completion_tokens > 3 or asked.choices[0].finish_reason == "stop"
+    bad = subprocess.run(
+        [sys.executable, "-m", "edgemoe", "serve", "-n", "0"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--max-tokens must be positive" in bad.stderr
+
+
 def test_non_loopback_host_is_refused(model):
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.10")

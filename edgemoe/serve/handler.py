@@ -227,10 +227,10 @@ class _Handler(BaseHTTPRequestHandler):
             from ..models.tokenizer import PLAIN_ROLES
 
             messages = _messages(body, set(PLAIN_ROLES))
-            params = _sampling(body, 0, ("max_tokens", "max_completion_tokens"))
+            params = _sampling(body, self.app.max_tokens or 0, ("max_tokens", "max_completion_tokens"))
         else:
             prompt = _prompt(body)
-            params = _sampling(body, COMPLETION_DEFAULT_MAX_TOKENS, ("max_tokens",))
+            params = _sampling(body, self.app.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS, ("max_tokens",))
         stream, include_usage = _stream_flags(body)
         app = self.app
         model = app.model

@@ -130,7 +130,13 @@ class Server:
         name: str | None = None,
         allow_remote: bool = False,
         log: bool = False,
+        max_tokens: int | None = None,
     ):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise EdgeMoEError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        self.max_tokens = max_tokens  # for requests that name none (None: OpenAI's defaults)
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise EdgeMoEError(f"max_queue must be an int >= 0, got {max_queue!r}")
         if not allow_remote and not is_loopback(host):
@@ -209,15 +215,22 @@ class Server:
 
 
 def serve(
-    model: Any, host: str | None = None, port: int = 8080, *, max_queue: int = DEFAULT_MAX_QUEUE, log: bool = True
+    model: Any,
+    host: str | None = None,
+    port: int = 8080,
+    *,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    log: bool = True,
+    max_tokens: int | None = None,
 ) -> None:
-    """Run the server in this thread until Ctrl+C (or SIGTERM); host None = 127.0.0.1."""
+    """Run the server in this thread until Ctrl+C (or SIGTERM); host None = 127.0.0.1; max_tokens:
+    the default of requests that name none (llama-server's -n)."""
     import signal
 
     explicit = host is not None
     host = host or "127.0.0.1"
     remote = not is_loopback(host)
-    srv = Server(model, host, port, max_queue=max_queue, allow_remote=explicit, log=log)
+    srv = Server(model, host, port, max_queue=max_queue, allow_remote=explicit, log=log, max_tokens=max_tokens)
     if remote:
         print(
             f"edgemoe: warning: serving on {host}, which is not a loopback address: anyone who can reach "
