@@ -8,6 +8,8 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +28,7 @@ from edgemoe.errors import EdgeMoEError
 from edgemoe.runtime.stats import CacheStats, LayerCacheStats, stats_to_dict
 from edgemoe.store.convert import convert
 from edgemoe.testing import synth
+from edgemoe.tui import app as app_module
 from edgemoe.tui.app import ChatApp
 from edgemoe.tui.monitor import MonitorApp
 from edgemoe.tui.widgets import MessageView, PromptInput, StatsPanel
@@ -238,6 +241,9 @@ def test_slash_commands(model, tmp_path):
             assert "budget" in views(app, "info")[-1].text
             await type_line(pilot, "/budget lots")
             assert "'lots' is not a size" in views(app, "error")[-1].text
+            await type_line(pilot, "/budget 1MiB")  # too small: the budget that works, as a command
+            err = views(app, "error")[-1].text
+            assert "too small" in err and "(/budget " in err and "--budget" not in err, err
             await type_line(pilot, "/quality bad")
             assert "quality 'bad' is not one of" in views(app, "error")[-1].text
             await type_line(pilot, "/nonsense")
@@ -350,7 +356,10 @@ def test_generation_error_is_shown_not_raised(model):
 
 
 def test_gguf_in_place_has_no_cache(store):
-    with edgemoe.load(store.parent / "tiny.gguf") as m:
+    """Without the options it was loaded with, the app cannot reload a model in place: /budget and a
+    lossy /quality say which `edgemoe chat` flag does it."""
+    gguf = store.parent / "tiny.gguf"
+    with edgemoe.load(gguf) as m:
         assert m.stats().cache is None
         app = ChatApp(m, sampling={"max_tokens": 3, "seed": 0})
 
@@ -360,9 +369,88 @@ def test_gguf_in_place_has_no_cache(store):
                 await wait_idle(pilot)
                 assert "all experts resident, no streaming" in screen_text(app)
                 await type_line(pilot, "/budget 1GB")
-                assert "in place" in views(app, "error")[-1].text
+                err = views(app, "error")[-1].text
+                assert "in place" in err and f"edgemoe chat -m {gguf} --budget 1GB" in err
+                await type_line(pilot, "/quality fast")
+                assert "--quality fast" in views(app, "error")[-1].text
+                await type_line(pilot, "/quality max")  # lossless: nothing to reload
+                assert views(app, "info")[-1].text == "quality max (lossless)"
+                assert not [v for v in app.conversation.views if "memory_budget" in v.text or "load it" in v.text]
 
         run(go())
+
+
+async def wait_loaded(pilot, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    await pilot.pause(0.05)
+    while pilot.app.loading:
+        assert time.monotonic() - t0 < timeout, "the reload did not finish"
+        await pilot.pause(0.05)
+    await pilot.pause()
+
+
+def test_budget_and_quality_reload_a_model_in_place(store, monkeypatch):
+    """`edgemoe chat -m model.gguf` runs it in place; /budget reloads it streaming its experts under
+    that budget (in a worker, the status line saying so), /quality fast likewise; a budget too small
+    is refused in the TUI's terms and the model is back as it was. No Python API names on screen."""
+    gguf = store.parent / "tiny.gguf"
+    options = {"path": gguf, "n_ctx": 256}
+    app = ChatApp(edgemoe.load(**options), sampling={"max_tokens": 3, "seed": 0}, load_options=options)
+    gate = threading.Event()  # holds the reload's load until the test has seen the app wait for it
+    gate.set()
+    monkeypatch.setattr(app_module, "load", lambda **kw: gate.wait(30) and edgemoe.load(**kw))
+
+    async def go():
+        async with app.run_test(size=(100, 30)) as pilot:
+            assert app.model.memory_plan is None
+            await type_line(pilot, "/budget 1MiB")  # too small: refused, back in place
+            await wait_loaded(pilot)
+            err = views(app, "error")[-1].text
+            assert "1.00 MiB is too small" in err and "(/budget " in err and "--budget" not in err, err
+            assert app.model.memory_plan is None and "back as it was" in err
+            gate.clear()
+            await type_line(pilot, "/budget 1GiB")
+            assert app.loading == "budget 1.00 GiB" and "reloading" in views(app, "info")[-1].text
+            await pilot.pause(0.6)
+            assert "reloading the model with budget 1.00 GiB" in str(app.query_one("#status").render())
+            await type_line(pilot, "hi")
+            assert views(app, "error")[-1].text == "the model is reloading"
+            await type_line(pilot, "/quality fast")
+            assert "waits for the reload" in views(app, "error")[-1].text
+            gate.set()
+            await wait_loaded(pilot)
+            plan = app.model.memory_plan
+            assert plan is not None and plan.budget == 1 << 30, "the model should stream under the budget"
+            assert views(app, "info")[-1].text.startswith("reloaded: budget 1.00 GiB: expert cache")
+            assert "hit rate" in screen_text(app) and "no streaming" not in screen_text(app)
+            await type_line(pilot, "/budget 900MiB")  # now it streams: in place, no reload
+            assert not app.loading and app.model.memory_plan.budget == 900 << 20
+            await type_line(pilot, "hi")
+            await wait_idle(pilot)
+            assert app.messages[-1]["role"] == "assistant"
+            text = " ".join(v.text for v in app.conversation.views)
+            assert "memory_budget" not in text and "load it with" not in text
+
+    try:
+        run(go())
+    finally:
+        app.model.close()
+
+    app = ChatApp(edgemoe.load(**options), sampling={"max_tokens": 3, "seed": 0}, load_options=options)
+
+    async def quality():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await type_line(pilot, "/quality fast")
+            await wait_loaded(pilot)
+            assert app.model.quality == "fast" and app.model.streamed_experts is not None
+            assert "fast (lossy)" in screen_text(app)
+            await type_line(pilot, "/quality balanced")  # streams now: changed in place
+            assert app.model.quality == "balanced" and views(app, "info")[-1].text == "quality balanced (lossy)"
+
+    try:
+        run(quality())
+    finally:
+        app.model.close()
 
 
 def test_stats_to_dict_is_json_and_feeds_the_panel(model):
@@ -483,13 +571,53 @@ def test_snapshot_main_screen(size):
     run(go())
 
 
-def test_cli_chat_load_error(tmp_path, capsys):
+def test_cli_chat_load_error(tmp_path, capsys, monkeypatch):
     from edgemoe.cli import main
 
+    monkeypatch.setattr(sys, "stdin", SimpleNamespace(isatty=lambda: True))  # the UI's path, not the pipe's
     assert main(["chat", "-m", str(tmp_path / "missing.gguf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edgemoe: error: ")
     assert main(["monitor", "--interval", "0"]) == 2
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def piped_chat(stdin: str, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+    """`edgemoe chat ARGS` with stdin a pipe (not a terminal), as `echo hi | edgemoe chat` runs it.
+    A timeout: the bug this guards against is the TUI starting on a pipe and hanging."""
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "edgemoe", "chat", *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_piped_chat_answers_and_exits():
+    """`echo "..." | edgemoe chat`: stdin is the user message (after --system, through the chat
+    template, as the TUI sends it), the answer streams to stdout with a newline, exit 0."""
+    sampling = {"max_tokens": 8, "temperature": 0}
+    with edgemoe.load() as m:  # the bundled model, as `edgemoe chat` without -m
+        system = "JULIET. Speak, fair one, in verse."
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": "ROMEO. What light"}]
+        want = ["".join(r.text for r in m.chat(ms, stream=True, **sampling)).strip() + "\n" for ms in (msgs[1:], msgs)]
+    r = piped_chat("ROMEO. What light\n", "-n", "8", "--temperature", "0")
+    assert (r.returncode, r.stdout) == (0, want[0]), r.stderr[-2000:]
+    assert "\x1b" not in r.stdout + r.stderr, "no terminal escape codes on a pipe"
+    r = piped_chat("ROMEO. What light", "-n", "8", "--temperature", "0", "--system", system)
+    assert (r.returncode, r.stdout) == (0, want[1]), r.stderr[-2000:]
+    assert want[0] != want[1], "the system prompt should change the greedy answer"
+
+
+def test_piped_chat_refuses_an_empty_pipe_and_leaves_textual_alone():
+    for stdin in ("", "  \n"):
+        r = piped_chat(stdin, "-n", "8", "--temperature", "0")
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.splitlines() == ['edgemoe: error: stdin is empty: pipe a prompt, e.g. echo "hi" | edgemoe chat']
+    code = (
+        "import sys\nfrom edgemoe.cli import main\nrc = main(['chat', '-n', '2', '--temperature', '0'])\n"
+        "assert 'textual' not in sys.modules, 'the piped chat imported Textual'\nsys.exit(rc)"
+    )
+    r = piped_chat("hi", code=code)
+    assert r.returncode == 0 and r.stdout.endswith("\n"), r.stderr[-2000:]
 
 
 def test_plain_chat_shows_the_cache_at_work():

@@ -7,6 +7,7 @@ call_from_thread. The panel is refreshed by a set_interval timer from the latest
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,9 +17,10 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header, Input, Static
 
+from ..api import load
 from ..errors import EdgeMoEError
-from ..runtime.memory import format_size
-from ..runtime.policy import quality_label
+from ..runtime.memory import format_size, parse_size
+from ..runtime.policy import parse_quality, quality_label
 from . import commands
 from .widgets import Conversation, MessageView, PromptInput, StatsPanel
 
@@ -41,9 +43,16 @@ class ChatApp(App):
         system: str | None = None,
         stats_interval: float = 0.5,
         show_rates: bool = True,
+        load_options: dict[str, Any] | None = None,
     ):
+        """load_options: edgemoe.load's arguments (path included) that gave this model: /budget or
+        /quality reload it with them when it cannot change in place. None: say which flag does."""
         super().__init__()
         self.model = model
+        self.load_options = dict(load_options) if load_options is not None else None
+        self.loading: str | None = None  # what a reload is for, while a worker reloads the model
+        self.lost: str | None = None  # set when a reload failed and so did loading the model back
+        self._load_t0 = 0.0
         self.sampling = dict(sampling or {})
         self.system = system
         self.messages: list[dict[str, str]] = []
@@ -82,6 +91,9 @@ class ChatApp(App):
         self.query_one("#panel", StatsPanel).show(stats, sample=sample)
 
     def _tick(self) -> None:
+        if self.loading:
+            self.set_status(f"reloading the model with {self.loading}: {time.monotonic() - self._load_t0:.0f} s")
+            return
         latest = self._latest
         if self.generating and latest is not None and latest is not self._shown:
             self.show_stats(latest, sample=True)
@@ -108,8 +120,9 @@ class ChatApp(App):
             except EdgeMoEError as exc:
                 self.conversation.add("error", str(exc))
             return
-        if self.generating:
-            self.conversation.add("error", "still generating: press esc to stop first")
+        if self.generating or self.loading or self.lost:
+            busy = "still generating: press esc to stop first" if self.generating else "the model is reloading"
+            self.conversation.add("error", self.lost or busy)
             return
         self.messages.append({"role": "user", "content": line})
         self.conversation.add("user", line)
@@ -123,19 +136,30 @@ class ChatApp(App):
             return
         if self.generating and name in ("budget", "quality", "reset"):
             raise EdgeMoEError(f"/{name} waits for the generation to end: press esc to stop it first")
+        if self.loading and name in ("budget", "quality"):
+            raise EdgeMoEError(f"/{name} waits for the reload with {self.loading} to end")
+        if self.lost and name in ("budget", "quality"):
+            raise EdgeMoEError(self.lost)
         if name == "budget":
             if not arg:
                 raise EdgeMoEError("/budget needs a size, e.g. /budget 600MB")
-            plan = self.model.set_budget(arg)
-            conv.add(
-                "info",
-                f"budget {format_size(plan.budget)}: expert cache {format_size(plan.cache_capacity)} "
-                f"(minimum budget {format_size(plan.minimum_budget)})",
-            )
+            budget = parse_size(arg)
+            if getattr(self.model, "memory_plan", None) is None:  # in place: no expert cache to resize
+                self.reload(f"budget {format_size(budget)}", f"--budget {arg}", memory_budget=budget)
+                return
+            try:
+                plan = self.model.set_budget(budget)
+            except EdgeMoEError as exc:
+                raise EdgeMoEError(commands.in_tui_terms(str(exc))) from None
+            conv.add("info", commands.budget_info(plan))
             self.show_stats(self.model.stats())
         elif name == "quality":
             if not arg:
                 raise EdgeMoEError(f"/quality needs a name (now {getattr(self.model, 'quality', '-')})")
+            q = parse_quality(arg)
+            if q.name != "max" and getattr(self.model, "streamed_experts", None) is None:  # lossy needs a store
+                self.reload(f"quality {q.name}", f"--quality {arg}", quality=arg)
+                return
             self.model.set_quality(arg)
             s = self.model.stats()
             conv.add("info", f"quality {quality_label(s.quality, s.lossless)}")
@@ -225,6 +249,60 @@ class ChatApp(App):
             view.set_note({"stop": "", "length": "max tokens", "stopped": "stopped"}.get(finish or "", finish or ""))
         self.show_stats(self.model.stats())
         self.set_status("stopped" if finish == "stopped" else "ready")
+
+    # ---- reloading (/budget, /quality on a model in place) ----------------------------------------
+
+    def reload(self, what: str, flag: str, **change: Any) -> None:
+        """The model runs from its GGUF in place (all experts resident): a budget or a lossy quality
+        needs its experts streaming from an expert store, i.e. loading it again with `change`."""
+        path = getattr(self.model, "path", "MODEL")
+        if self.load_options is None:
+            raise EdgeMoEError(
+                f"this model runs from its GGUF file in place, all experts resident: for a {what.split()[0]}, "
+                f"restart with `edgemoe chat -m {path} {flag}` (its experts then stream from an expert store)"
+            )
+        options = {**self.load_options, **change}
+        self.loading = what
+        self._load_t0 = time.monotonic()
+        self._idle.clear()
+        self.conversation.add(
+            "info",
+            f"reloading {Path(str(path)).name} with {what}: its experts will stream from an expert store "
+            "(converted on first use, which can take a while for a large model)",
+        )
+        self.set_status(f"reloading the model with {what}")
+        self.reload_model(options)
+
+    @work(thread=True, exclusive=True, group="reload")
+    def reload_model(self, options: dict[str, Any]) -> None:
+        old_options = self.load_options or {}
+        error: str | None = None
+        self.model.close()  # first: the new model's budget is measured without the old one's memory
+        try:
+            self.model = load(**options, progress=False)
+            self.load_options = options
+        except (EdgeMoEError, OSError) as exc:
+            error = commands.in_tui_terms(str(exc)) + "; the model is back as it was"
+            try:
+                self.model = load(**old_options, progress=False)  # back to the model as it was
+            except (EdgeMoEError, OSError) as again:
+                self.lost = f"no model: loading it back failed ({again}); quit with ctrl+q and restart"
+        finally:
+            self._idle.set()
+        self._ui(self._reloaded, error)
+
+    def _reloaded(self, error: str | None) -> None:
+        what, self.loading = self.loading, None
+        self.set_status("ready")
+        if error is not None:
+            self.conversation.add("error", error)
+        else:
+            plan = self.model.memory_plan
+            self.conversation.add("info", "reloaded: " + (commands.budget_info(plan) if plan else what))
+        if self.lost:
+            self.conversation.add("error", self.lost)
+        else:
+            self.show_stats(self.model.stats())
 
     def on_unmount(self) -> None:
         self._stop.set()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import EdgeMoEError
 from ..fileio import write_text_atomic
+from ..runtime.memory import format_size
 
 HELP = """\
 /budget SIZE   change the memory budget (e.g. 600MB, 1.5GiB); the expert cache shrinks or grows
-/quality NAME  change the quality preset
+               (a model in place, all experts resident, is reloaded to stream them under it)
+/quality NAME  change the quality preset: max, balanced, fast (below max, a model in place is reloaded)
 /reset         forget the conversation (the system prompt stays)
 /system TEXT   set the system prompt (/system alone clears it)
 /save [FILE]   write the conversation: FILE.md as markdown, anything else as JSON
@@ -30,6 +33,20 @@ def parse(line: str) -> tuple[str, str]:
     if name not in COMMANDS:
         raise EdgeMoEError(f"unknown command /{name}; /help lists them")
     return name, arg.strip()
+
+
+def budget_info(plan: Any) -> str:
+    """What /budget says of a MemoryPlan."""
+    room = f", room for all {format_size(plan.experts)} of experts" if plan.cache_capacity >= plan.experts else ""
+    return (
+        f"budget {format_size(plan.budget)}: expert cache {format_size(plan.cache_capacity)}{room} "
+        f"(minimum budget {format_size(plan.minimum_budget)})"
+    )
+
+
+def in_tui_terms(message: str) -> str:
+    """An error of the loader as the TUI says it: the budget that works is a /budget to type."""
+    return re.sub(r"\(--budget (\S+)\)", r"(/budget \1)", message)
 
 
 def default_save_path() -> Path:
