@@ -107,6 +107,13 @@ def test_convert_info_and_budgeted_run(build_model, tmp_path):
     fast = cli("run", "-m", str(st), "Hello", "--max-tokens", "6", "--temperature", "0", "--stats", "--quality", "fast")
     assert fast.returncode == 0, fast.stderr
     assert _stat(fast.stderr, "quality") == "fast (lossy)"
+    skipped, _, chosen = _stat(fast.stderr, "skipped experts").split()[:3]  # the README: skipped experts shown
+    assert (
+        0 <= int(skipped) <= int(chosen)
+        and int(chosen) > 0
+        and _stat(run.stderr, "skipped experts").startswith("0 of ")
+    )
+    assert _stat(run.stderr, "prefetch issued / used / cancelled").startswith("0 / 0 / 0")  # prefetch off
     help_text = " ".join(cli("run", "--help").stdout.split())
     assert "max (the default:" in help_text and "fast (the default" not in help_text
     bench_help = " ".join(cli("bench", "--help").stdout.split())

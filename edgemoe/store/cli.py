@@ -147,8 +147,8 @@ def add_subcommands(sub) -> None:
     i.add_argument("-m", "--model", dest="model_opt", metavar="MODEL", help="the same, as the other commands take it")
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("convert", help="write an expert store (nested-bit experts) from a GGUF model")
-    c.add_argument("model", help="GGUF model file")
+    c = sub.add_parser("convert", help="write an expert store (nested-bit experts) from a GGUF or ONNX model")
+    c.add_argument("model", help="GGUF model file, or an ONNX MoE decoder (model.onnx; see docs/onnx.md)")
     c.add_argument("-o", "--output", help="store directory (default: MODEL with the suffix .edgemoe)")
     c.add_argument(
         "--bits",
