@@ -16,6 +16,12 @@ source's own blocks on ggml's kernel), "merge+mm" a lower width merged for one u
 kernel; beside it ggml's time for the native type nearest that width's bytes (Q2_K, Q3_K, Q4_K,
 Q5_K, Q6_K, Q8_0) and the ratio; and the merge alone against the matrix's read time at 2 GB/s.
     python tools/bench_kernels.py --native [--types Q4_K,Q6_K,Q8_0,MXFP4] [--threads 1,2] [--json OUT]
+
+--repacked: ggml's repacked Q4_K (block_q4_Kx8, kernels.pack: what llama.cpp runs for Q4_K on
+AVX2) beside ggml's per-row Q4_K vec_dot on the same blocks (what a Q4_K matrix ran on before) and
+beside repacked Q4_0 (block_q4_0x8) of the same matrix, per shape (2048x1024; 768x2048), T (1, 32)
+and thread count; blocks from llama.cpp's quantizer; --cold cycles through 256 MB of copies.
+    python tools/bench_kernels.py --repacked [--threads 1,2] [--cold] [--json OUT]
 """
 
 from __future__ import annotations
@@ -225,6 +231,32 @@ def _native_rows(lib, qtype: QT, n_out: int, n_in: int, threads: list[int], budg
     return rows
 
 
+def repacked_table(threads: list[int], budget: float, cold: bool) -> list[dict]:
+    """The --repacked table (see the module docstring); returns its rows."""
+    lib, rng, rows = kernels._lib, np.random.default_rng(0), []
+    print(f"{'shape':>9} {'T':>2} {'thr':>3} {'Q4_K vec_dot':>13} {'Q4_K repacked':>14} {'Q4_0 repacked':>14} "
+          f"{'K rep/vec_dot':>14} {'K rep/Q4_0 rep':>15}  (us, median; {'cold' if cold else 'warm'})")  # fmt: skip
+    for n_out, n_in in NATIVE_SHAPES:
+        w = rng.standard_normal((n_out, n_in)).astype(np.float32) * 0.05
+        k, z = lib.quantize(int(QT.Q4_K), w), lib.quantize(int(QT.Q4_0), w)
+        copies = max(2, -(-(256 << 20) // k.nbytes)) if cold else 1
+        plain = [kernels.QWeight(k.copy(), QT.Q4_K, n_in, "plain") for _ in range(copies)]
+        rep_k = [kernels.pack(kernels.QWeight(k.copy(), QT.Q4_K, n_in, "q4_k")) for _ in range(copies)]
+        rep_0 = [kernels.pack(kernels.QWeight(z.copy(), QT.Q4_0, n_in, "q4_0")) for _ in range(copies)]
+        assert rep_k[0].packed and rep_0[0].packed, "ggml's repacked kernels are not in this build"
+        fns = [_cycle([lambda x, m=m: kernels.matmul(m, x) for m in ws]) for ws in (plain, rep_k, rep_0)]
+        for T in TS:
+            x = rng.standard_normal((T, n_in)).astype(np.float32)
+            for th in threads:
+                set_threads(th)
+                us = [timeit(lambda f=f, x=x: f(x), budget)[0] * 1e6 for f in fns]
+                rows.append(dict(n_out=n_out, n_in=n_in, T=T, threads=th, cold=cold, q4_k_vec_dot_us=us[0],
+                                 q4_k_repacked_us=us[1], q4_0_repacked_us=us[2]))  # fmt: skip
+                print(f"{f'{n_out}x{n_in}':>9} {T:2d} {th:3d} {us[0]:13.1f} {us[1]:14.1f} {us[2]:14.1f} "
+                      f"{us[1] / us[0]:13.2f}x {us[1] / us[2]:14.2f}x", flush=True)  # fmt: skip
+    return rows
+
+
 def _cycle(fns):
     """One callable that runs the next copy each time (cold-cache mode)."""
     state = [0]
@@ -255,9 +287,16 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--json", metavar="OUT")
     ap.add_argument("--native", action="store_true", help="the native store's kernels per width (see above)")
+    ap.add_argument("--repacked", action="store_true", help="repacked Q4_K against Q4_K vec_dot and Q4_0 repacked")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     threads = [int(t) for t in args.threads.split(",")]
+    if args.repacked:
+        rows = repacked_table(threads, args.budget, args.cold)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(backend=kernels.BACKEND, threads=threads, repacked=True, rows=rows), f, indent=1)
+        return 0
     if args.native:
         types = NATIVE_TYPES if args.types == ",".join(TYPES) else args.types.split(",")
         rows = native_table(types, threads, args.budget)

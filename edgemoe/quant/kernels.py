@@ -15,9 +15,11 @@ Two backends, picked at import:
 EDGEMOE_KERNELS=numpy|ggml forces one; EDGEMOE_THREADS sets the thread count (default: all cores).
 F32 weights always go through BLAS (as fast as vec_dot_f32 at T=1, 2x faster at T=32).
 
-Q4_0 matrices whose bytes we own (copied into memory at load) are repacked in place into ggml's
-block_q4_0x8 layout (`pack`) and multiplied by ggml's gemv/gemm for that layout, as llama.cpp's
-CPU backend does by default: ~1.4x faster than the per-row vec_dot on this machine.
+Q4_0 and Q4_K matrices whose bytes we own (copied into memory at load) are repacked in place into
+ggml's block_q4_0x8 / block_q4_Kx8 layout (`pack`; repack.py for Q4_K; the same bytes) and
+multiplied by ggml's gemv/gemm for that layout, as llama.cpp's CPU backend does by default: ~1.4x
+faster than the per-row vec_dot on this machine for Q4_0; for Q4_K ~1.1x at T=1 (within 5% with
+the weights cold in RAM) and 1.6-1.8x at T=32 (docs/benchmarks.md).
 
 For T > 1 the ggml loop takes one weight row at a time and dots it with all T quantized
 activations, so the row is read from memory once per call, not once per token.
@@ -110,6 +112,13 @@ def _select_backend() -> tuple[str, object, object]:
 
 
 BACKEND, _ggml_mod, _lib = _select_backend()
+# the types `pack` rewrites into ggml's 8-row interleaved layouts -> (gemv, gemm, quantize_mat,
+# from_float): Q4_0 -> block_q4_0x8, Q4_K -> block_q4_Kx8 (repack.py), where the build has them
+_PACKED: dict = {}
+if BACKEND == "ggml":
+    from . import repack
+
+    _PACKED = {t: f for t, f in ((QT.Q4_0, _lib.q4_0x8), (QT.Q4_K, repack.q4_Kx8_funcs(_lib))) if f is not None}
 THREADS = _thread_count()
 _tls = threading.local()
 # numba's "workqueue" threading layer aborts on concurrent parallel launches; omp and tbb are
@@ -174,7 +183,7 @@ class QWeight:
         self.addr = int(data.__array_interface__["data"][0])  # for the ggml kernels, every call
         self.shape = (int(data.shape[0]), n_in)
         self.nbytes = int(data.shape[0]) * self.row_bytes
-        self.packed = False  # True once `pack` rewrote the rows into block_q4_0x8
+        self.packed = False  # True once `pack` rewrote the rows into block_q4_0x8 / block_q4_Kx8
         self._dot = None
         # ggml dot kernel where it has one; F32 stays on BLAS (faster than vec_dot_f32 here)
         funcs = _lib.dot_funcs(int(qtype)) if BACKEND == "ggml" and qtype != QT.F32 else None
@@ -209,9 +218,9 @@ def to_f32(x: np.ndarray) -> np.ndarray:
 
 
 def can_pack_shape(qtype, n_out: int) -> bool:
-    """Whether ggml's repacked kernels take [n_out, n_in] weights of this type (Q4_0, n_out a
-    multiple of 8, and the kernels present in this build)."""
-    return BACKEND == "ggml" and _lib.q4_0x8 is not None and qtype == QT.Q4_0 and n_out % 8 == 0
+    """Whether ggml's repacked kernels take [n_out, n_in] weights of this type (Q4_0 or Q4_K,
+    n_out a multiple of 8, and the kernels present in this build)."""
+    return qtype in _PACKED and n_out % 8 == 0
 
 
 def can_pack(w: QWeight) -> bool:
@@ -231,20 +240,25 @@ def packs_any(tensors) -> bool:
 
 
 def pack(w: QWeight) -> QWeight:
-    """Rewrite w's bytes in place into ggml's block_q4_0x8 layout (the same size) and mark it, so
-    matmul runs ggml's repacked gemv/gemm. The bytes are no longer plain Q4_0 rows afterwards:
-    only pack weights that are used for nothing but matmul. Returns w; no-op unless can_pack(w)."""
+    """Rewrite w's bytes in place into ggml's block_q4_0x8 (Q4_0) or block_q4_Kx8 (Q4_K) layout,
+    the same size, and mark it, so matmul runs ggml's repacked gemv/gemm. The bytes are no longer
+    plain rows afterwards: only pack weights that are used for nothing but matmul. Returns w;
+    no-op unless can_pack(w)."""
     if can_pack(w):
         flat = w.data.reshape(-1)
-        _ggml_mod.repack_q4_0x8(flat, w.shape[0], w.row_bytes, np.empty(8 * w.row_bytes, np.uint8))
+        fn = repack.repack_q4_Kx8 if w.qtype == QT.Q4_K else _ggml_mod.repack_q4_0x8
+        fn(flat, w.shape[0], w.row_bytes, np.empty(8 * w.row_bytes, np.uint8))
         w.packed = True
     return w
 
 
 def unpack(w: QWeight) -> np.ndarray:
-    """A copy of a packed weight's bytes as plain Q4_0 rows [n_out, row_bytes] (pack, inverted)."""
+    """A copy of a packed weight's bytes as plain Q4_0 / Q4_K rows [n_out, row_bytes] (pack,
+    inverted)."""
     if not w.packed:
         return np.array(w.data)
+    if w.qtype == QT.Q4_K:
+        return repack.unpack_q4_Kx8(w.data, w.shape[0], w.row_bytes)
     n_out, nb = w.shape[0], w.row_bytes // 18
     b = w.data.reshape(n_out // 8, nb, 144)
     rows = np.empty((n_out // 8, 8, nb, 18), np.uint8)
@@ -313,13 +327,15 @@ def _matmul_ggml(w: QWeight, x: np.ndarray) -> np.ndarray:
 def _matmul_q4_0x8(w: QWeight, x: np.ndarray) -> np.ndarray:
     T = x.shape[0]
     n_out, n_in = w.shape
-    q_row = n_in // 32 * 34  # Q8_0; 4 rows of it = the same bytes as block_q8_0x4
+    # Q8_0 (Q4_0) or Q8_K (Q4_K) rows; 4 of them = the bytes of a block_q8_0x4 / block_q8_Kx4
+    # (the kernel only moves pointers, so it serves both layouts)
+    q_row = w._dot[2]
     q = np.empty(T * q_row, dtype=np.uint8)
     out = np.empty((T, n_out), dtype=np.float32)
     chunks = 1 if THREADS == 1 else min(n_out // 8, 2 * THREADS)
     _launch(
         _ggml_mod.q4_0x8_matmul_kernel,
-        (*_lib.q4_0x8, w.addr, w.row_bytes, n_out, n_in, addr(x), T, addr(q), q_row, addr(out), chunks),
+        (*_PACKED[w.qtype], w.addr, w.row_bytes, n_out, n_in, addr(x), T, addr(q), q_row, addr(out), chunks),
     )
     return out
 
