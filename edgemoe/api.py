@@ -110,6 +110,7 @@ class Model:
         ):
             self.store_path = self._converted_store(progress, n_ctx, kv_type)
         dense_path = self.store_path / store.DENSE if self.store_path else self.path
+        self._reader = StoreReader(self.store_path) if self.store_path else None  # its headers checked first
         self._file = GGUFFile(dense_path)
         try:
             self._open(dense_path, n_ctx, kv_type, bits, cache_policy, pipeline, prefetch, onnx_experts)
@@ -126,7 +127,6 @@ class Model:
     def _open(self, dense_path, n_ctx, kv_type, bits, cache_policy, pipeline, prefetch, onnx_experts) -> None:
         """Configuration, KV cache, experts (in place or streamed), engine and tokenizer."""
         if self.store_path:
-            self._reader = StoreReader(self.store_path)
             self.config = ModelArgs.from_gguf(self._file, n_ff_exp=self._reader.n_ff_exp)
         else:
             self.config = ModelArgs.from_gguf(self._file)
@@ -192,11 +192,11 @@ class Model:
             print(
                 f"edgemoe: converting {self.path.name} into an expert store at {dst} (first use only)", file=sys.stderr
             )
-        return convert(self.path, dst, progress=progress)
+        return convert(self.path, dst, progress=progress, force=store.is_store(dst))  # replaces an older format's
 
     def _open_store(self, bits: int | None, policy: str, pipeline: bool, prefetch: bool) -> None:
         # the resident part must stay resident under memory pressure
-        self._file.load_into_memory(gguf_file.embedding_on_disk(self._file))
+        self._reader.load_dense(self._file)  # into memory, every tensor checked against its checksum
         r = self._reader
         c = self.config
         for i in range(c.n_layer):

@@ -25,7 +25,7 @@ from pathlib import Path
 import xxhash
 
 from ..errors import EdgeMoEError
-from .format import MANIFEST, is_store
+from .format import MANIFEST, is_current, is_store
 
 HEAD = 16 << 20
 TAIL = 1 << 20
@@ -80,7 +80,7 @@ def find_store(model: Path) -> tuple[Path | None, str]:
     fp = fingerprint(model)
     renamed = sorted(cache_dir().glob(f"*-{fp[:12]}.edgemoe"))  # the same content under another name
     for cand in (model.with_suffix(".edgemoe"), cache_store(model, fp), *renamed):
-        if is_store(cand) and source_fingerprint(cand) == fp:
+        if is_store(cand) and source_fingerprint(cand) == fp and is_current(cand):  # older formats: again
             return cand, fp
     return None, fp
 

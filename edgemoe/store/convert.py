@@ -372,7 +372,7 @@ def _write_store(
         experts=experts_manifest,
     )
     mtmp = tmp / (store.MANIFEST + ".tmp")
-    mtmp.write_text(json.dumps(manifest))
+    mtmp.write_text(json.dumps(store.sealed(manifest, tmp)))  # with the checksums of integrity.py
     os.replace(mtmp, tmp / store.MANIFEST)
 
 

@@ -2,7 +2,9 @@
 
     STORE/
       manifest.json      format version, model config, scheme, per-expert per-plane offsets,
-                         lengths and xxh3-64 checksums
+                         lengths and xxh3-64 checksums; xxh3-64 of dense.gguf's header and of each
+                         of its tensors, of each shard's header, and of its own fields
+                         (store/integrity.py: what is checked where)
       dense.gguf         every non-expert tensor in its source type, with all source metadata
                          (so llama.cpp reads the vocabulary from it): resident at run time
       experts-LLL.gguf   one GGUF per layer; tensor `blk.L.exp.E` (I8, 4 KiB aligned) holds expert
@@ -30,7 +32,7 @@ import xxhash
 from ..errors import EdgeMoEError
 from ..quant import native, nested
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of dense.gguf, the shard headers and the manifest
 MANIFEST = "manifest.json"
 DENSE = "dense.gguf"
 ALIGNMENT = 4096
@@ -51,6 +53,16 @@ def checksum(buf) -> int:
 
 def is_store(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def is_current(path: str | os.PathLike[str]) -> bool:
+    """Whether a directory is a store of this format version (a store of another one is
+    converted again when it is the cache's, refused when it is named)."""
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("format_version") == FORMAT_VERSION
 
 
 LIMITS = dict(n_layer=4096, n_expert=1 << 16, n_embd=1 << 20, n_ff_exp=1 << 20)
@@ -154,6 +166,54 @@ def check_entry(ent, lay: Layout, layer: int) -> str | None:
     return None
 
 
+def version_error(mpath: Path | str, version) -> str:
+    """The refusal of a store of another format version."""
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < FORMAT_VERSION:
+        return (
+            f"{mpath}: store format version {version} has no checksums of dense.gguf and the shard "
+            f"headers (a damaged byte there would go unnoticed); this edgemoe reads version "
+            f"{FORMAT_VERSION}: convert the model again (edgemoe convert MODEL.gguf -o {Path(mpath).parent} --force)"
+        )
+    return (
+        f"{mpath}: store format version {version!r}, this edgemoe reads version {FORMAT_VERSION}; "
+        f"convert the model again"
+    )
+
+
+def manifest_checksum(m: dict) -> int:
+    """xxh3-64 of every field of a manifest but the experts' entries (each plane has its own
+    checksum) and this checksum itself, as canonical JSON."""
+    fields = {k: v for k, v in m.items() if k not in ("experts", "manifest_xxh3")}
+    return checksum(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _integrity_fields(m: dict, experts: list) -> None:
+    """The types of the checksums integrity.py reads: dense, shard_headers, manifest_xxh3."""
+    d = m.get("dense")
+    if not isinstance(d, dict):
+        raise ValueError("dense must be an object")
+    _int(d.get("header_bytes"), "dense.header_bytes", 1, 2**62)
+    _int(d.get("header_xxh3"), "dense.header_xxh3")
+    tensors = d.get("tensors")
+    if not isinstance(tensors, dict) or not tensors:
+        raise ValueError("dense.tensors must map each tensor name to its checksum")
+    for v in tensors.values():
+        _int(v, "dense.tensors[]")
+    sh = m.get("shard_headers")
+    if not isinstance(sh, list) or len(sh) != len(experts):
+        raise ValueError("shard_headers must have one entry per layer")
+    for layer, (h, lst) in enumerate(zip(sh, experts)):
+        if not lst:
+            if h is not None:
+                raise ValueError(f"shard_headers[{layer}] must be null: layer {layer} has no experts")
+            continue
+        if not isinstance(h, dict):
+            raise ValueError(f"shard_headers[{layer}] must be an object for a layer with experts (null without)")
+        _int(h.get("bytes"), f"shard_headers[{layer}].bytes", 1, 2**62)
+        _int(h.get("xxh3"), f"shard_headers[{layer}].xxh3")
+    _int(m.get("manifest_xxh3"), "manifest_xxh3")
+
+
 def check_manifest(m, mpath: Path | str, *, entries: bool = True) -> Layout:
     """Validate a parsed manifest.json: every field StoreReader and the runtime use, with its type and
     range; the scheme must exist and produce exactly the plane sizes listed (so no size in the file
@@ -165,10 +225,7 @@ def check_manifest(m, mpath: Path | str, *, entries: bool = True) -> Layout:
     if not isinstance(m, dict):
         raise EdgeMoEError(f"{mpath}: manifest is not a JSON object")
     if m.get("format_version") != FORMAT_VERSION:
-        raise EdgeMoEError(
-            f"{mpath}: store format version {m.get('format_version')!r}, this edgemoe reads "
-            f"version {FORMAT_VERSION}; convert the model again"
-        )
+        raise EdgeMoEError(version_error(mpath, m.get("format_version")))
     try:
         dims = {k: _int(m.get(k), k, 1, hi) for k, hi in LIMITS.items()}
         sch = m.get("scheme")
@@ -183,8 +240,14 @@ def check_manifest(m, mpath: Path | str, *, entries: bool = True) -> Layout:
         if not any(experts):
             raise ValueError("no layer has experts")
         layers, n_planes = _plane_bytes(m, sch, scheme, shapes, experts)
+        _integrity_fields(m, experts)
     except ValueError as exc:
         raise bad(str(exc)) from None
+    if manifest_checksum(m) != m["manifest_xxh3"]:
+        raise EdgeMoEError(
+            f"{mpath}: checksum mismatch: a field of the manifest (scheme, sizes, checksums) is not "
+            f"what was written; convert the model again"
+        )
     lay = Layout(dims["n_layer"], dims["n_expert"], n_planes, tuple(layers))
     if entries:
         for layer, lst in enumerate(experts):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeMoEError
+from . import integrity
 from .format import (  # noqa: F401 (the format's names, for the store's users)
     ALIGNMENT,
     DENSE,
@@ -27,6 +28,11 @@ from .format import (  # noqa: F401 (the format's names, for the store's users)
     scheme_of,
     shard_name,
 )
+from .integrity import sealed  # noqa: F401 (convert's)
+
+
+def _opt(damage: str | None) -> list[str]:
+    return [damage] if damage else []
 
 
 @dataclass(frozen=True)
@@ -49,14 +55,11 @@ class StoreReader:
             raise EdgeMoEError(f"{self.root}: not an expert store (no {MANIFEST})") from None
         except (OSError, ValueError) as exc:
             raise EdgeMoEError(f"{mpath}: unreadable manifest ({exc})") from None
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        if version == FORMAT_VERSION:
-            lay = check_manifest(manifest, mpath)  # types, ranges and sizes before anything is allocated
-        if version != FORMAT_VERSION:
-            raise EdgeMoEError(
-                f"{mpath}: store format version {version!r}, this edgemoe reads version {FORMAT_VERSION}; "
-                f"convert the model again"
-            )
+        # version, types, ranges and sizes before anything is allocated; the manifest's checksum
+        lay = check_manifest(manifest, mpath)
+        # the headers of dense.gguf (before it is parsed) and of the shards (integrity.py)
+        integrity.raise_first(_opt(integrity.dense_header_damage(self.root, manifest)))
+        integrity.raise_first(integrity.shards_damage(self.root, manifest, lay))
         try:
             self.manifest = manifest
             self.scheme_name: str = manifest["scheme"]["name"]
@@ -94,6 +97,26 @@ class StoreReader:
     @property
     def dense_path(self) -> Path:
         return self.root / DENSE
+
+    def load_dense(self, gf) -> None:
+        """The model's dense.gguf (GGUFFile) into memory, all but a token embedding the output layer
+        does not share (read by rows: embedding_on_disk), then check_dense."""
+        from ..models.gguf_file import embedding_on_disk
+
+        gf.load_into_memory(embedding_on_disk(gf))
+        self.check_dense(gf)
+
+    def check_dense(self, gf=None) -> None:
+        """dense.gguf's tensors against their checksums and its configuration against the manifest
+        (raises EdgeMoEError naming the file and tensor). gf: the model's GGUFFile after
+        load_into_memory (its tensors are checked in memory); None: opened here, nothing copied."""
+        own = gf is None
+        gf = integrity.open_dense(self.dense_path) if own else gf
+        try:
+            integrity.raise_first(integrity.dense_damage(self.root, self.manifest, gf))
+        finally:
+            if own:
+                gf.close()
 
     @property
     def native(self) -> bool:

@@ -1,10 +1,13 @@
 """`edgemoe verify STORE`: check an expert store end to end without loading the model.
 
-Checks the manifest (format version, fields and their types), that dense.gguf opens as a GGUF,
-that every shard exists and is a GGUF whose expert tensors are where the manifest says, and every
-expert's planes: lengths and offsets against the scheme's plane sizes and the shard's size, and
-each plane's xxh3-64 checksum. Every damaged file, layer, expert and plane is named (one line
-each); the exit status is 0 for a clean store and 2 for a damaged one.
+Checks the manifest (format version, fields and their types, its checksum), dense.gguf (its
+header and each tensor against their checksums, its configuration against the manifest), that
+every shard exists, has the header that was written and is a GGUF whose expert tensors are where
+the manifest says, and every expert's planes: lengths and offsets against the scheme's plane sizes
+and the shard's size, and each plane's xxh3-64 checksum. Every byte that changes a result is
+covered, with the loader's own checks (integrity.py): what verify calls damage, loading refuses.
+Every damaged file, tensor, layer, expert and plane is named (one line each); the exit status is
+0 for a clean store and 2 for a damaged one.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from ..errors import EdgeMoEError
 from . import format as store
+from . import integrity
 from .format import Layout, check_entry, check_manifest
 
 MAX_LISTED = 200
@@ -76,7 +80,7 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True) -> Report:
     for layer, entries in enumerate(raw["experts"]):
         if not entries:
             continue  # a leading dense layer: no shard
-        _check_shard(root, layer, entries, lay, rep, checksums)
+        _check_shard(root, layer, entries, lay, raw["shard_headers"], rep, checksums)
     return rep
 
 
@@ -100,36 +104,23 @@ def _read_manifest(root: Path, rep: Report) -> tuple[Any, Layout | None]:
 
 
 def _check_dense(root: Path, raw, lay: Layout | None, rep: Report) -> None:
-    """dense.gguf opens, and its dimensions and which layers have experts agree with the manifest."""
-    from ..models.gguf_file import GGUFFile
-
+    """dense.gguf's header and every tensor against their checksums, its configuration against the
+    manifest's (integrity.py: the loader's checks); without a valid manifest, only that it opens."""
     dense = root / store.DENSE
+    if lay is not None:
+        bad = integrity.dense_header_damage(root, raw)
+        if bad:
+            rep.damage(bad)
     try:
-        gf = GGUFFile(dense)
+        gf = integrity.open_dense(dense)
     except EdgeMoEError as exc:
         rep.damage(f"{dense}: dense weights do not open ({exc})")
         return
     try:
-        arch = gf.architecture
-        for key, want in (
-            ("block_count", lay and lay.n_layer),
-            ("expert_count", lay and lay.n_expert),
-            ("embedding_length", raw.get("n_embd") if lay else None),
-        ):
-            got = gf.get(f"{arch}.{key}")
-            if want is not None and got != want:
-                rep.damage(f"{dense}: {arch}.{key} is {got!r}, the manifest says {want}")
-        if lay is not None:  # which layers have experts: the model's configuration decides
-            from ..models.config import ModelArgs
-
-            args = ModelArgs.from_gguf(gf, n_ff_exp=int(raw.get("n_ff_exp") or 1))
-            for i, entries in enumerate(raw["experts"][: args.n_layer]):
-                want_n = 0 if args.is_dense(i) else args.n_expert
-                if len(entries) != want_n:
-                    rep.damage(
-                        f"{root / store.MANIFEST}: layer {i} has {len(entries)} experts, "
-                        f"the model's configuration has {want_n}"
-                    )
+        if lay is not None:
+            for d in integrity.dense_damage(root, raw, gf):
+                rep.damage(d)
+            rep.bytes_checked += raw["dense"]["header_bytes"] + sum(t.nbytes for t in gf.tensors.values())
     except EdgeMoEError as exc:
         rep.damage(str(exc))
     finally:
@@ -145,7 +136,9 @@ class _Shard:
     tensors: dict[str, tuple[int, int]] | None  # None: the shard does not open as a GGUF
 
 
-def _check_shard(root: Path, layer: int, entries: list, lay: Layout, rep: Report, checksums: bool) -> None:
+def _check_shard(
+    root: Path, layer: int, entries: list, lay: Layout, raw_headers: list, rep: Report, checksums: bool
+) -> None:
     spath = root / store.shard_name(layer)
     if not spath.is_file():
         rep.damage(f"{spath}: missing shard (layer {layer})")
@@ -159,6 +152,9 @@ def _check_shard(root: Path, layer: int, entries: list, lay: Layout, rep: Report
         rep.damage(f"{spath}: cannot open shard ({exc.strerror})")
         return
     try:
+        bad = integrity.header_damage(spath, fd, raw_headers[layer], integrity.SHARD_HEADER)
+        if bad:
+            rep.damage(bad)
         shard = _Shard(spath, layer, fd, size, tensors)
         for e, ent in enumerate(entries):
             _check_expert(shard, e, ent, lay, rep, checksums)

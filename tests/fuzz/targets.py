@@ -187,6 +187,7 @@ def read_all(root: Path, validate: bool = True) -> None:
     """Open the store and read every plane of every expert (raises on damage)."""
     r = validated_reader(root) if validate else store_mod.StoreReader(root)
     try:
+        r.check_dense()  # dense.gguf's tensors and configuration, as a load checks them
         for layer, entries in enumerate(r.locations):
             for e in range(len(entries)):
                 bufs = [np.empty(n, dtype=np.uint8) for n in r.plane_sizes(layer)]
@@ -203,22 +204,38 @@ def check_store(root: Path, load_model: bool = False, validate: bool = True) -> 
 
     with _AllocGuard():
         try:
-            clean = verify(root).ok
-        except edgemoe.EdgeMoEError:
-            clean = False
+            damages = verify(root).damages
+        except edgemoe.EdgeMoEError as exc:
+            damages = [str(exc)]
+        clean = not damages
         try:
             read_all(root, validate)
-            readable = True
-        except edgemoe.EdgeMoEError:
-            readable = False
-        if clean:
-            assert readable, "verify passed a store that the reader cannot read"
-        if not readable:
-            assert not clean
+            refused = None
+        except edgemoe.EdgeMoEError as exc:
+            refused = str(exc)
+        # both ways: what verify calls damage the loader refuses, and the other way round
+        assert clean or refused, f"verify reports damage the loader accepts: {damages[:3]}"
+        assert not (clean and refused), f"verify passed a store that the loader refuses: {refused}"
     if load_model and clean:  # outside the guard: a first load compiles kernels (tens of MB, not the input's doing)
         with edgemoe.load(root, n_ctx=16) as m:
             m.logits([1, 2])
     return "ok" if clean else "rejected"
+
+
+def checked_ranges(root: Path, name: str) -> list[tuple[int, int]]:
+    """The byte ranges of a store's file that change a result (and are checked): dense.gguf's
+    header and tensors, a shard's header and its experts' planes; not the padding between them."""
+    import gguf
+
+    m = json.loads((root / store_mod.MANIFEST).read_text())
+    if name == store_mod.DENSE:
+        r = gguf.GGUFReader(root / name)
+        return [(0, m["dense"]["header_bytes"])] + [
+            (int(t.data_offset), int(t.data_offset) + int(t.n_bytes)) for t in r.tensors
+        ]
+    layer = int(name[8:11])
+    head = (0, m["shard_headers"][layer]["bytes"])
+    return [head] + [(a, b) for (lay, _e, _p, a, b) in expert_ranges(root) if lay == layer]
 
 
 def expert_ranges(root: Path) -> list[tuple[int, int, int, int, int]]:
