@@ -8,9 +8,10 @@ read however large the file). `edgemoe run -m m.gguf --budget B` uses, in order,
 (~/.cache/edgemoe/stores, EDGEMOE_CACHE moves it), and converts into the cache only when neither
 exists. A copied, renamed or touched model finds its store; a changed one does not.
 
-Every store edgemoe writes is recorded in the cache's index (stores/index.json: store path,
-source path) so that `edgemoe stores` can list it with its size, source and last use, and
-`edgemoe stores --rm` can remove it. A store's last use is the time of its `.last-used` file.
+Every store edgemoe writes or opens is recorded in the cache's index (stores/index.json: store
+path, source path, time of last use) so that `edgemoe stores` can list it with its size, source
+and last use, and `edgemoe stores --rm` can remove it; the store directories themselves are
+never written after conversion.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ TAIL = 1 << 20
 SAMPLES = 64
 SAMPLE = 64 << 10
 INDEX = "index.json"
-LAST_USED = ".last-used"
 
 
 def cache_dir() -> Path:
@@ -75,12 +75,13 @@ def cache_store(model: Path, fp: str) -> Path:
 
 
 def find_store(model: Path) -> tuple[Path | None, str]:
-    """(the existing store for model's content, or None; model's fingerprint). The store beside the
-    model (what `edgemoe convert` writes by default) first, then the cache's."""
+    """(the existing store for model's content, marked used, or None; model's fingerprint). The
+    store beside the model (what `edgemoe convert` writes by default) first, then the cache's."""
     fp = fingerprint(model)
     renamed = sorted(cache_dir().glob(f"*-{fp[:12]}.edgemoe"))  # the same content under another name
     for cand in (model.with_suffix(".edgemoe"), cache_store(model, fp), *renamed):
         if is_store(cand) and source_fingerprint(cand) == fp and is_current(cand):  # older formats: again
+            mark_used(cand)
             return cand, fp
     return None, fp
 
@@ -98,15 +99,18 @@ def ensure_writable_dir(path: Path, what: str) -> None:
 # ---- the index: every store edgemoe wrote, for `edgemoe stores` -------------------------------
 
 
-def _read_index() -> dict[str, str]:
+def _read_index() -> dict[str, dict]:
+    """{store path: {"source": its source's path or None, "used": time of last use}}."""
     try:
         data = json.loads((cache_dir() / INDEX).read_text())
     except (OSError, ValueError):
         return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, dict)}
 
 
-def _write_index(entries: dict[str, str]) -> None:
+def _write_index(entries: dict[str, dict]) -> None:
     d = cache_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -114,22 +118,20 @@ def _write_index(entries: dict[str, str]) -> None:
         tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
         os.replace(tmp, d / INDEX)
     except OSError:
-        pass  # the index only helps `edgemoe stores` find stores outside the cache
+        pass  # the index only serves `edgemoe stores`
 
 
 def record(store: Path, source: Path) -> None:
-    """Note a store edgemoe wrote (and its source) in the index, and mark it used now."""
+    """Note a store edgemoe wrote, its source and its use now, in the index."""
     entries = _read_index()
-    entries[str(store.resolve())] = str(source.resolve())
+    entries[str(store.resolve())] = dict(source=str(source.resolve()), used=time.time())
     _write_index(entries)
-    mark_used(store)
 
 
 def mark_used(store: Path) -> None:
-    try:
-        (store / LAST_USED).touch()
-    except OSError:
-        pass  # a store on read-only media: its last use stays its conversion time
+    entries = _read_index()
+    entries.setdefault(str(store.resolve()), dict(source=None))["used"] = time.time()
+    _write_index(entries)
 
 
 @dataclass(frozen=True)
@@ -145,15 +147,15 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _entry(path: Path, source: str | None) -> StoreEntry:
+def _entry(path: Path, info: dict) -> StoreEntry:
     try:
         name = json.loads((path / MANIFEST).read_text())["source"]["file"]
     except (OSError, ValueError, KeyError, TypeError):
         name = "?"
-    src = source or name
-    used = path / LAST_USED
-    last = (used if used.exists() else path / MANIFEST).stat().st_mtime
-    return StoreEntry(path, src, source is not None and Path(source).exists(), _size(path), last)
+    source = info.get("source") if isinstance(info.get("source"), str) else None
+    used = info.get("used")
+    last = float(used) if isinstance(used, (int, float)) else (path / MANIFEST).stat().st_mtime
+    return StoreEntry(path, source or name, source is not None and Path(source).exists(), _size(path), last)
 
 
 def list_stores() -> list[StoreEntry]:
@@ -164,7 +166,7 @@ def list_stores() -> list[StoreEntry]:
         _write_index({k: v for k, v in index.items() if k not in gone})
     paths = {str(p.resolve()) for p in cache_dir().glob("*.edgemoe") if is_store(p)}
     paths |= {p for p in index if p not in gone}
-    out = [_entry(Path(p), index.get(p)) for p in paths]
+    out = [_entry(Path(p), index.get(p, {})) for p in paths]
     return sorted(out, key=lambda e: -e.last_used)
 
 
