@@ -91,7 +91,10 @@ def test_stores_lists_and_removes(model, tmp_path):
     assert beside in rows and str(model.resolve()) in rows[beside] and "KiB" in rows[beside]
     (name,) = cached(cache)
     in_cache = next(k for k in rows if k.endswith(name))
-    assert str((tmp_path / "other.gguf").resolve()) in rows[in_cache]
+    assert str((tmp_path / "other.gguf").resolve()) in rows[in_cache] and "(gone)" not in rows[in_cache]
+    (tmp_path / "other.gguf").unlink()
+    gone = {ln.split()[0]: ln for ln in cli("stores", cache=cache).stdout.splitlines()[1:]}
+    assert "(gone)" in gone[in_cache] and "(gone)" not in gone[beside]
     rm = cli("stores", "--rm", name.removesuffix(".edgemoe"), "--rm", str(tmp_path / "m.edgemoe"), cache=cache)
     assert rm.returncode == 0, rm.stderr
     assert cached(cache) == [] and not (tmp_path / "m.edgemoe").exists()

@@ -138,7 +138,7 @@ def mark_used(store: Path) -> None:
 class StoreEntry:
     path: Path
     source: str  # the source's path when known, else its file name from the manifest
-    source_present: bool
+    source_present: bool | None  # None: only its file name is known (a store from before the index)
     nbytes: int
     last_used: float
 
@@ -155,7 +155,8 @@ def _entry(path: Path, info: dict) -> StoreEntry:
     source = info.get("source") if isinstance(info.get("source"), str) else None
     used = info.get("used")
     last = float(used) if isinstance(used, (int, float)) else (path / MANIFEST).stat().st_mtime
-    return StoreEntry(path, source or name, source is not None and Path(source).exists(), _size(path), last)
+    present = None if source is None else Path(source).exists()
+    return StoreEntry(path, source or name, present, _size(path), last)
 
 
 def list_stores() -> list[StoreEntry]:

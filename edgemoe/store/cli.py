@@ -35,7 +35,7 @@ def cmd_stores(args: argparse.Namespace) -> int:
         return 0
     rows = [("STORE", "SIZE", "SOURCE", "LAST USED")]
     for e in entries:
-        src = e.source if e.source_present or e.source == "?" else f"{e.source} (gone)"
+        src = f"{e.source} (gone)" if e.source_present is False else e.source
         rows.append((str(e.path), format_size(e.nbytes), src, catalog.age(e.last_used)))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
