@@ -71,7 +71,8 @@ def load(
     progress (show the conversion progress bar); pipeline (background HEBF reads, default on);
     prefetch (read the next layer's predicted experts ahead, default off: measured, its wrong
     guesses cost more reads than its right ones saved, docs/benchmarks.md); preload (fill the expert cache at
-    load, default on).
+    load, default on); threads (kernel threads, default EDGEMOE_THREADS, else the physical cores
+    as llama.cpp counts them; process-wide: the last load's count applies to every model).
     """
     return Model(path, memory_budget=memory_budget, quality=quality, n_ctx=n_ctx, **options)
 
@@ -92,7 +93,10 @@ class Model:
         prefetch: bool = False,
         preload: bool = True,
         onnx_experts: bool | dict = False,
+        threads: int | None = None,
     ):
+        if threads is not None:
+            kernels.set_threads(threads)  # validated before anything loads
         self.path = Path(path) if path is not None else bundled_model_path()
         self._quality = policy.parse_quality(quality)  # validated now
         self.quality = self._quality.name

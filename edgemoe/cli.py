@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         s = model.stats()
         quality = quality_label(s.quality, s.lossless)
     if not args.no_reference:
-        fn, close = evaluate.llama_cpp_logits_fn(str(model_path), args.window)
+        fn, close = evaluate.llama_cpp_logits_fn(str(model_path), args.window, args.threads)
         try:
             results.append(evaluate.perplexity("llama.cpp", fn, wins))
         finally:

@@ -32,6 +32,17 @@ def one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def threads_arg(value: str) -> int:
+    """-t/--threads: a positive integer (argparse reports anything else as one line, exit 2)."""
+    from .errors import EdgeMoEError
+    from .quant.threads import parse_threads
+
+    try:
+        return parse_threads(value)
+    except EdgeMoEError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+
+
 def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m",
@@ -67,6 +78,13 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
         "when --budget is not given",
     )
     p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=threads_arg,
+        default=None,
+        help="kernel threads (default: EDGEMOE_THREADS, else the physical cores, as llama.cpp)",
+    )
     p.add_argument(
         "--prefetch",
         action="store_true",
@@ -106,6 +124,7 @@ def load_options(args: argparse.Namespace, memory_budget=None) -> dict:
         cache_policy=args.policy,
         pipeline=not args.no_pipeline,
         prefetch=args.prefetch,
+        threads=getattr(args, "threads", None),
     )
 
 

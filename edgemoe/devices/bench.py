@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -36,7 +35,8 @@ import numpy as np
 
 from ..errors import EdgeMoEError
 from ..fileio import write_text_atomic
-from ..options import Parser
+from ..options import Parser, threads_arg
+from ..quant.threads import env_threads
 from ..quant.transcode import transcoded_bytes
 from ..runtime import evaluate
 from ..runtime.policy import DEFAULT, Calibration, parse_quality
@@ -148,9 +148,7 @@ def smbu(active_bytes: float, tps: float, prof: Profile) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = Parser(
-        prog="edgemoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = Parser(prog="edgemoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path, help="GGUF model")
     ap.add_argument("--profile", required=True, help="device profile to emulate")
     ap.add_argument("--budgets", default="0.4", help="budgets as fractions of the GGUF size (default 0.4)")
@@ -167,7 +165,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("-n", "--decode-tokens", type=int, default=16, help="tokens to decode per run (default 16)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument(
+        "-t",
+        "--threads",
+        type=threads_arg,
+        default=None,
+        help="threads for both engines (default: EDGEMOE_THREADS, else the physical cores, as llama.cpp)",
+    )
     ap.add_argument("--engines", default="llama.cpp,edgemoe")
     ap.add_argument("--no-throttle", action="store_true", help="no read throttle (this machine's storage speed)")
     ap.add_argument("--timeout", type=int, default=3600)
@@ -177,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.threads = args.threads or env_threads()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the readahead is restored
     if not args.model.is_file():
         raise EdgeMoEError(f"{args.model}: no such GGUF file")

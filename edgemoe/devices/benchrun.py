@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import numpy as np
 
+from ..quant.threads import env_threads
 from ..runtime import memory
 from ..runtime.stats import stats_to_dict
 
@@ -55,6 +55,7 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
         n_ctx=a.prompt_tokens + a.decode_tokens + 8,
         progress=False,
         prefetch=a.prefetch,
+        threads=a.threads,
     )
     load_s = time.perf_counter() - t0
     ids = prompt_ids(m.config.n_vocab, a.prompt_tokens)
@@ -153,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=None, help="default: EDGEMOE_THREADS, else the physical cores")
     ap.add_argument("--repack", action="store_true", help="llama.cpp: keep its default weight repacking")
     a = ap.parse_args(argv)
-    os.environ.setdefault("EDGEMOE_THREADS", str(a.threads))
+    a.threads = a.threads or env_threads()
     res = run_edgemoe(a) if a.engine == "edgemoe" else run_llama_cpp(a)
     res.update(engine=a.engine, peak_rss=memory.peak_rss(), threads=a.threads)
     print("RESULT " + json.dumps(res), flush=True)

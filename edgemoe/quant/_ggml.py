@@ -209,6 +209,17 @@ def matmul_kernel(vec_dot, from_float, w_addr, w_stride, n_out, n_in, x_addr, T,
             _vec_dot(vec_dot, n_in, out_addr + (t * n_out + r) * 4, wr, q_addr + t * q_stride)
 
 
+@njit(cache=True, nogil=True)
+def matmul_kernel_1(vec_dot, from_float, w_addr, w_stride, n_out, n_in, x_addr, T, q_addr, q_stride, out_addr):
+    # matmul_kernel on the calling thread alone (no fork-join): for small matrices, see kernels.py
+    for t in range(T):
+        _convert(from_float, x_addr + t * n_in * 4, q_addr + t * q_stride, n_in)
+    for r in range(n_out):
+        wr = w_addr + r * w_stride
+        for t in range(T):
+            _vec_dot(vec_dot, n_in, out_addr + (t * n_out + r) * 4, wr, q_addr + t * q_stride)
+
+
 @intrinsic
 def _gemx(typingctx, fn, n, s, bs, vx, vy, nr, nc):
     # ggml_gemv_* / ggml_gemm_* (int n, float * s, size_t bs, const void * vx, const void * vy,
@@ -240,30 +251,51 @@ def _gemx(typingctx, fn, n, s, bs, vx, vy, nr, nc):
     return sig, codegen
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def q4_0x8_matmul_kernel(
-    gemv, gemm, quant_mat, from_float, w_addr, row_bytes, n_out, n_in, x_addr, T, q_addr, q_row, out_addr, n_chunks
-):
-    # Weights in ggml's block_q4_0x8 layout (8 rows interleaved; same bytes per 8 rows as Q4_0).
+@njit(cache=True, nogil=True)
+def _q4_0x8_quantize(quant_mat, from_float, n_in, x_addr, T, q_addr, q_row):
     # Activations: groups of 4 rows as block_q8_0x4 (for gemm), the rest as plain Q8_0 rows.
     T4 = T - T % 4
     for t in range(0, T4, 4):
         _convert(quant_mat, x_addr + t * n_in * 4, q_addr + t * q_row, n_in)
     for t in range(T4, T):
         _convert(from_float, x_addr + t * n_in * 4, q_addr + t * q_row, n_in)
+
+
+@njit(cache=True, nogil=True)
+def _q4_0x8_groups(gemv, gemm, w_addr, row_bytes, n_out, n_in, T, q_addr, q_row, out_addr, g0, g1):
+    # output rows 8 * g0 .. 8 * g1 (weights in ggml's block_q4_0x8 layout: 8 rows interleaved)
+    if g1 <= g0:
+        return
+    T4 = T - T % 4
+    c0 = g0 * 8
+    nc = (g1 - g0) * 8
+    w = w_addr + c0 * row_bytes
+    if T4 > 0:
+        _gemx(gemm, n_in, out_addr + c0 * 4, n_out, w, q_addr, T4, nc)
+    for t in range(T4, T):
+        _gemx(gemv, n_in, out_addr + (t * n_out + c0) * 4, n_out, w, q_addr + t * q_row, 1, nc)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def q4_0x8_matmul_kernel(
+    gemv, gemm, quant_mat, from_float, w_addr, row_bytes, n_out, n_in, x_addr, T, q_addr, q_row, out_addr, n_chunks
+):
+    # Weights in ggml's block_q4_0x8 layout (8 rows interleaved; same bytes per 8 rows as Q4_0).
+    _q4_0x8_quantize(quant_mat, from_float, n_in, x_addr, T, q_addr, q_row)
     groups = n_out // 8
     for c in prange(n_chunks):
         g0 = groups * c // n_chunks
         g1 = groups * (c + 1) // n_chunks
-        if g1 == g0:
-            continue
-        c0 = g0 * 8
-        nc = (g1 - g0) * 8
-        w = w_addr + c0 * row_bytes
-        if T4 > 0:
-            _gemx(gemm, n_in, out_addr + c0 * 4, n_out, w, q_addr, T4, nc)
-        for t in range(T4, T):
-            _gemx(gemv, n_in, out_addr + (t * n_out + c0) * 4, n_out, w, q_addr + t * q_row, 1, nc)
+        _q4_0x8_groups(gemv, gemm, w_addr, row_bytes, n_out, n_in, T, q_addr, q_row, out_addr, g0, g1)
+
+
+@njit(cache=True, nogil=True)
+def q4_0x8_matmul_kernel_1(
+    gemv, gemm, quant_mat, from_float, w_addr, row_bytes, n_out, n_in, x_addr, T, q_addr, q_row, out_addr, n_chunks
+):
+    # q4_0x8_matmul_kernel on the calling thread alone (no fork-join; n_chunks unused)
+    _q4_0x8_quantize(quant_mat, from_float, n_in, x_addr, T, q_addr, q_row)
+    _q4_0x8_groups(gemv, gemm, w_addr, row_bytes, n_out, n_in, T, q_addr, q_row, out_addr, 0, n_out // 8)
 
 
 @njit(cache=True, nogil=True)

@@ -12,7 +12,9 @@ Two backends, picked at import:
 - "numpy": dequantize a tile of rows (at most _TILE_BYTES of float32) with gguf-py and multiply
   with BLAS. Exact with respect to float32 activations; slow. Used when numba or the ggml library
   is missing, or forced.
-EDGEMOE_KERNELS=numpy|ggml forces one; EDGEMOE_THREADS sets the thread count (default: all cores).
+EDGEMOE_KERNELS=numpy|ggml forces one. Threads: set_threads (edgemoe.load(threads=), -t), else
+EDGEMOE_THREADS, else llama.cpp's default, the physical cores (threads.py); products below
+PARALLEL_MIN_BYTES run on the calling thread alone.
 F32 weights always go through BLAS (as fast as vec_dot_f32 at T=1, 2x faster at T=32).
 
 Q4_0 and Q4_K matrices whose bytes we own (copied into memory at load) are repacked in place into
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import threading
 import warnings
 
@@ -39,6 +42,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from ..errors import EdgeMoEError
+from . import threads
 from .buffers import addr
 
 # float32 scratch bound for the numpy path: one tile of rows x n_in
@@ -76,14 +80,6 @@ _NUMPY_QUANT_TYPES = frozenset(
 )
 
 
-def _thread_count() -> int:
-    try:
-        n = int(os.environ.get("EDGEMOE_THREADS", "") or (os.cpu_count() or 1))
-    except ValueError:
-        raise EdgeMoEError(f"EDGEMOE_THREADS={os.environ['EDGEMOE_THREADS']!r} is not an integer") from None
-    return max(1, n)
-
-
 def _load_ggml():
     """Import the ggml binding; returns the library object or raises (OSError, ImportError)."""
     if importlib.util.find_spec("numba") is None:
@@ -111,7 +107,44 @@ def _select_backend() -> tuple[str, object, object]:
     return "ggml", mod, lib
 
 
-BACKEND, _ggml_mod, _lib = _select_backend()
+def _announce_compiles() -> None:
+    """Say on stderr, once, when numba starts compiling one of edgemoe's kernels: that happens
+    only when its on-disk cache (numba's __pycache__ or NUMBA_CACHE_DIR) has no build of it for
+    this numba and this source, i.e. on a fresh install or after an upgrade, and takes a while.
+    numba fires "numba:compile" only after its cache lookup failed (Dispatcher.compile)."""
+    try:
+        from numba.core import event
+    except ImportError:
+        return
+
+    class Notice(event.Listener):
+        said = False
+
+        def on_start(self, ev) -> None:
+            fn = getattr((ev.data or {}).get("dispatcher"), "py_func", None)
+            if not self.said and getattr(fn, "__module__", "").startswith("edgemoe."):
+                self.said = True
+                clear = "\r\x1b[K" if sys.stderr.isatty() else ""  # over a progress bar's line, if any
+                msg = f"edgemoe: compiling kernels (first run only, up to ~{COMPILE_S} s)"
+                print(clear + msg, file=sys.stderr, flush=True)
+
+        def on_end(self, ev) -> None:
+            pass
+
+    event.register("numba:compile", Notice())
+
+
+# compiling took 0.7 s for a GGUF in place and 7 s with a native store's kernels on a 2-core EPYC
+# VM (NUMBA_CACHE_DIR empty); slower CPUs and the nested schemes' kernels take longer
+COMPILE_S = 20
+with threads.passive_wait():  # libggml-cpu loads libgomp; numba's threading layer too, now
+    BACKEND, _ggml_mod, _lib = _select_backend()
+    if BACKEND == "ggml":
+        import numba
+
+        numba.get_num_threads()
+if BACKEND == "ggml":
+    _announce_compiles()
 # the types `pack` rewrites into ggml's 8-row interleaved layouts -> (gemv, gemm, quantize_mat,
 # from_float): Q4_0 -> block_q4_0x8, Q4_K -> block_q4_Kx8 (repack.py), where the build has them
 _PACKED: dict = {}
@@ -119,12 +152,28 @@ if BACKEND == "ggml":
     from . import repack
 
     _PACKED = {t: f for t, f in ((QT.Q4_0, _lib.q4_0x8), (QT.Q4_K, repack.q4_Kx8_funcs(_lib))) if f is not None}
-THREADS = _thread_count()
+THREADS = threads.env_threads()
+# A product with fewer weight bytes x tokens than this runs on the calling thread alone: below it
+# waking the other threads costs more than they save (measured on a 2-core EPYC VM with passive
+# waits: a 256x256 Q8_0 matmul, 70 KB, 16 us on one thread, 33 us on two; 4096x256, 1.1 MB, 75 us
+# on one, 92 on two under load), and each fork-join waits for its slowest thread, which may not
+# get a core for a while when other processes keep them busy. The bundled model's matrices are
+# all below it but the output projection. EDGEMOE_PARALLEL_MIN_BYTES overrides (0: every product
+# forks, as before issue 17).
+PARALLEL_MIN_BYTES = threads.parallel_min_bytes(1 << 20)
 _tls = threading.local()
 # numba's "workqueue" threading layer aborts on concurrent parallel launches; omp and tbb are
 # thread-safe. Until the first launch tells us which layer we got, launches are serialized.
 _launch_lock = threading.Lock()
 _launch_safe: bool | None = None
+
+
+def set_threads(n) -> int:
+    """Run the kernels on n threads from now on (process-wide: each calling thread takes the new
+    count at its next launch). n: a positive int (or its string); EdgeMoEError otherwise."""
+    global THREADS
+    THREADS = threads.parse_threads(n)
+    return THREADS
 
 
 def supported(qtype) -> bool:
@@ -283,6 +332,8 @@ def matmul(w: QWeight, x: np.ndarray) -> np.ndarray:
     """x float32 [T, n_in] (or [n_in]) -> float32 [T, n_out] (or [n_out]) = x @ W.T"""
     squeeze = np.ndim(x) == 1
     x2 = _as_input(w, x[None, :] if squeeze else x)
+    if BACKEND == "ggml":
+        _sync_threads()
     if w.packed:
         out = _matmul_q4_0x8(w, x2)
     elif w._dot is None:  # numpy backend, F32 weights, or a type ggml has no dot kernel for
@@ -292,13 +343,23 @@ def matmul(w: QWeight, x: np.ndarray) -> np.ndarray:
     return out[0] if squeeze else out
 
 
-def _launch(kernel, args) -> None:
-    global _launch_safe
-    if getattr(_tls, "threads", None) != THREADS:  # numba's thread count is per calling thread
+def _serial(w: QWeight, T: int) -> bool:
+    """Whether a product is small enough to run on the calling thread alone (see PARALLEL_MIN_BYTES)."""
+    return THREADS == 1 or w.nbytes * T < PARALLEL_MIN_BYTES
+
+
+def _sync_threads() -> None:
+    """numba's thread count is per calling thread: give this one THREADS (the nested kernels, which
+    do not come through here, then use it too)."""
+    if getattr(_tls, "threads", None) != THREADS:
         import numba
 
         numba.set_num_threads(min(THREADS, numba.config.NUMBA_NUM_THREADS))
         _tls.threads = THREADS
+
+
+def _launch(kernel, args) -> None:
+    global _launch_safe
     if _launch_safe:
         kernel(*args)
     else:
@@ -317,10 +378,11 @@ def _matmul_ggml(w: QWeight, x: np.ndarray) -> np.ndarray:
     vec_dot, from_float, q_row, _ = w._dot
     q = np.empty(T * q_row, dtype=np.uint8)  # activations in vec_dot_type
     out = np.empty((T, n_out), dtype=np.float32)
-    _launch(
-        _ggml_mod.matmul_kernel,
-        (vec_dot, from_float, w.addr, w.data.strides[0], n_out, n_in, addr(x), T, addr(q), q_row, addr(out)),
-    )
+    args = (vec_dot, from_float, w.addr, w.data.strides[0], n_out, n_in, addr(x), T, addr(q), q_row, addr(out))
+    if _serial(w, T):
+        _ggml_mod.matmul_kernel_1(*args)
+    else:
+        _launch(_ggml_mod.matmul_kernel, args)
     return out
 
 
@@ -332,11 +394,12 @@ def _matmul_q4_0x8(w: QWeight, x: np.ndarray) -> np.ndarray:
     q_row = w._dot[2]
     q = np.empty(T * q_row, dtype=np.uint8)
     out = np.empty((T, n_out), dtype=np.float32)
-    chunks = 1 if THREADS == 1 else min(n_out // 8, 2 * THREADS)
-    _launch(
-        _ggml_mod.q4_0x8_matmul_kernel,
-        (*_PACKED[w.qtype], w.addr, w.row_bytes, n_out, n_in, addr(x), T, addr(q), q_row, addr(out), chunks),
-    )
+    chunks = min(n_out // 8, 2 * THREADS)
+    args = (*_PACKED[w.qtype], w.addr, w.row_bytes, n_out, n_in, addr(x), T, addr(q), q_row, addr(out), chunks)
+    if _serial(w, T):
+        _ggml_mod.q4_0x8_matmul_kernel_1(*args)
+    else:
+        _launch(_ggml_mod.q4_0x8_matmul_kernel, args)
     return out
 
 
