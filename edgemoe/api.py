@@ -18,12 +18,13 @@ from .errors import EdgeMoEError
 from .models import gguf_file
 from .models.config import DEFAULT_N_CTX, ModelArgs
 from .models.gguf_file import GGUFFile
-from .models.tokenizer import StreamDecoder, open_tokenizer
+from .models.tokenizer import StreamDecoder, as_token_ids, open_tokenizer
 from .quant import kernels
 from .runtime import memory, policy
 from .runtime.budget import Budget, MemoryPlan
 from .runtime.cache import ExpertCache
-from .runtime.engine import N_BATCH, Engine, KVCache
+from .runtime.engine import N_BATCH, N_SPAN, Engine
+from .runtime.kvcache import KVCache
 from .runtime.memory import BASELINE_RSS  # resident_bytes counts from the RSS after `import edgemoe`
 from .runtime.sampling import Sampler, SamplingParams, StopFilter
 from .runtime.stats import Stats
@@ -186,7 +187,6 @@ class Model:
 
         found, fp = catalog.find_store(self.path)  # beside the model (edgemoe convert), else the cache's
         if found is not None:
-            catalog.mark_used(found)
             return found
         dst = catalog.cache_store(self.path, fp)
         catalog.ensure_writable_dir(dst.parent, "an expert store")
@@ -286,14 +286,14 @@ class Model:
     def logits(self, token_ids: list[int] | np.ndarray) -> np.ndarray:
         """Logits [len(token_ids), vocab] float32, computed from a fresh context."""
         self._check_open()
-        ids = _as_ids(token_ids, self.config.n_vocab)
+        ids = as_token_ids(token_ids, self.config.n_vocab)
         with self._lock:
             self._kv.reset()
             self._ctx_tokens = []
             out = np.concatenate(
                 [
-                    self._engine.forward(ids[i : i + N_BATCH], self._kv, all_logits=True)
-                    for i in range(0, len(ids), N_BATCH)
+                    self._engine.forward(ids[i : i + N_SPAN], self._kv, all_logits=True)
+                    for i in range(0, len(ids), N_SPAN)
                 ]
             )
             self._ctx_tokens = list(ids)
@@ -311,8 +311,8 @@ class Model:
         self._ctx_tokens = self._ctx_tokens[:keep]
         t0 = time.perf_counter()
         todo = np.asarray(ids[keep:])
-        for i in range(0, len(todo), N_BATCH):  # bounded activation scratch
-            logits = self._engine.forward(todo[i : i + N_BATCH], self._kv, all_logits=False)[-1]
+        for i in range(0, len(todo), N_SPAN):  # layer by layer in spans: bounded activation scratch
+            logits = self._engine.forward(todo[i : i + N_SPAN], self._kv, all_logits=False)[-1]
         self._prompt_time += time.perf_counter() - t0
         self._prompt_tokens += len(ids) - keep
         self._ctx_tokens = list(ids)
@@ -345,7 +345,7 @@ class Model:
         if isinstance(prompt, str):
             ids = self._tok.tokenize(prompt, add_bos=add_bos, special=True)
         else:
-            ids = list(_as_ids(prompt, self.config.n_vocab))
+            ids = list(as_token_ids(prompt, self.config.n_vocab))
         if not ids:
             raise EdgeMoEError("the prompt is empty and the model has no BOS token to start from")
         if len(ids) >= self.n_ctx:
@@ -404,23 +404,27 @@ class Model:
         layers), evaluating the tokens one at a time as decoding does (for cache studies:
         tools/replay_trace.py); with weights=True also their gate weights, as (experts, weights)."""
         self._check_open()
-        ids = _as_ids(token_ids, self.config.n_vocab)
+        ids = as_token_ids(token_ids, self.config.n_vocab)
         L = self.config.n_layer
+        with self._lock:
+            self._engine.trace = rec = []
+            try:
+                self._one_at_a_time(ids)
+            finally:
+                self._engine.trace = None
+        top, w = (np.stack([np.concatenate([r[j] for r in rec[i::L]]) for i in range(L)], axis=1) for j in (0, 1))
+        return (top, w) if weights else top  # [T, L, K]
+
+    def _one_at_a_time(self, ids) -> list[np.ndarray]:
+        """Each token's next-token logits, the tokens fed one at a time from a fresh context as
+        decoding feeds them; the context is left empty."""
         with self._lock:
             self._kv.reset()
             self._ctx_tokens = []
-            self._engine.trace = []
             try:
-                for t in ids:
-                    self._engine.forward(np.asarray([t]), self._kv, all_logits=False)
-                rec = self._engine.trace
-                top, w = (
-                    np.stack([np.concatenate([r[j] for r in rec[i::L]]) for i in range(L)], axis=1) for j in (0, 1)
-                )
+                return [self._engine.forward(np.asarray([t]), self._kv, all_logits=False)[-1] for t in ids]
             finally:
-                self._engine.trace = None
                 self._kv.reset()
-        return (top, w) if weights else top  # [T, L, K]
 
     # ---- stats and lifetime -------------------------------------------------------------------
 
@@ -429,17 +433,10 @@ class Model:
         a time from a fresh context (one forward step of one token each, as decoding feeds them) at
         the quality in force. The context is left empty."""
         self._check_open()
-        ids = [int(t) for t in _as_ids(token_ids, self.config.n_vocab)]
+        ids = [int(t) for t in as_token_ids(token_ids, self.config.n_vocab)]
         if len(ids) > self.n_ctx:
             raise EdgeMoEError(f"{len(ids)} tokens do not fit the context n_ctx={self.n_ctx}")
-        with self._lock:
-            self._kv.reset()
-            self._ctx_tokens = []
-            try:
-                rows = [self._engine.forward(np.asarray([t]), self._kv, all_logits=False)[-1] for t in ids]
-            finally:
-                self._kv.reset()
-        return np.stack(rows).astype(np.float32)
+        return np.stack(self._one_at_a_time(ids)).astype(np.float32)
 
     @property
     def tokenizer(self):
@@ -516,15 +513,3 @@ class Model:
     def __repr__(self) -> str:
         c = self.config
         return f"<edgemoe.Model {self.path.name} {c.arch} {c.n_layer} layers {c.n_expert}x{c.n_expert_used} experts>"
-
-
-def _as_ids(token_ids: Any, n_vocab: int) -> np.ndarray:
-    try:
-        ids = np.asarray(token_ids)
-    except (TypeError, ValueError):
-        raise EdgeMoEError(f"token ids must be a list of ints, got {type(token_ids).__name__}") from None
-    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise EdgeMoEError("token ids must be a non-empty 1-D list of ints")
-    if ids.min() < 0 or ids.max() >= n_vocab:
-        raise EdgeMoEError(f"token id out of range 0..{n_vocab - 1}: got {int(ids.min())}..{int(ids.max())}")
-    return ids.astype(np.int64)

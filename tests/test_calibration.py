@@ -10,7 +10,8 @@ import numpy as np
 from edgemoe.models.config import ModelArgs
 from edgemoe.models.gguf_file import GGUFFile
 from edgemoe.models.tokenizer import open_tokenizer
-from edgemoe.runtime.engine import Engine, KVCache
+from edgemoe.runtime.engine import Engine
+from edgemoe.runtime.kvcache import KVCache
 from edgemoe.store import convert
 
 TEXT = "ROMEO. What light through yonder window breaks? It is the east, and Juliet is the sun. " * 3

@@ -156,13 +156,14 @@ def test_rope_scaling_matches_llama_cpp(build_model, arch, scaling):
     assert rel_err(ours, llama_cpp_logits(path, ids)) <= 1e-3
 
 
-def test_long_prompt_crosses_batch_boundaries(build_model):
-    """Prompts are evaluated in batches of N_BATCH tokens; results must not change."""
-    from edgemoe.runtime.engine import N_BATCH
+def test_long_prompt_crosses_batch_and_span_boundaries(build_model):
+    """Prompts run layer by layer in spans of N_SPAN tokens, attention N_BATCH queries at a time;
+    results must not change across either boundary."""
+    from edgemoe.runtime.engine import N_BATCH, N_SPAN
 
     path = build_model("qwen2moe")
-    n = 2 * N_BATCH + 21
-    with edgemoe.load(path, kv_type="f32", n_ctx=256) as m:
+    n = N_SPAN + 2 * N_BATCH + 21
+    with edgemoe.load(path, kv_type="f32", n_ctx=1024) as m:
         ids = random_ids(n, m.config.n_vocab, seed=9)
         ours = m.logits(ids)
-    assert rel_err(ours, llama_cpp_logits(path, ids)) <= 1e-3
+    assert rel_err(ours, llama_cpp_logits(path, ids, n_ctx=1024)) <= 1e-3

@@ -70,6 +70,20 @@ def test_max_quality_pipeline_equals_plain_cache(store16):
         assert c.evictions + c.downgrades > 0 and c.prefetch_issued > 0
 
 
+def test_a_prompt_reads_each_expert_once_per_layer(store16):
+    """A prompt of up to N_SPAN tokens runs layer by layer: each expert its tokens chose is read
+    once per layer, however small the cache (in batches of 64 tokens each batch read them again)."""
+    ids = random_ids(512, 256, seed=5)  # N_SPAN
+    with edgemoe.load(store16, kv_type="f32", n_ctx=576, preload=False) as m:
+        m.set_budget(m.memory_plan.minimum_budget + m.memory_plan.min_cache)  # a cache of ~one layer's
+        before = m.stats().cache  # the warm-up token's reads
+        m.logits(ids)
+        c = m.stats().cache
+    reads = c.misses + c.partial_hits - before.misses - before.partial_hits
+    assert 3 * 8 <= reads <= 3 * 16, reads  # 3 MoE layers of 16 experts
+    assert c.evictions > 0  # the cache was too small to keep the layers' experts between batches
+
+
 def test_compute_starts_before_the_last_read(store16):
     with edgemoe.load(store16, kv_type="f32", preload=False) as m:
         pl = m._experts.pipeline

@@ -7,6 +7,8 @@ import ctypes
 import os
 from typing import Any
 
+import numpy as np
+
 from ..errors import EdgeMoEError
 
 # A plain completion transcript for base models whose GGUF has no chat template.
@@ -128,16 +130,18 @@ class HFTokenizer(Tokenizer):
     (ONNX models: the tokenizer comes from tokenizer.json beside the model, copied into its store).
     bos / eos: the GGUF metadata's ids when given (config.json's), else tokenizer_config.json's."""
 
-    def __init__(self, path: str | os.PathLike[str], *, n_vocab: int | None = None,
-                 metadata: dict[str, Any] | None = None):
+    def __init__(
+        self, path: str | os.PathLike[str], *, n_vocab: int | None = None, metadata: dict[str, Any] | None = None
+    ):
         import json
         from pathlib import Path
 
         try:
             from tokenizers import Tokenizer as _HF
         except ImportError:
-            raise EdgeMoEError(f"{path}: reading tokenizer.json needs the tokenizers package "
-                               "(pip install 'edgemoe[onnx]')") from None
+            raise EdgeMoEError(
+                f"{path}: reading tokenizer.json needs the tokenizers package (pip install 'edgemoe[onnx]')"
+            ) from None
         path = Path(path)
         try:
             self._tk = _HF.from_file(str(path))
@@ -235,8 +239,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def open_tokenizer(dense_path: str | os.PathLike[str], store_path: str | os.PathLike[str] | None = None,
-                   n_vocab: int | None = None, metadata: dict[str, Any] | None = None) -> Tokenizer:
+def open_tokenizer(
+    dense_path: str | os.PathLike[str],
+    store_path: str | os.PathLike[str] | None = None,
+    n_vocab: int | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Tokenizer:
     """llama.cpp's tokenizer from the GGUF vocabulary, or, for a store that holds a tokenizer.json
     (converted from ONNX), the `tokenizers` one."""
     from pathlib import Path
@@ -244,6 +252,21 @@ def open_tokenizer(dense_path: str | os.PathLike[str], store_path: str | os.Path
     if store_path is not None and (Path(store_path) / "tokenizer.json").is_file():
         return HFTokenizer(Path(store_path) / "tokenizer.json", n_vocab=n_vocab, metadata=metadata)
     if (metadata or {}).get("edgemoe.source_format") == "onnx":
-        raise EdgeMoEError(f"{store_path}: converted from ONNX without a tokenizer.json: put the model's "
-                           "tokenizer.json (and tokenizer_config.json) beside the .onnx file and convert again")
+        raise EdgeMoEError(
+            f"{store_path}: converted from ONNX without a tokenizer.json: put the model's "
+            "tokenizer.json (and tokenizer_config.json) beside the .onnx file and convert again"
+        )
     return Tokenizer(dense_path)
+
+
+def as_token_ids(token_ids: Any, n_vocab: int) -> np.ndarray:
+    """Token ids a caller passed, as int64 [n], or one error saying what is wrong with them."""
+    try:
+        ids = np.asarray(token_ids)
+    except (TypeError, ValueError):
+        raise EdgeMoEError(f"token ids must be a list of ints, got {type(token_ids).__name__}") from None
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise EdgeMoEError("token ids must be a non-empty 1-D list of ints")
+    if ids.min() < 0 or ids.max() >= n_vocab:
+        raise EdgeMoEError(f"token id out of range 0..{n_vocab - 1}: got {int(ids.min())}..{int(ids.max())}")
+    return ids.astype(np.int64)

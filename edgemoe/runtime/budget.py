@@ -22,7 +22,7 @@ from ..models.gguf_file import GGUFFile
 from ..store.convert import resident_dense_bytes, source_expert_bytes
 from . import memory
 from .cache import ExpertCache
-from .engine import N_BATCH
+from .engine import N_BATCH, N_SPAN
 from .memory import BASELINE_RSS, format_size
 
 SAFETY_BYTES = 8 * 1024 * 1024
@@ -208,13 +208,17 @@ class Budget:
 def fixed_bytes(args, n_ctx: int, dense: int, kv: int) -> int:
     """What a model streaming its experts holds besides the runtime and the expert cache: resident
     dense weights, the KV cache, one batch's activation scratch and a safety margin."""
-    return dense + kv + scratch_bytes(args.n_embd, args.n_ff_exp, args.n_head, n_ctx, args.n_vocab) + SAFETY_BYTES
+    return dense + kv + scratch_bytes(args, n_ctx) + SAFETY_BYTES
 
 
-def scratch_bytes(n_embd: int, n_ff: int, n_head: int, n_ctx: int, n_vocab: int) -> int:
-    """Activation scratch of one forward pass of N_BATCH tokens (float32), generously counted."""
-    per_tok = 4 * (8 * n_embd + 6 * n_ff + 2 * n_head * n_ctx + n_vocab)
-    return N_BATCH * per_tok
+def scratch_bytes(args, n_ctx: int) -> int:
+    """Activation scratch of one forward pass (float32), generously counted: a span of N_SPAN
+    prompt tokens run layer by layer (the residual stream and its temporaries, each token's
+    top-k expert outputs, one expert's hidden activations for all of them), attention N_BATCH
+    queries at a time (scores over the whole context) and the output head N_BATCH rows at a time."""
+    span = N_SPAN * 4 * (8 * args.n_embd + args.n_expert_used * args.n_embd + 6 * args.n_ff_exp)
+    batch = N_BATCH * 4 * (2 * args.n_head * n_ctx + args.n_vocab)
+    return span + batch
 
 
 def workable_budget(need: int) -> int:

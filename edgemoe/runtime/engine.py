@@ -15,13 +15,18 @@ import numpy as np
 from ..errors import EdgeMoEError
 from ..models.config import ModelArgs
 from ..models.gguf_file import GGUFFile
-from ..quant import buffers, ggml_graph, kernels
+from ..quant import ggml_graph, kernels
 from . import routing
 from .experts import ExpertSource, GGUFExperts, swiglu_ffn
+from .kvcache import KVCache
 from .weights import mat, router_matrix, stacked_experts, vec
 
-# Prompt tokens evaluated per forward pass: bounds the activation scratch under a budget.
+# Queries per attention call: bounds the attention scratch (scores over the whole context).
 N_BATCH = 64
+# Prompt tokens per forward pass, run layer by layer: every expert a layer's tokens chose is read
+# (and computed for all of them) once per span, not once per batch of N_BATCH. Bounds the rest of
+# the activation scratch (runtime/budget.scratch_bytes counts both).
+N_SPAN = 512
 
 
 @dataclass
@@ -68,32 +73,6 @@ class Layer:
     @property
     def dense(self) -> bool:
         return self.ffn_gate is not None
-
-
-class KVCache:
-    """Per-layer K and V for up to n_ctx positions. np.zeros is lazily backed: untouched pages
-    cost no memory, so RSS grows with the context actually used."""
-
-    def __init__(self, args: ModelArgs, n_ctx: int, dtype: str = "f16"):
-        if dtype not in ("f16", "f32"):
-            raise EdgeMoEError(f"kv cache type {dtype!r} is not one of f16, f32")
-        npdt = np.float16 if dtype == "f16" else np.float32
-        self.n_ctx = n_ctx
-        n_kv, dk, dv = args.cache_dims  # MLA: one latent row per position, V = its first kv_lora
-        # rows up to llama.cpp's padded context: its attention reads whole blocks of cells
-        # (ggml_graph.kv_len); the cells past the ones in use are masked
-        rows = ggml_graph.kv_len(n_ctx, n_ctx)
-        self.k = buffers.zeros((args.n_layer, rows, n_kv, dk), npdt)
-        # V transposed, as llama.cpp stores it without flash attention: [layer, head, dim, cell]
-        self.v = buffers.zeros((args.n_layer, n_kv, dv, rows), npdt)
-        self.n_past = 0
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.k.nbytes + self.v.nbytes)
-
-    def reset(self) -> None:
-        self.n_past = 0
 
 
 class Engine:
@@ -464,14 +443,38 @@ class Engine:
             x *= np.float32(a.embedding_scale)
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.attn_norm, layer.attn_norm_b)
-            att = self._attend(i, layer, h, cache, pos)
+            att = self._attend_in_batches(i, layer, h, cache, pos)
             x = x + att * np.float32(a.residual_scale) if a.residual_scale != 1.0 else x + att
             h = self._norm(x, layer.ffn_norm, layer.ffn_norm_b)
             m = self.dense_ffn(i, layer, h) if layer.dense else self.moe(i, layer, h)
             x = x + m * np.float32(a.residual_scale) if a.residual_scale != 1.0 else x + m
         cache.n_past += T
         if not all_logits:
-            x = x[-1:]
+            return self._logits(x[-1:])
+        out = np.empty((T, a.n_vocab), dtype=np.float32)
+        for c in range(0, T, N_BATCH):
+            out[c : c + N_BATCH] = self._logits(x[c : c + N_BATCH])
+        return out
+
+    def _attend_in_batches(self, i: int, layer: Layer, h: np.ndarray, cache: KVCache, pos: np.ndarray) -> np.ndarray:
+        """Attention of T tokens after the cache's n_past, N_BATCH queries at a time (each batch sees
+        the cells the ones before it wrote); n_past is left as it was."""
+        T, base = h.shape[0], cache.n_past
+        if T <= N_BATCH:
+            return self._attend(i, layer, h, cache, pos)
+        out = np.empty((T, self.args.n_embd), dtype=np.float32)
+        try:
+            for c in range(0, T, N_BATCH):
+                cache.n_past = base + c
+                out[c : c + N_BATCH] = self._attend(
+                    i, layer, np.ascontiguousarray(h[c : c + N_BATCH]), cache, pos[c : c + N_BATCH]
+                )
+        finally:
+            cache.n_past = base
+        return out
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        a = self.args
         h = self._norm(x, self.output_norm, self.output_norm_b)
         logits = kernels.matmul(self.output, np.ascontiguousarray(h))
         if self.output_b is not None:

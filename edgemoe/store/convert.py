@@ -123,7 +123,8 @@ def calibrate_activations(src: Path, text: str, max_tokens: int = 512) -> dict:
     {(layer, "in"): [D] for gate/up, (layer, e): [F] for down of expert e} (the down projection's
     input is the expert's own activation, biases included: expert_hidden)."""
     from ..models.tokenizer import open_tokenizer
-    from ..runtime.engine import N_BATCH, Engine, KVCache
+    from ..runtime.engine import N_SPAN, Engine
+    from ..runtime.kvcache import KVCache
 
     gf = GGUFFile(src)
     args = ModelArgs.from_gguf(gf)
@@ -146,8 +147,8 @@ def calibrate_activations(src: Path, text: str, max_tokens: int = 512) -> dict:
 
     eng.observe = observe
     cache = KVCache(args, len(ids))
-    for i in range(0, len(ids), N_BATCH):
-        eng.forward(np.asarray(ids[i : i + N_BATCH]), cache, all_logits=False)
+    for i in range(0, len(ids), N_SPAN):
+        eng.forward(np.asarray(ids[i : i + N_SPAN]), cache, all_logits=False)
     return {k: (v[0] / max(v[1], 1)).astype(np.float32) for k, v in stats.items()}
 
 
