@@ -189,9 +189,9 @@ class Model:
         if found is not None:
             return found
         dst = catalog.cache_store(self.path, fp)
-        catalog.ensure_writable_dir(dst.parent, "an expert store")
         if self.path.suffix.lower() != ".onnx":
             self._budget.refuse_before_converting(self.path, n_ctx, lambda c, n: KVCache(c, n, kv_type).nbytes)
+        catalog.ensure_writable_dir(dst.parent, "an expert store")
         if progress:
             print(
                 f"edgemoe: converting {self.path.name} into an expert store at {dst} (first use only)", file=sys.stderr

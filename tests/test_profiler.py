@@ -150,7 +150,14 @@ def test_profile_errors_say_what_is_wrong(user_home):
     assert "broken.yaml: not a valid profile (not YAML" in run_profile("broken")
     err = run_profile("no-such-box")
     assert "no-such-box: no such profile" in err
-    for where in ("./no-such-box.yaml", str(user / "no-such-box.yaml"), str(profiles.profiles_dir())):
+    # the shipped profiles of the edgemoe the CLI imports (an installed one, outside a checkout)
+    shipped = subprocess.run(
+        [sys.executable, "-c", "from edgemoe.devices.profiles import profiles_dir; print(profiles_dir())"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    for where in ("./no-such-box.yaml", str(user / "no-such-box.yaml"), shipped):
         assert where in err, where
     assert "known: " in err and "emmc-sbc-4gb" in err and "half" in err
     assert run_profile(str(user_home / "missing.yaml")).endswith("missing.yaml: no such profile file")
