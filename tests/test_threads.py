@@ -209,25 +209,6 @@ def test_the_one_thread_kernels_give_the_parallel_kernels_result(T, monkeypatch,
         np.testing.assert_array_equal(kernels.matmul(weight, x), one)
 
 
-def test_libgomp_is_told_to_sleep_while_the_kernels_load_and_the_variable_is_removed():
-    code = (
-        "import os\n"
-        "from edgemoe.quant import threads\n"
-        "with threads.passive_wait():\n"
-        "    inside = os.environ.get('OMP_WAIT_POLICY')\n"
-        "from edgemoe.quant import kernels\n"
-        "print(inside, os.environ.get('OMP_WAIT_POLICY'))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["passive", "None"]  # child processes (llama.cpp) keep their defaults
-    p = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "OMP_WAIT_POLICY": "active"}
-    )
-    assert p.stdout.split() == ["active", "active"]  # the user's choice stands
-
-
 # ---- the compile notice --------------------------------------------------------------------------
 
 COMPILE = """

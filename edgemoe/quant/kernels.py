@@ -137,12 +137,7 @@ def _announce_compiles() -> None:
 # compiling took 0.7 s for a GGUF in place and 7 s with a native store's kernels on a 2-core EPYC
 # VM (NUMBA_CACHE_DIR empty); slower CPUs and the nested schemes' kernels take longer
 COMPILE_S = 20
-with threads.passive_wait():  # libggml-cpu loads libgomp; numba's threading layer too, now
-    BACKEND, _ggml_mod, _lib = _select_backend()
-    if BACKEND == "ggml":
-        import numba
-
-        numba.get_num_threads()
+BACKEND, _ggml_mod, _lib = _select_backend()
 if BACKEND == "ggml":
     _announce_compiles()
 # the types `pack` rewrites into ggml's 8-row interleaved layouts -> (gemv, gemm, quantize_mat,

@@ -5,19 +5,18 @@ the physical cores (one per set of hyperthread siblings), or, where those cannot
 logical cores up to 4 and half of them above that; never more than this process's CPU affinity
 allows. `-t/--threads` (CLI) or `threads=` (edgemoe.load) set it; EDGEMOE_THREADS is the fallback.
 
-The kernels run under numba's OpenMP layer (GNU libgomp), whose threads spin for a long while
-(GOMP_SPINCOUNT, 300,000 pause loops: milliseconds on some CPUs) at each barrier and after each
-parallel region before they sleep. A spinning thread that shares its core with another busy
-process holds the core while the thread it waits for cannot run: a fork-join per matmul then costs
-a scheduler time slice, not the matmul's share (issue 17 measured 70x slower decoding beside other
-work). `passive_wait` makes them sleep at once (OMP_WAIT_POLICY=passive) unless the user set a
-policy; products too small to gain from a second thread run on the calling thread alone
-(kernels.PARALLEL_MIN_BYTES).
+The kernels run under numba's OpenMP layer (GNU libgomp), whose threads spin a while at each
+barrier before they sleep (GOMP_SPINCOUNT). A fork-join per small matmul beside another busy
+process then costs a scheduler time slice, not the matmul's share (issue 17 measured 70x slower
+decoding on the bundled model beside other work): products too small to gain from a second thread
+run on the calling thread alone (kernels.PARALLEL_MIN_BYTES). libgomp's wait policy is left at its
+default: OMP_WAIT_POLICY=passive (sleep at once) made every larger fork-join wait for a futex
+wake-up, 2.5x slower for a 1 MiB Q4_K product at T=1 with 2 threads on a quiet 2-core VM (133 us
+against 53 us) and no faster beside a busy core (104 against 113 us); see docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from ..errors import EdgeMoEError
@@ -81,19 +80,3 @@ def parallel_min_bytes(default: int) -> int:
     if n < 0:
         raise EdgeMoEError(f"EDGEMOE_PARALLEL_MIN_BYTES must be a byte count >= 0, got {raw!r}")
     return n
-
-
-@contextlib.contextmanager
-def passive_wait():
-    """OMP_WAIT_POLICY=passive while the kernels' libraries load, unless the user chose a wait
-    policy or spin count. libgomp reads its environment once, when it is loaded (so this does
-    nothing if something loaded it before); the variable is removed afterwards, so that child
-    processes (llama.cpp under `edgemoe bench`) keep their own defaults."""
-    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
-        yield
-        return
-    os.environ["OMP_WAIT_POLICY"] = "passive"
-    try:
-        yield
-    finally:
-        os.environ.pop("OMP_WAIT_POLICY", None)
