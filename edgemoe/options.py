@@ -32,6 +32,16 @@ def one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def add_threads_option(p: argparse.ArgumentParser, what: str = "kernel threads") -> None:
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=threads_arg,
+        default=None,
+        help=f"{what} (default: EDGEMOE_THREADS, else the physical cores, as llama.cpp)",
+    )
+
+
 def threads_arg(value: str) -> int:
     """-t/--threads: a positive integer (argparse reports anything else as one line, exit 2)."""
     from .errors import EdgeMoEError
@@ -78,13 +88,7 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
         "when --budget is not given",
     )
     p.add_argument("--no-pipeline", action="store_true", help="read experts synchronously (no background I/O)")
-    p.add_argument(
-        "-t",
-        "--threads",
-        type=threads_arg,
-        default=None,
-        help="kernel threads (default: EDGEMOE_THREADS, else the physical cores, as llama.cpp)",
-    )
+    add_threads_option(p)
     p.add_argument(
         "--prefetch",
         action="store_true",

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import EdgeMoEError
 from ..fileio import write_text_atomic
-from ..options import Parser, threads_arg
+from ..options import Parser, add_threads_option
 from ..quant.threads import env_threads
 from ..quant.transcode import transcoded_bytes
 from ..runtime import evaluate
@@ -165,13 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("-n", "--decode-tokens", type=int, default=16, help="tokens to decode per run (default 16)")
-    ap.add_argument(
-        "-t",
-        "--threads",
-        type=threads_arg,
-        default=None,
-        help="threads for both engines (default: EDGEMOE_THREADS, else the physical cores, as llama.cpp)",
-    )
+    add_threads_option(ap, "threads for both engines")
     ap.add_argument("--engines", default="llama.cpp,edgemoe")
     ap.add_argument("--no-throttle", action="store_true", help="no read throttle (this machine's storage speed)")
     ap.add_argument("--timeout", type=int, default=3600)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EdgeMoEError
-from ..options import threads_arg
+from ..options import add_threads_option
 from ..runtime.memory import format_size, parse_size
 from .measure import SEQ_BLOCK, MiB, measure_device, profile_yaml, summary_table, write_profile
 from .model_profile import profile_model
@@ -44,13 +44,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel throughput measurements")
     p.add_argument("--no-plots", action="store_true", help="model report without PNG plots")
     p.add_argument("--trace", help="use this saved routing trace (trace.npy of an earlier report) instead of decoding")
-    p.add_argument(
-        "-t",
-        "--threads",
-        type=threads_arg,
-        default=None,
-        help="kernel threads (default: EDGEMOE_THREADS, else the physical cores, as llama.cpp)",
-    )
+    add_threads_option(p)
 
 
 def run_cli(args) -> int:
