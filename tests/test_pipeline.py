@@ -70,6 +70,7 @@ def test_max_quality_pipeline_equals_plain_cache(store16):
         assert c.evictions + c.downgrades > 0 and c.prefetch_issued > 0
 
 
+@pytest.mark.filterwarnings("ignore:.*beyond the model's training context")  # 512 + warm-up > its 512
 def test_a_prompt_reads_each_expert_once_per_layer(store16):
     """A prompt of up to N_SPAN tokens runs layer by layer: each expert its tokens chose is read
     once per layer, however small the cache (in batches of 64 tokens each batch read them again)."""
