@@ -154,7 +154,7 @@ class Model:
         else:
             self._budget.check_in_place(self.path, self._file.file_size, self._kv.nbytes, self.n_ctx)
             if kernels.packs_any(self._file.tensors.values()):
-                # as llama.cpp does by default: Q4_0 matrices repacked in RAM for ggml's
+                # as llama.cpp does by default: Q4_0 and Q4_K matrices repacked in RAM for ggml's
                 # faster kernels; the bytes must be ours to rewrite, so copy the file in
                 self._file.load_into_memory(gguf_file.embedding_on_disk(self._file))
         self._engine = Engine(self._file, self.config, self._experts)
