@@ -149,12 +149,14 @@ if BACKEND == "ggml":
     _PACKED = {t: f for t, f in ((QT.Q4_0, _lib.q4_0x8), (QT.Q4_K, repack.q4_Kx8_funcs(_lib))) if f is not None}
 THREADS = threads.env_threads()
 # A product with fewer weight bytes x tokens than this runs on the calling thread alone: below it
-# waking the other threads costs more than they save (measured on a 2-core EPYC VM with passive
-# waits: a 256x256 Q8_0 matmul, 70 KB, 16 us on one thread, 33 us on two; 4096x256, 1.1 MB, 75 us
-# on one, 92 on two under load), and each fork-join waits for its slowest thread, which may not
-# get a core for a while when other processes keep them busy. The bundled model's matrices are
-# all below it but the output projection. EDGEMOE_PARALLEL_MIN_BYTES overrides (0: every product
-# forks, as before issue 17).
+# waking the other threads costs more than they save (measured on a 2-core EPYC VM, with passive
+# waits since dropped: a 256x256 Q8_0 matmul, 70 KB, 16 us on one thread, 33 us on two; 4096x256,
+# 1.1 MB, 75 us on one, 92 on two under load), and each fork-join waits for its slowest thread,
+# which may not get a core for a while when other processes keep them busy (with libgomp's default
+# waits, tools/bench_busy.py: the bundled model on 2 threads keeps 0.55 of its speed beside a busy
+# core with this threshold, 0.26 without). The bundled model's matrices are all below it but the
+# output projection. EDGEMOE_PARALLEL_MIN_BYTES overrides (0: every product forks, as before
+# issue 17).
 PARALLEL_MIN_BYTES = threads.parallel_min_bytes(1 << 20)
 _tls = threading.local()
 # numba's "workqueue" threading layer aborts on concurrent parallel launches; omp and tbb are
@@ -330,7 +332,7 @@ def matmul(w: QWeight, x: np.ndarray) -> np.ndarray:
     if BACKEND == "ggml":
         _sync_threads()
     if w.packed:
-        out = _matmul_q4_0x8(w, x2)
+        out = _matmul_packed(w, x2)
     elif w._dot is None:  # numpy backend, F32 weights, or a type ggml has no dot kernel for
         out = _matmul_numpy(w, x2)
     else:
@@ -381,7 +383,7 @@ def _matmul_ggml(w: QWeight, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _matmul_q4_0x8(w: QWeight, x: np.ndarray) -> np.ndarray:
+def _matmul_packed(w: QWeight, x: np.ndarray) -> np.ndarray:
     T = x.shape[0]
     n_out, n_in = w.shape
     # Q8_0 (Q4_0) or Q8_K (Q4_K) rows; 4 of them = the bytes of a block_q8_0x4 / block_q8_Kx4
