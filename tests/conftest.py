@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +141,25 @@ def random_ids(n: int, n_vocab: int, seed: int = 0) -> list[int]:
 os.environ.setdefault("EDGEMOE_THREADS", "2")
 # llama.cpp's quantizer logs through llama-cpp-python's logger, which prints everything by default
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(build_model, tmp_path_factory) -> Path:
+    """An expert store of the tiny qwen3moe model, shared read-only: a test that damages a store
+    copies it first."""
+    from edgemoe.store.convert import convert
+
+    return convert(build_model("qwen3moe"), tmp_path_factory.mktemp("tiny-store") / "tiny.edgemoe", progress=False)
+
+
+def edgemoe_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m edgemoe ARGS` as a user runs it: output captured as text, env added to this
+    process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgemoe", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )

@@ -8,17 +8,8 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import edgemoe_cli as cli
 from conftest import kl_per_position, llama_cpp_logits, random_ids
-
-
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgemoe", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def _stat(stderr: str, name: str) -> str:

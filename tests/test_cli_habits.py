@@ -5,26 +5,14 @@ the bundled model."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import edgemoe_cli as cli
 
 import edgemoe
 from edgemoe.api import bundled_model_path
 from edgemoe.cli import build_parser
 from edgemoe.devices.bench import _parser as bench_parser
-
-
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgemoe", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_version():

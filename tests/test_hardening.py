@@ -108,8 +108,8 @@ def test_prescan_accepts_real_files(build_model):
 
 
 @pytest.fixture(scope="module")
-def store(build_model, tmp_path_factory) -> Path:
-    return convert(build_model("qwen3moe"), tmp_path_factory.mktemp("verify") / "tiny.edgemoe", progress=False)
+def store(tiny_store) -> Path:
+    return tiny_store
 
 
 @pytest.fixture

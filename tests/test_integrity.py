@@ -5,14 +5,13 @@ one calls damage the other refuses (`edgemoe run`: one `edgemoe: error:` line, e
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import pytest
+from conftest import edgemoe_cli
 
 import edgemoe
 from edgemoe.store import format as store_format
@@ -22,8 +21,8 @@ from edgemoe.store.verify import verify
 
 
 @pytest.fixture(scope="module")
-def clean_store(build_model, tmp_path_factory) -> Path:
-    return convert(build_model("qwen3moe"), tmp_path_factory.mktemp("integrity") / "tiny.edgemoe", progress=False)
+def clean_store(tiny_store) -> Path:
+    return tiny_store
 
 
 @pytest.fixture
@@ -32,13 +31,7 @@ def store(clean_store, tmp_path) -> Path:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgemoe", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONWARNINGS="ignore"),
-    )
+    return edgemoe_cli(*args, env={"PYTHONWARNINGS": "ignore"})
 
 
 def flip(path: Path, pos: int, mask: int = 0x40) -> None:

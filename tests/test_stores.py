@@ -8,20 +8,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import edgemoe_cli
 
 
 def cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgemoe", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "EDGEMOE_CACHE": str(cache)},
-    )
+    return edgemoe_cli(*args, env={"EDGEMOE_CACHE": str(cache)})
 
 
 def run(model: Path, cache: Path) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import edgemoe_cli as cli
 
 import edgemoe
 from edgemoe.cli import build_parser
@@ -29,17 +30,6 @@ COMMANDS = {
     "calibrate": ["--text", "t.txt"],
     "profile": ["-m", "m.gguf", "--text", "t.txt"],
 }
-
-
-def cli(*args: str, env: dict | None = None, timeout: int = 300, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edgemoe", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
 
 
 def _q8(n_out: int, n_in: int, seed: int = 0) -> kernels.QWeight:
