@@ -328,7 +328,7 @@ class Engine:
         q = self._apply_rope(layer, q, pos, cache.n_ctx)
         k = self._apply_rope(layer, k, pos, cache.n_ctx)
 
-        p0 = cache.n_past
+        p0 = int(pos[0])  # this batch's first position: its K and V go to the cells from there
         cache.k[i, p0 : p0 + T] = k
         cache.v[i, :, :, p0 : p0 + T] = v.transpose(1, 2, 0)
         out = self._attention_core(i, layer, q, cache, p0)  # [H, T, Dv]
@@ -364,7 +364,7 @@ class Engine:
         )  # [T, H, L]
         Q = np.concatenate([q_abs, q_pe], axis=-1)  # [T, H, L + R]
 
-        p0 = cache.n_past
+        p0 = int(pos[0])  # this batch's first position: its K and V go to the cells from there
         cache.k[i, p0 : p0 + T, 0, :L] = kv_c
         cache.k[i, p0 : p0 + T, 0, L:] = k_pe[:, 0]
         lat = self._attention_core(i, layer, Q, cache, p0)  # [H, T, L]
@@ -457,20 +457,15 @@ class Engine:
         return out
 
     def _attend_in_batches(self, i: int, layer: Layer, h: np.ndarray, cache: KVCache, pos: np.ndarray) -> np.ndarray:
-        """Attention of T tokens after the cache's n_past, N_BATCH queries at a time (each batch sees
-        the cells the ones before it wrote); n_past is left as it was."""
-        T, base = h.shape[0], cache.n_past
+        """Attention of T tokens at positions pos, N_BATCH queries at a time (each batch sees the
+        cells the ones before it wrote)."""
+        T = h.shape[0]
         if T <= N_BATCH:
             return self._attend(i, layer, h, cache, pos)
         out = np.empty((T, self.args.n_embd), dtype=np.float32)
-        try:
-            for c in range(0, T, N_BATCH):
-                cache.n_past = base + c
-                out[c : c + N_BATCH] = self._attend(
-                    i, layer, np.ascontiguousarray(h[c : c + N_BATCH]), cache, pos[c : c + N_BATCH]
-                )
-        finally:
-            cache.n_past = base
+        for c in range(0, T, N_BATCH):
+            b = slice(c, c + N_BATCH)
+            out[b] = self._attend(i, layer, np.ascontiguousarray(h[b]), cache, pos[b])
         return out
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
