@@ -195,13 +195,13 @@ def quality_costs(
     right after `import edgemoe`, so memory an earlier model of the same process left behind would
     count against the next one's budget."""
     n_ctx = load.pop("n_ctx", None) or len(token_ids) + 1
-    ref, _, _ = _decode_logits_in_new_process(
+    ref, _ = decode_in_new_process(
         path, token_ids, {**load, "n_ctx": n_ctx, "preload": False, **(reference or {}), "quality": "max"}
     )
     out = []
     for run in runs:
-        logits, quality, lossless = _decode_logits_in_new_process(path, token_ids, {**load, "n_ctx": n_ctx, **run})
-        out.append(decode_loss(ref, logits, quality=quality, lossless=lossless, targets=targets))
+        logits, info = decode_in_new_process(path, token_ids, {**load, "n_ctx": n_ctx, **run})
+        out.append(decode_loss(ref, logits, quality=info["quality"], lossless=info["lossless"], targets=targets))
     return out
 
 
@@ -214,15 +214,21 @@ job = json.load(open(sys.argv[1]))
 with edgemoe.load(job["path"], progress=False, **job["load"]) as m:
     np.save(sys.argv[2], decode_logits(m, job["tokens"]))
     s = m.stats()
-    print(json.dumps(dict(quality=s.quality, lossless=s.lossless)))
+    c = s.cache
+    print(json.dumps(dict(
+        quality=s.quality,
+        lossless=s.lossless,
+        chosen=c.chosen if c else None,
+        skipped=c.skipped if c else None,
+        uses_by_bits={str(b): n for b, n in sorted(c.uses_by_bits.items())} if c else None,
+    )))
 """
 
 
-def _decode_logits_in_new_process(
-    path: Any, token_ids: Sequence[int], load: dict[str, Any]
-) -> tuple[np.ndarray, str, bool]:
-    """decode_logits of the model loaded with `load` in a fresh Python process, with the quality in
-    force and whether it is lossless."""
+def decode_in_new_process(path: Any, token_ids: Sequence[int], load: dict[str, Any]) -> tuple[np.ndarray, dict]:
+    """decode_logits of the model loaded with `load` in a fresh Python process, and what it ran at:
+    {"quality", "lossless", and for a store's experts "chosen" and "skipped" (token-expert pairs) and
+    "uses_by_bits" (expert computations by width, keys as strings); None for a GGUF in place}."""
     with tempfile.TemporaryDirectory(prefix="edgemoe-decode-") as d:
         job, out = Path(d) / "job.json", Path(d) / "logits.npy"
         job.write_text(json.dumps(dict(path=str(path), tokens=[int(t) for t in token_ids], load=load)))
@@ -230,5 +236,4 @@ def _decode_logits_in_new_process(
         if p.returncode != 0:
             last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise EdgeMoEError(f"{path}: decoding at quality {load.get('quality')} failed: {last}")
-        info = json.loads(p.stdout.strip().splitlines()[-1])
-        return np.load(out), info["quality"], info["lossless"]
+        return np.load(out), json.loads(p.stdout.strip().splitlines()[-1])
