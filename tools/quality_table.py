@@ -6,10 +6,13 @@
 
 The text (the bundled model's test split by default) is tokenized without BOS and cut into windows
 of 256 tokens. llama.cpp evaluates each window from an empty context (F32 KV cache): the reference.
-edgemoe runs the model's default expert store (`edgemoe convert`, no calibration file, no memory
-budget) at each quality, feeding every window one token at a time from an empty context, as
-decoding does (each quality in a fresh process). Per quality, over all scored positions (a
-window's tokens 2..256 predicted from the ones before):
+edgemoe runs the model's default expert store (`edgemoe convert`, no calibration file) at each
+quality, feeding every window one token at a time from an empty context, as decoding does (each
+quality in a fresh process), first with no budget (every expert stays in memory once read, so a
+lossy preset's lower widths apply to first reads only; its skips apply throughout), then under a
+budget whose expert cache holds --cache-fraction (40%) of the experts, where a preset's widths
+apply to every miss. Per quality, over all scored positions (a window's tokens 2..256 predicted
+from the ones before):
 
 - KL(llama.cpp || edgemoe) of the next-token distributions, median and 99th percentile, in nats;
 - top-1: share of positions whose most likely next token is llama.cpp's;
@@ -47,12 +50,59 @@ def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -lp[np.arange(len(targets)), targets]
 
 
+def price(
+    store: Path, wins: list[np.ndarray], ref: np.ndarray, qualities: list[str], cache_share: float | None = None
+) -> list[dict]:
+    """Each quality on the store (under the budget whose expert cache holds cache_share of the experts,
+    if given; else no budget), every window decoded one token at a time in a fresh process, against
+    ref: the reference's logits [positions, vocab] at the windows' scored positions."""
+    targets = np.concatenate([w[1:] for w in wins])
+    ref_ppl = float(np.exp(nll(ref, targets).mean()))
+    rows = []
+    for q in qualities:
+        parts, chosen, skipped, by_bits, info = [], 0, 0, {}, {}
+        for w in wins:
+            load = {"quality": q, "kv_type": "f32", "n_ctx": WINDOW}
+            logits, info = evaluate.decode_in_new_process(store, w.tolist(), load, cache_share)
+            parts.append(logits[:-1])
+            chosen += info["chosen"]
+            skipped += info["skipped"]
+            for b, n in info["uses_by_bits"].items():
+                by_bits[int(b)] = by_bits.get(int(b), 0) + n
+        out = np.concatenate(parts)
+        kl = evaluate.kl_divergence(ref, out)
+        p = float(np.exp(nll(out, targets).mean()))
+        row = dict(
+            quality=q,
+            cache_share=cache_share,
+            lossless=info["lossless"],
+            kl_median=float(np.median(kl)),
+            kl_p99=float(np.percentile(kl, 99)),
+            top1=float((out.argmax(-1) == ref.argmax(-1)).mean()),
+            ppl=p,
+            ppl_delta=p / ref_ppl - 1,
+            skipped=skipped / chosen,
+            at_bits={b: n / chosen for b, n in sorted(by_bits.items())},
+        )
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "shakespeare-moe.gguf")
     ap.add_argument("--text", type=Path, default=ROOT / "models" / "data" / "test.txt")
     ap.add_argument("--windows", type=int, default=4, help="windows of 256 tokens (default 4: 1,020 positions)")
     ap.add_argument("--qualities", default=";".join(QUALITIES), help="qualities to price, separated by ;")
+    ap.add_argument(
+        "--cache-fraction",
+        type=float,
+        default=0.4,
+        help="the second half of the table runs under the budget whose expert cache holds this share of the "
+        "experts (the first: no budget, every expert stays once read, so a preset's lower widths and skips "
+        "apply to first reads only)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "quality_table.json")
     args = ap.parse_args(argv)
     qualities = [q for q in args.qualities.split(";") if q]
@@ -67,53 +117,28 @@ def main(argv=None) -> int:
     finally:
         close()
     ref_nll = nll(ref, targets)
-    ref_top = ref.argmax(-1)
     print(f"{args.model.name}: {len(wins)} windows of {WINDOW} tokens of {args.text.name}, {len(targets)} positions")
     print(f"llama.cpp perplexity {np.exp(ref_nll.mean()):.3f}", flush=True)
 
-    rows = []
     with tempfile.TemporaryDirectory(prefix="edgemoe-qtable-") as tmp:
         store = convert(args.model, Path(tmp) / "default.edgemoe", progress=False)
         scheme = json.loads((store / "manifest.json").read_text())["scheme"]
-        for q in qualities:
-            parts, chosen, skipped, by_bits, info = [], 0, 0, {}, {}
-            for w in wins:
-                logits, info = evaluate.decode_in_new_process(
-                    store, w.tolist(), {"quality": q, "kv_type": "f32", "n_ctx": WINDOW}
-                )
-                parts.append(logits[:-1])
-                chosen += info["chosen"]
-                skipped += info["skipped"]
-                for b, n in info["uses_by_bits"].items():
-                    by_bits[int(b)] = by_bits.get(int(b), 0) + n
-            out = np.concatenate(parts)
-            kl = evaluate.kl_divergence(ref, out)
-            p = float(np.exp(nll(out, targets).mean()))
-            row = dict(
-                quality=q,
-                lossless=info["lossless"],
-                kl_median=float(np.median(kl)),
-                kl_p99=float(np.percentile(kl, 99)),
-                top1=float((out.argmax(-1) == ref_top).mean()),
-                ppl=p,
-                ppl_delta=p / float(np.exp(ref_nll.mean())) - 1,
-                skipped=skipped / chosen,
-                at_bits={b: n / chosen for b, n in sorted(by_bits.items())},
-            )
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        rows = []
+        for frac in (None, args.cache_fraction):
+            for r in price(store, wins, ref, qualities, frac):
+                rows.append(dict(cache="every expert" if frac is None else f"{frac:.0%} of the experts", **r))
 
     widths = sorted({b for r in rows for b in r["at_bits"]})
     print()
     print(
-        "| quality | lossless | median KL | p99 KL | top-1 vs llama.cpp | perplexity | vs llama.cpp | skipped | "
-        + " | ".join(f"at {b} bits" for b in widths)
-        + " |"
+        "| expert cache | quality | lossless | median KL | p99 KL | top-1 vs llama.cpp | perplexity | vs llama.cpp "
+        "| skipped | " + " | ".join(f"at {b} bits" for b in widths) + " |"
     )
-    print("|---" * (8 + len(widths)) + "|")
+    print("|---" * (9 + len(widths)) + "|")
     for r in rows:
         print(
-            f"| {r['quality']} | {'yes' if r['lossless'] else 'no'} | {r['kl_median']:.1e} | {r['kl_p99']:.1e} | "
+            f"| {r['cache']} | {r['quality']} | {'yes' if r['lossless'] else 'no'} | "
+            f"{r['kl_median']:.1e} | {r['kl_p99']:.1e} | "
             f"{r['top1']:.1%} | {r['ppl']:.3f} | {r['ppl_delta']:+.2%} | {r['skipped']:.1%} | "
             + " | ".join(f"{r['at_bits'].get(b, 0):.1%}" for b in widths)
             + " |"

@@ -211,7 +211,14 @@ import numpy as np
 import edgemoe
 from edgemoe.runtime.evaluate import decode_logits
 job = json.load(open(sys.argv[1]))
-with edgemoe.load(job["path"], progress=False, **job["load"]) as m:
+load, share = job["load"], job["cache_share"]
+if share is not None:  # room for every expert first, then the budget cut to hold `share` of them
+    from edgemoe.runtime.memory import available
+    load = {**load, "memory_budget": int(0.8 * available())}
+with edgemoe.load(job["path"], progress=False, **load) as m:
+    if share is not None:
+        plan = m.memory_plan
+        m.set_budget(plan.budget - plan.cache_capacity + max(plan.min_cache, int(share * plan.experts)))
     np.save(sys.argv[2], decode_logits(m, job["tokens"]))
     s = m.stats()
     c = s.cache
@@ -225,13 +232,20 @@ with edgemoe.load(job["path"], progress=False, **job["load"]) as m:
 """
 
 
-def decode_in_new_process(path: Any, token_ids: Sequence[int], load: dict[str, Any]) -> tuple[np.ndarray, dict]:
+def decode_in_new_process(
+    path: Any, token_ids: Sequence[int], load: dict[str, Any], cache_share: float | None = None
+) -> tuple[np.ndarray, dict]:
     """decode_logits of the model loaded with `load` in a fresh Python process, and what it ran at:
     {"quality", "lossless", and for a store's experts "chosen" and "skipped" (token-expert pairs) and
-    "uses_by_bits" (expert computations by width, keys as strings); None for a GGUF in place}."""
+    "uses_by_bits" (expert computations by width, keys as strings); None for a GGUF in place}.
+    cache_share: instead of a budget in `load`, the budget whose expert cache holds this share of
+    the store's expert bytes, set from the plan measured in that process (what the process's own
+    runtime takes varies by several MB from one process to the next)."""
     with tempfile.TemporaryDirectory(prefix="edgemoe-decode-") as d:
         job, out = Path(d) / "job.json", Path(d) / "logits.npy"
-        job.write_text(json.dumps(dict(path=str(path), tokens=[int(t) for t in token_ids], load=load)))
+        job.write_text(
+            json.dumps(dict(path=str(path), tokens=[int(t) for t in token_ids], load=load, cache_share=cache_share))
+        )
         p = subprocess.run([sys.executable, "-c", _DECODE_WORKER, str(job), str(out)], capture_output=True, text=True)
         if p.returncode != 0:
             last = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
