@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import gguf
 from conftest import assert_matches_quantized, llama_cpp_logits
 
 import edgemoe
@@ -17,12 +18,21 @@ CARD = ROOT / "models" / "shakespeare-moe.md"
 
 def test_bundled_model_is_small_and_default():
     path = bundled_model_path()
-    assert path.stat().st_size <= 25 * 1024 * 1024
+    assert path.stat().st_size <= 40_000_000
     with edgemoe.load() as m:
         assert m.path == path
         assert m.config.arch == "qwen3moe"
+        # the shape people run, scaled down: top-8 of 64 routed experts, K-quant experts (Q4_K_M)
+        assert (m.config.n_expert, m.config.n_expert_used) == (64, 8)
         text = m.generate("ROMEO.\n", max_tokens=24, temperature=0.8, seed=1)
     assert len(text.split()) >= 5
+
+
+def test_bundled_experts_are_llama_cpp_k_quants():
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(bundled_model_path())).tensors}
+    experts = {n: t for n, t in types.items() if "_exps" in n}
+    assert experts and set(experts.values()) <= {"Q4_K", "Q6_K"}, experts
+    assert {t for n, t in experts.items() if "gate" in n or "up_" in n} == {"Q4_K"}
 
 
 def test_bundled_logits_match_llama_cpp():

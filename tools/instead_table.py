@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         if r["engine"] == "llama.cpp":
             size, bpw = f"{r['bytes'] / 1e6:.1f}", f"{r['expert_bpw']:.2f}"
         else:  # the store's file is the Q4_K_M's; its width per expert use, and the uses skipped
-            size = "any budget"
+            size = "its store"
             bpw = ", ".join(f"{b}-bit width {s:.0%}" for b, s in r["at_bits"].items()) + f", skipped {r['skipped']:.0%}"
         print(
             f"| {r['engine']} | {r['file']} | {size} | {bpw} | {r['ppl']:.3f} | {r['ppl_delta']:+.2%} | "

@@ -962,7 +962,8 @@ def stage_card(args):
         "",
         "## Samples",
         "",
-        "(filled by tools/make_model_card_samples.py)",
+        'Fixed-seed samples produced by `edgemoe run` are in "Measured figures and samples" below, written by',
+        "`python tools/model_card_figures.py` (run it after retraining).",
         "",
     ]
     (args.models_dir / "shakespeare-moe.md").write_text("\n".join(L), encoding="utf-8")

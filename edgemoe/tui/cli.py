@@ -8,7 +8,7 @@ import sys
 
 from ..options import add_load_options, add_sampling_options, budget_of, load_model, load_options
 
-# `edgemoe chat` with neither -m nor --budget: the bundled model (15 MB) would fit in memory whole and
+# `edgemoe chat` with neither -m nor --budget: the bundled model (31 MB) would fit in memory whole and
 # the panel would have no cache to show, so its experts stream from its store into an expert cache
 # that holds this share of them (README, "edgemoe chat"). Results are the same; only speed changes.
 BUNDLED_CACHE_SHARE = 0.5
