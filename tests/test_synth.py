@@ -146,17 +146,28 @@ def test_bench_writer_small_shape_runs_in_llama_cpp(tmp_path):
     _check(scores)
 
 
-def test_bench_reuse_targets_follow_the_measured_profile():
+def test_bench_routing_targets_follow_the_trained_model():
     mb = _bench_module()
-    t = mb.reuse_targets(16, 8, 64)
-    # near independent picks (k/E) at the first layer, most reuse in the middle, less at the end
-    assert 8 / 64 < t[0] < 0.15
-    assert int(np.argmax(t)) in (7, 8) and t.max() > 0.25
-    assert t[0] < t[-1] < t.max()
-    # a model with Mixtral's own top-2 of 8 gets back about the repetition the table gives
-    m = mb.reuse_targets(32, 2, 8)
-    any_repeat = 1 - (1 - m) ** 2
-    assert abs(any_repeat[15] - 0.64) < 0.05 and abs(any_repeat[0] - 0.48) < 0.05
+    layers = [
+        dict(reuse=0.40, entropy_vs_uniform=0.80, top1_weight=0.20),
+        dict(reuse=0.60, entropy_vs_uniform=0.70, top1_weight=0.30),
+    ]
+    measured = dict(k=8, n_expert=64, tokens=1000, layers=layers)
+    # a model of the trained model's own shape gets its figures back
+    same = mb.routing_targets(2, 8, 64, measured)
+    assert np.allclose(same.reuse, [0.40, 0.60]) and np.allclose(same.entropy, [0.80, 0.70])
+    assert np.allclose(same.top1, [0.20, 0.30])
+    # another shape: excess over independent picks, interpolated over depth
+    other = mb.routing_targets(3, 2, 8, measured)
+    x0 = (0.40 - 8 / 64) / (1 - 8 / 64)
+    assert np.isclose(other.reuse[0], 2 / 8 + (1 - 2 / 8) * x0)
+    assert other.reuse[0] < other.reuse[1] < other.reuse[2] and np.isclose(other.entropy[1], 0.75)
+    assert np.isclose(other.top1[0], 1 / 2 + (1 - 1 / 2) * (0.20 - 1 / 8) / (1 - 1 / 8))
+    # the default: the bundled model's own routing, saved by tools/train_default_model.py
+    t = mb.routing_targets(16, 8, 64)
+    assert "bundled model" in t.source
+    for a, low in ((t.reuse, 8 / 64), (t.entropy, 0.3), (t.top1, 1 / 8)):
+        assert a.shape == (16,) and np.all((a > low) & (a < 1))
 
 
 def test_bench_writer_calibration_matches_the_engine(tmp_path):
@@ -166,7 +177,8 @@ def test_bench_writer_calibration_matches_the_engine(tmp_path):
     from edgemoe.devices.replay import locality
 
     mb = _bench_module()
-    shape = mb.BenchShape(n_layer=4, n_embd=256, n_head=4, n_expert=16, n_expert_used=4, n_ff_exp=128, vocab=400)
+    # the trained model's own top-8 of 64 (the OLMoE benchmark shape), narrow so that it is quick
+    shape = mb.BenchShape(n_layer=4, n_embd=256, n_head=4, n_expert=64, n_expert_used=8, n_ff_exp=128, vocab=400)
     p = mb.write_bench_model(shape, tmp_path / "c.gguf", seed=3, log=lambda *_: None)
     r = gguf.GGUFReader(str(p))
     field = lambda k: [float(r.fields[k].parts[i][0]) for i in r.fields[k].data]  # noqa: E731
@@ -176,6 +188,26 @@ def test_bench_writer_calibration_matches_the_engine(tmp_path):
     for t, got, g in zip(target, reached, gains):
         if mb.GAIN_RANGE[0] + 1e-6 < g < mb.GAIN_RANGE[1] - 1e-6:  # not held at a bound
             assert abs(got - t) < 0.02
+    # popularity (router-row skew) and concentration (router scale) meet theirs where not at a bound
+    skews, scales = field("edgemoe.devices.bench.router_skew"), field("edgemoe.devices.bench.router_scale")
+    for key, knobs, bounds, tol in (
+        ("entropy", skews, (0.0, mb.SKEW_MAX), 0.05),  # fitted before the gain, which moves it a little
+        ("top1", scales, mb.SCALE_RANGE, 0.01),
+    ):
+        targets, got = field(f"edgemoe.devices.bench.{key}_target"), field(f"edgemoe.devices.bench.{key}_calibrated")
+        fitted = [(t, g) for t, g, k in zip(targets, got, knobs) if bounds[0] + 1e-6 < k < bounds[1] - 1e-6]
+        assert fitted, (key, knobs)
+        for t, g in fitted:
+            assert abs(g - t) < tol, (key, t, g)
+    # `edgemoe bench` names what the file was calibrated to, each figure's target beside what it reached
+    from edgemoe.devices.bench import model_bytes
+    from edgemoe.devices.bench_report import _calibration
+
+    line = _calibration(model_bytes(p))
+    assert "bundled model" in line
+    for label, key in (("reuse", "reuse"), ("popularity entropy", "entropy"), ("first expert's share", "top1")):
+        t, got = field(f"edgemoe.devices.bench.{key}_target"), field(f"edgemoe.devices.bench.{key}_calibrated")
+        assert f"{label}" in line and f"{np.mean(t):.1%} / {np.mean(got):.1%}" in line, (label, line)
     ids = mb.Calibration(shape, seed=3).ids
     with edgemoe.load(p) as m:
         traces = [m.routing_trace(list(seq)) for seq in ids]

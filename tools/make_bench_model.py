@@ -11,19 +11,21 @@ tensors are written one layer at a time, so a 4 GB file needs a few hundred MB o
 two minutes of CPU. Experts and attention use --type (Q4_0 or Q8_0), token_embd/output Q8_0,
 norms and routers F32 (as llama.cpp keeps them).
 
-Routing calibrated to published measurements of trained MoE models. Random weights route with far
-too much token-to-token reuse: the attention output (a running mix over the context) piles up in
-the residual stream layer after layer, so deep layers pick nearly the same experts for consecutive
-tokens (a file written without this: 39-46% of a token's experts reused by the next token in
-`edgemoe bench`, where independent picks give 12.5%), which flatters every expert cache. So the
-writer runs the model it writes (a float numpy forward pass over CAL_SEQS sequences of CAL_POS
-random tokens, what the bench feeds) and scales each layer's attention output so that the layer's
-reuse meets a target taken from a trained model (reuse_targets: Mixtral's measured repetition of
-consecutive tokens' experts, mapped to top-k of E). Popularity is left to the random routers,
-which spread picks about as evenly as the trained models' load-balancing losses do (the writer
-prints the entropy and the busiest expert; published: POPULARITY_SOURCES). The targets, the gains
-chosen and the reuse reached are stored in the file (edgemoe.devices.bench.*) and printed by `edgemoe
-bench`.
+Routing calibrated to a trained MoE's: the bundled model (top-8 of 64 experts, trained with a
+load-balancing loss; its per-layer routing measured on its test split, models/data/verify.json).
+Random weights route with far too much token-to-token reuse: the attention output (a running mix
+over the context) piles up in the residual stream layer after layer, so deep layers pick nearly the
+same experts for consecutive tokens, which flatters every expert cache; and they spread picks
+almost evenly, with flat gate weights. So the writer runs the model it writes (a float numpy
+forward pass over CAL_SEQS sequences of CAL_POS random tokens, what the bench feeds) and fits,
+layer by layer, three knobs to three targets (routing_targets: the trained model's figures over
+relative depth, mapped to the shape's top-k of E as excess over independent, uniform picks):
+a per-expert term along the hidden states' common direction in the router rows (a bias, in
+effect) to the popularity entropy; the attention output's
+gain to the reuse of consecutive tokens' experts; the router's scale to the first expert's share
+of the top-k gate mass (the concentration that sets how much `fast` skips). The targets, the
+knobs chosen and what they reached are stored in the file (edgemoe.devices.bench.*) and printed
+by `edgemoe bench`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ Q = gguf.GGMLQuantizationType
 REQUANTIZED = ("Q4_K_M", "Q5_K_M", "Q6_K")  # written by llama.cpp's quantizer from the Q4_0 file
 CAL_SEQS, CAL_POS = 16, 32  # calibration: sequences x positions (the bench: prompt 16 + decode 16)
 GAIN_RANGE = (0.05, 4.0)  # attention-output gains the calibration may choose
+SKEW_MAX = 20.0  # popularity skews it may choose (router rows + skew * |row| * z_e * u, z standard normal)
+SCALE_RANGE = (0.002, 20.0)  # router scales it may choose
 DEFAULT_DIR = Path.home() / ".cache" / "edgemoe" / "bench-models"
 
 
@@ -108,46 +112,53 @@ def dequant(x: np.ndarray, qtype: Q) -> np.ndarray:
 
 # ---- routing calibration -----------------------------------------------------------------------
 
-# Token-to-token reuse of a trained MoE: Mixtral of Experts (Jiang et al. 2024, arXiv 2401.04088,
-# section 5 "Routing analysis", its table of repeated consecutive assignments): the share of
-# consecutive tokens whose top-2 sets (of 8 experts) share an expert ("first or second choice"
-# repetition), over eight domains of The Pile, at layers 0, 15 and 31 of 32: about 48%, 64% and
-# 51%, where independent picks give 46.4% (1 - C(6,2)/C(8,2)). Rounded means over the domains, as
-# read from the paper; not re-checked here, since the copies of it that this project's tools
-# reach stop before that table.
-MIXTRAL_ANY_REPEAT = ((0.0, 0.48), (15 / 31, 0.64), (1.0, 0.51))  # (relative depth, share)
-MIXTRAL_K, MIXTRAL_E = 2, 8
-# Popularity of trained MoEs with load-balancing losses, what the random routers are checked
-# against (printed, not fitted):
-POPULARITY_SOURCES = (
-    (
-        "Qwen1.5-MoE-A2.7B on GSM8K, layer 0, logged through vLLM: entropy 5.876 bits over 9,736 "
-        "picks, busiest expert 2.46% (github.com/TotaniYash/vllm_moe_routelogging_patch, README)"
-    ),
-    (
-        "OLMoE-1B-7B, Qwen1.5-MoE, DeepSeek-MoE-16B: the most topic-specialised expert takes "
-        "1.6-2.3x the uniform share (doi 10.5281/zenodo.19457411)"
-    ),
-)
+# Routing of a trained MoE: the bundled model (models/shakespeare-moe.md, "Routing"), trained by
+# tools/train_default_model.py with a load-balancing loss, top-8 of 64 experts like OLMoE, its
+# per-layer figures measured on its test split and saved in models/data/verify.json ("routing").
+TRAINED_ROUTING = Path(__file__).resolve().parents[1] / "models" / "data" / "verify.json"
 
 
-def reuse_targets(n_layer: int, k: int, n_expert: int) -> np.ndarray:
-    """Per-layer target of mean |topk(t) & topk(t-1)| / k for a model with top-k of n_expert.
+@dataclass(frozen=True)
+class RoutingTargets:
+    """Per-layer targets of a bench model's routing (arrays of n_layer):
+    reuse    mean |topk(t) & topk(t-1)| / k
+    entropy  entropy of the experts' shares of all picks / log(n_expert) (popularity skew)
+    top1     mean share of a token's top-k gate mass held by its first expert (concentration)"""
 
-    Mixtral's "any of the two experts repeated" share P is turned into a per-expert reuse
-    probability q (P = 1 - (1 - q)^2, each expert kept independently), then into the excess over
-    independent picks x = (q - q0) / (1 - q0), interpolated over relative depth, and mapped back:
-    target = k/E + (1 - k/E) x."""
+    reuse: np.ndarray
+    entropy: np.ndarray
+    top1: np.ndarray
+    source: str
 
-    def q(share):
-        return 1 - np.sqrt(1 - share)
 
-    q0 = q(1 - (MIXTRAL_E - MIXTRAL_K) * (MIXTRAL_E - MIXTRAL_K - 1) / (MIXTRAL_E * (MIXTRAL_E - 1)))
-    depth = [d for d, _ in MIXTRAL_ANY_REPEAT]
-    excess = [max(0.0, (q(s) - q0) / (1 - q0)) for _, s in MIXTRAL_ANY_REPEAT]
+def trained_routing(path: Path = TRAINED_ROUTING) -> dict:
+    """{"k", "n_expert", "layers": [{reuse, entropy_vs_uniform, top1_weight, ...}]} of the trained model."""
+    import json
+
+    v = json.loads(path.read_text(encoding="utf-8"))
+    return {"k": v["config"]["num_experts_per_tok"], "n_expert": v["config"]["num_experts"], **v["routing"]}
+
+
+def routing_targets(n_layer: int, k: int, n_expert: int, measured: dict | None = None) -> RoutingTargets:
+    """The trained model's per-layer routing, interpolated over relative depth and mapped to top-k of
+    n_expert: reuse and top-1 share as their excess over independent, uniform picks (reuse k/E, top-1
+    share 1/k), so a model of the trained model's own shape gets its figures back; the popularity
+    entropy ratio as it is."""
+    m = measured or trained_routing()
+    k0, e0, layers = m["k"], m["n_expert"], m["layers"]
+    depth = np.arange(len(layers)) / max(len(layers) - 1, 1)
     rel = np.arange(n_layer) / max(n_layer - 1, 1)
-    base = k / n_expert
-    return base + (1 - base) * np.interp(rel, depth, excess)
+
+    def mapped(key, base0, base):
+        excess = [max(0.0, (r[key] - base0) / (1 - base0)) for r in layers]
+        return base + (1 - base) * np.interp(rel, depth, excess)
+
+    return RoutingTargets(
+        reuse=mapped("reuse", k0 / e0, k / n_expert),
+        entropy=np.interp(rel, depth, [r["entropy_vs_uniform"] for r in layers]),
+        top1=mapped("top1_weight", 1 / k0, 1 / k),
+        source=f"the bundled model (top-{k0} of {e0}, {len(layers)} layers, measured on {m['tokens']:,} test tokens)",
+    )
 
 
 def reuse(top: np.ndarray) -> float:
@@ -159,10 +170,36 @@ def reuse(top: np.ndarray) -> float:
 
 
 def popularity(top: np.ndarray, n_expert: int) -> tuple[float, float]:
-    """(entropy of the picks in bits, busiest expert's share over the uniform share)."""
+    """(entropy of the picks / log(n_expert): 1 = even, busiest expert's share over the uniform share)."""
     c = np.bincount(top.ravel(), minlength=n_expert) / top.size
     nz = c[c > 0]
-    return float(-(nz * np.log2(nz)).sum()), float(c.max() * n_expert)
+    return float(-(nz * np.log(nz)).sum() / np.log(n_expert)), float(c.max() * n_expert)
+
+
+def top1_share(logits: np.ndarray, k: int) -> float:
+    """Mean share of the top-k softmax mass held by the first expert."""
+    z = np.sort(logits, -1)[..., ::-1][..., :k]
+    w = np.exp(z - z[..., :1])
+    return float((1 / w.sum(-1)).mean())
+
+
+def skew_vector(seed: int, layer: int, n_expert: int) -> np.ndarray:
+    """Fixed per-expert directions of the router-row norm skew (popularity), standard normal."""
+    return np.random.default_rng([seed, 10_000 + layer]).standard_normal(n_expert)
+
+
+def bisect(f, lo: float, hi: float, target: float, steps: int = 14, geometric: bool = False) -> float:
+    """x in [lo, hi] where the monotone f comes closest to target (a bound when out of reach)."""
+    flo, fhi = f(lo), f(hi)
+    up = fhi >= flo
+    if (target <= flo) == up:
+        return lo
+    if (target >= fhi) == up:
+        return hi
+    for _ in range(steps):
+        mid = np.sqrt(lo * hi) if geometric else (lo + hi) / 2
+        lo, hi = (mid, hi) if (f(mid) < target) == up else (lo, mid)
+    return (lo + hi) / 2 if not geometric else float(np.sqrt(lo * hi))
 
 
 def make_router(rng: np.random.Generator, D: int, E: int, scale: float = 2.0) -> np.ndarray:
@@ -185,18 +222,22 @@ class Calibration:
     """A float numpy forward pass of the model being written (as llama.cpp's olmoe graph computes
     it, up to quantization noise) on CAL_SEQS sequences of CAL_POS random tokens."""
 
-    def __init__(self, shape: BenchShape, seed: int):
+    def __init__(self, shape: BenchShape, seed: int, targets: RoutingTargets | None = None):
         n_vocab = shape.vocab
         self.shape = shape
+        self.seed = seed
         self.ids = np.random.default_rng(seed + 1).integers(0, n_vocab - 8, size=(CAL_SEQS, CAL_POS))
         self.h: np.ndarray | None = None
         self.pos = np.arange(CAL_POS, dtype=np.float64)
         self.causal = np.tril(np.ones((CAL_POS, CAL_POS), bool))
-        self.targets = reuse_targets(shape.n_layer, shape.n_expert_used, shape.n_expert)
+        self.targets = targets or routing_targets(shape.n_layer, shape.n_expert_used, shape.n_expert)
         self.gains: list[float] = []
-        self.reached: list[float] = []
-        self.entropy: list[float] = []
+        self.reached: list[float] = []  # reuse
+        self.entropy: list[float] = []  # popularity entropy / log(n_expert)
         self.busiest: list[float] = []
+        self.top1: list[float] = []
+        self.skews: list[float] = []  # router-row norm skew (popularity)
+        self.scales: list[float] = []  # router scale (concentration)
 
     def embed(self, token_embd: np.ndarray) -> None:
         rows = dequant(token_embd[self.ids.ravel()], Q.Q8_0)
@@ -224,7 +265,7 @@ class Calibration:
         """The attention-output gain at which this layer's reuse comes closest to its target
         (bisection, as reuse grows with the gain: the attention output is the slowly changing part;
         the closest of the gains tried, since on a finite sample it does not grow smoothly)."""
-        k, target = self.shape.n_expert_used, self.targets[layer]
+        k, target = self.shape.n_expert_used, self.targets.reuse[layer]
         tried = {}
 
         def reuse_at(g):
@@ -239,6 +280,38 @@ class Calibration:
                 lo, hi = (mid, hi) if reuse_at(mid) < target else (lo, mid)
         return min(tried, key=lambda g: abs(tried[g] - target))
 
+    def choose_routing(self, att: np.ndarray, ffn_norm: np.ndarray, router: np.ndarray, layer: int):
+        """(attention gain, router): popularity first, by adding skew * |row| * z_e * u to each router
+        row (z: fixed normal per expert, skew_vector; u: the direction of the layer's mean normed
+        hidden state, which most tokens share, so the term acts as a per-expert bias), until the
+        popularity entropy meets its target; then the gain for reuse with that router
+        (choose_gain); then the whole router scaled until the first expert's share of the top-k
+        mass meets its target (scaling changes no pick)."""
+        E, k = self.shape.n_expert, self.shape.n_expert_used
+        z = skew_vector(self.seed, layer, E)
+        row = float(np.linalg.norm(router, axis=1).mean())
+        r = router
+        for _ in range(4):  # the gain moves popularity and the skew moves reuse: alternate
+            gain = self.choose_gain(att, ffn_norm, r, layer)
+            x = _rms(self.h + gain * att, ffn_norm)
+            u = x.reshape(-1, x.shape[-1]).mean(0)
+            u /= np.linalg.norm(u)
+
+            def skewed(skew, u=u):
+                return router + (skew * row) * z[:, None] * u[None, :]
+
+            def entropy_at(skew, x=x, skewed=skewed):
+                return popularity(np.argsort(-(x @ skewed(skew).T), -1)[..., :k], E)[0]
+
+            skew = bisect(entropy_at, 0.0, SKEW_MAX, self.targets.entropy[layer])
+            r = skewed(skew)
+        gain = self.choose_gain(att, ffn_norm, r, layer)  # reuse, the cache's figure, is met last
+        logits = _rms(self.h + gain * att, ffn_norm) @ r.T
+        scale = bisect(lambda c: top1_share(c * logits, k), *SCALE_RANGE, self.targets.top1[layer], geometric=True)
+        self.skews.append(float(skew))
+        self.scales.append(float(scale))
+        return gain, (scale * r).astype(np.float32)
+
     def moe(self, t: dict[str, np.ndarray], p: str, wtype: Q, gain: float, att: np.ndarray) -> None:
         """Advance the hidden states through the layer: attention (with its gain), then the experts
         the router picks (softmax over all experts, top-k weights not renormalised: olmoe)."""
@@ -252,6 +325,7 @@ class Calibration:
         ent, busiest = popularity(top, E)
         self.entropy.append(ent)
         self.busiest.append(busiest)
+        self.top1.append(top1_share(logits, k))
         pz = np.exp(logits - logits.max(-1, keepdims=True))
         pz /= pz.sum(-1, keepdims=True)
         xf, tf = x.reshape(-1, x.shape[-1]), top.reshape(-1, k)
@@ -326,16 +400,21 @@ def write_bench_model(
         cal.embed(make(*plan[0]))
     else:
         cal.gains = [1.0] * shape.n_layer
+    routers: list[np.ndarray | None] = [None] * shape.n_layer  # the calibrated routers
     for i in range(shape.n_layer if calibrate else 0):
         p = f"blk.{i}."
         t = {name: make(name, shp, qt) for name, shp, qt in plan if name.startswith(p)}
         att = cal.attention(t, p, wtype)
-        gain = cal.choose_gain(att, t[p + "ffn_norm.weight"], t[p + "ffn_gate_inp.weight"], i)
+        gain, routers[i] = cal.choose_routing(att, t[p + "ffn_norm.weight"], t[p + "ffn_gate_inp.weight"], i)
+        t[p + "ffn_gate_inp.weight"] = routers[i]
         cal.moe(t, p, wtype, gain, att)
+        tg = cal.targets
         log(
-            f"  layer {i}: attention gain {gain:.3f}, reuse {cal.reached[-1]:.3f} (target "
-            f"{cal.targets[i]:.3f}), entropy {cal.entropy[-1]:.2f} bits, busiest expert "
-            f"{cal.busiest[-1]:.2f}x uniform, {time.time() - t0:.0f} s"
+            f"  layer {i}: attention gain {gain:.3f}, reuse {cal.reached[-1]:.3f} (target {tg.reuse[i]:.3f}); "
+            f"router skew {cal.skews[-1]:.2f}, popularity entropy {cal.entropy[-1]:.3f} of uniform (target "
+            f"{tg.entropy[i]:.3f}), busiest expert {cal.busiest[-1]:.2f}x uniform; router scale "
+            f"{cal.scales[-1]:.2f}, first expert's share {cal.top1[-1]:.3f} (target {tg.top1[i]:.3f}); "
+            f"{time.time() - t0:.0f} s"
         )
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -357,9 +436,18 @@ def write_bench_model(
         w.add_expert_count(shape.n_expert)
         w.add_expert_used_count(shape.n_expert_used)
         if calibrate:
-            w.add_array("edgemoe.devices.bench.reuse_target", [float(x) for x in cal.targets])
-            w.add_array("edgemoe.devices.bench.reuse_calibrated", cal.reached)
+            tg = cal.targets
+            w.add_string("edgemoe.devices.bench.routing_source", tg.source)
+            for key, target, reached in (
+                ("reuse", tg.reuse, cal.reached),
+                ("entropy", tg.entropy, cal.entropy),
+                ("top1", tg.top1, cal.top1),
+            ):
+                w.add_array(f"edgemoe.devices.bench.{key}_target", [float(x) for x in target])
+                w.add_array(f"edgemoe.devices.bench.{key}_calibrated", [float(x) for x in reached])
             w.add_array("edgemoe.devices.bench.attn_gain", cal.gains)
+            w.add_array("edgemoe.devices.bench.router_skew", cal.skews)
+            w.add_array("edgemoe.devices.bench.router_scale", cal.scales)
         synth.add_tokenizer(w, shape.vocab)
         for name, shp, qt in plan:
             if qt == Q.F32:
@@ -375,6 +463,8 @@ def write_bench_model(
             data = make(name, shp, qt)
             if name.endswith("attn_output.weight"):
                 scale_blocks(data, qt, cal.gains[int(name.split(".")[1])])
+            elif name.endswith("ffn_gate_inp.weight") and routers[int(name.split(".")[1])] is not None:
+                data = routers[int(name.split(".")[1])]
             w.write_tensor_data(data)
             done += data.nbytes
             if name.endswith("ffn_down_exps.weight"):

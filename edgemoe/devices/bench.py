@@ -111,9 +111,12 @@ def model_bytes(model: Path) -> dict:
         n_vocab=c.n_vocab,
         active=dense + n_moe * c.n_expert_used * expert,
     )
-    for key in ("reuse_target", "reuse_calibrated"):  # written by tools/make_bench_model.py
-        if f.get("edgemoe.devices.bench." + key) is not None:
-            out[key] = [float(x) for x in f.get("edgemoe.devices.bench." + key)]
+    for fig in ("reuse", "entropy", "top1"):  # written by tools/make_bench_model.py
+        for key in (f"{fig}_target", f"{fig}_calibrated"):
+            if f.get("edgemoe.devices.bench." + key) is not None:
+                out[key] = [float(x) for x in f.get("edgemoe.devices.bench." + key)]
+    if f.get("edgemoe.devices.bench.routing_source") is not None:
+        out["routing_source"] = str(f.get("edgemoe.devices.bench.routing_source"))
     f.close()
     return out
 

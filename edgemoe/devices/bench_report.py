@@ -29,10 +29,16 @@ def _calibration(mb: dict) -> str:
     target = mb.get("reuse_target")
     if not target:
         return ""
+    figs = [("reuse", "reuse of consecutive tokens' experts")]
+    if mb.get("entropy_target"):  # files written before 2026-12-07 have reuse only
+        figs += [("entropy", "popularity entropy / uniform"), ("top1", "first expert's share of the top-k mass")]
     return (
-        f"; the file was calibrated to a trained model's reuse (tools/make_bench_model.py): target "
-        f"{np.mean(target):.1%} averaged over layers, {np.mean(mb['reuse_calibrated']):.1%} reached on its "
-        f"calibration tokens"
+        f"; the file's routing was calibrated to {mb.get('routing_source', 'a trained model')} "
+        "(tools/make_bench_model.py; averaged over layers, target / reached on its calibration tokens): "
+        + ", ".join(
+            f"{label} {np.mean(mb[key + '_target']):.1%} / {np.mean(mb[key + '_calibrated']):.1%}"
+            for key, label in figs
+        )
     )
 
 
