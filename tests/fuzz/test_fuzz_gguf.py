@@ -43,7 +43,7 @@ def test_regression_seeds_are_rejected(tmp_path):
 # compiles its numba kernels (seen: 6.9 s once, then 79 ms, on a fresh install's cold numba cache)
 @settings(
     max_examples=examples(1500),
-    deadline=30000,
+    deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=False,
     database=None,
@@ -61,7 +61,7 @@ def test_fuzz_gguf_mutations(seed_bytes, tmp_path_factory, muts):
         path.unlink()
 
 
-@settings(max_examples=examples(200), deadline=30000, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=st.binary(min_size=0, max_size=4096))
 def test_fuzz_gguf_random_bytes_after_magic(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("r") / "r.gguf"

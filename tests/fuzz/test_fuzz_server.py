@@ -46,7 +46,7 @@ def _no_surrogates(obj) -> bool:
     return True
 
 
-@settings(max_examples=examples(1000), deadline=2000, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(body=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8))
 def test_fuzz_validation_functions(body):
     for fn in (
@@ -70,7 +70,7 @@ def live(build_model):
             yield s
 
 
-@settings(max_examples=examples(1500), deadline=20000, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(1500), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_fuzz_live_server(live, seed):
     endpoint, body = random_body(random.Random(seed))

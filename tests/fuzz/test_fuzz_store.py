@@ -68,7 +68,7 @@ class Edit:
         return f"Edit({self.path!r}, {'DELETE' if self.value is DELETE else repr(self.value)[:60]})"
 
 
-@settings(max_examples=examples(400), deadline=10000, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=st.data())
 def test_fuzz_manifest(seed_store, manifest, tmp_path_factory, data):
     m0, paths = manifest
@@ -102,7 +102,7 @@ def _data_end(root, name: str) -> int:
     return max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
 
 
-@settings(max_examples=examples(300), deadline=10000, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=st.data())
 def test_fuzz_shard_damage(seed_store, tmp_path_factory, data):
     """Flipped bits anywhere in a shard or dense.gguf, or a truncation: nothing but EdgeMoEError;
