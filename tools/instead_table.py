@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from quality_table import WINDOW, nll, price  # noqa: E402
+from quality_table import WINDOW, compare, llama_logits, price  # noqa: E402
 
 import edgemoe  # noqa: E402
 from edgemoe.runtime import evaluate  # noqa: E402
@@ -73,30 +73,15 @@ def main(argv=None) -> int:
     wins = evaluate.windows_of(toks, WINDOW, args.windows)
     targets = np.concatenate([w[1:] for w in wins])
 
-    def llama_logits(path: Path) -> np.ndarray:
-        fn, close = evaluate.llama_cpp_logits_fn(str(path), WINDOW)
-        try:
-            return np.concatenate([fn(w)[:-1] for w in wins])
-        finally:
-            close()
-
-    ref = llama_logits(args.reference)
-    ref_ppl = float(np.exp(nll(ref, targets).mean()))
+    ref = llama_logits(args.reference, wins)
 
     def row(name: str, path: Path) -> dict:
-        out = llama_logits(path)
-        kl = evaluate.kl_divergence(ref, out)
-        p = float(np.exp(nll(out, targets).mean()))
         r = dict(
             engine="llama.cpp",
             file=name,
             bytes=path.stat().st_size,
             expert_bpw=expert_bpw(path),
-            ppl=p,
-            ppl_delta=p / ref_ppl - 1,
-            kl_median=float(np.median(kl)),
-            kl_p99=float(np.percentile(kl, 99)),
-            top1=float((out.argmax(-1) == ref.argmax(-1)).mean()),
+            **compare(ref, llama_logits(path, wins), targets),
         )
         print(json.dumps(r), flush=True)
         return r

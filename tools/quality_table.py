@@ -50,6 +50,29 @@ def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return -lp[np.arange(len(targets)), targets]
 
 
+def llama_logits(path: Path, wins: list[np.ndarray]) -> np.ndarray:
+    """llama.cpp's logits at the windows' scored positions, each window one batch from an empty context."""
+    fn, close = evaluate.llama_cpp_logits_fn(str(path), WINDOW)
+    try:
+        return np.concatenate([fn(w)[:-1] for w in wins])
+    finally:
+        close()
+
+
+def compare(ref: np.ndarray, out: np.ndarray, targets: np.ndarray) -> dict:
+    """out's next-token distributions against ref's: KL(ref || out) median and 99th percentile, top-1
+    agreement, perplexity and its change against ref's on the same targets."""
+    kl = evaluate.kl_divergence(ref, out)
+    p = float(np.exp(nll(out, targets).mean()))
+    return dict(
+        kl_median=float(np.median(kl)),
+        kl_p99=float(np.percentile(kl, 99)),
+        top1=float((out.argmax(-1) == ref.argmax(-1)).mean()),
+        ppl=p,
+        ppl_delta=p / float(np.exp(nll(ref, targets).mean())) - 1,
+    )
+
+
 def price(
     store: Path, wins: list[np.ndarray], ref: np.ndarray, qualities: list[str], cache_share: float | None = None
 ) -> list[dict]:
@@ -57,7 +80,6 @@ def price(
     if given; else no budget), every window decoded one token at a time in a fresh process, against
     ref: the reference's logits [positions, vocab] at the windows' scored positions."""
     targets = np.concatenate([w[1:] for w in wins])
-    ref_ppl = float(np.exp(nll(ref, targets).mean()))
     rows = []
     for q in qualities:
         parts, chosen, skipped, by_bits, info = [], 0, 0, {}, {}
@@ -70,17 +92,11 @@ def price(
             for b, n in info["uses_by_bits"].items():
                 by_bits[int(b)] = by_bits.get(int(b), 0) + n
         out = np.concatenate(parts)
-        kl = evaluate.kl_divergence(ref, out)
-        p = float(np.exp(nll(out, targets).mean()))
         row = dict(
             quality=q,
             cache_share=cache_share,
             lossless=info["lossless"],
-            kl_median=float(np.median(kl)),
-            kl_p99=float(np.percentile(kl, 99)),
-            top1=float((out.argmax(-1) == ref.argmax(-1)).mean()),
-            ppl=p,
-            ppl_delta=p / ref_ppl - 1,
+            **compare(ref, out, targets),
             skipped=skipped / chosen,
             at_bits={b: n / chosen for b, n in sorted(by_bits.items())},
         )
@@ -111,11 +127,7 @@ def main(argv=None) -> int:
         toks = m.tokenize(args.text.read_text(encoding="utf-8"), add_bos=False)
     wins = evaluate.windows_of(toks, WINDOW, args.windows)
     targets = np.concatenate([w[1:] for w in wins])
-    fn, close = evaluate.llama_cpp_logits_fn(str(args.model), WINDOW)
-    try:
-        ref = np.concatenate([fn(w)[:-1] for w in wins])
-    finally:
-        close()
+    ref = llama_logits(args.model, wins)
     ref_nll = nll(ref, targets)
     print(f"{args.model.name}: {len(wins)} windows of {WINDOW} tokens of {args.text.name}, {len(targets)} positions")
     print(f"llama.cpp perplexity {np.exp(ref_nll.mean()):.3f}", flush=True)
