@@ -52,6 +52,10 @@ class MemoryPlan:
     def minimum_budget(self) -> int:
         return self.budget - self.cache_capacity + self.min_cache
 
+    def budget_holding(self, share: float) -> int:
+        """The budget whose expert cache holds `share` of every expert's bytes (at least min_cache)."""
+        return self.budget - self.cache_capacity + max(self.min_cache, int(share * self.experts))
+
 
 class Budget:
     """One model's budget: asked (bytes) or None, settled as the load goes on."""

@@ -217,8 +217,7 @@ if share is not None:  # room for every expert first, then the budget cut to hol
     load = {**load, "memory_budget": int(0.8 * available())}
 with edgemoe.load(job["path"], progress=False, **load) as m:
     if share is not None:
-        plan = m.memory_plan
-        m.set_budget(plan.budget - plan.cache_capacity + max(plan.min_cache, int(share * plan.experts)))
+        m.set_budget(m.memory_plan.budget_holding(share))
     np.save(sys.argv[2], decode_logits(m, job["tokens"]))
     s = m.stats()
     c = s.cache

@@ -46,8 +46,7 @@ def open_chat_model(args: argparse.Namespace):
     from ..runtime.memory import available
 
     model = load_model(args, memory_budget=int(0.8 * available()))  # room for every expert, then cut
-    plan = model.memory_plan
-    model.set_budget(plan.budget - plan.cache_capacity + int(BUNDLED_CACHE_SHARE * plan.experts))
+    model.set_budget(model.memory_plan.budget_holding(BUNDLED_CACHE_SHARE))
     return model
 
 
