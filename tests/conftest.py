@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgemoe.runtime import llama_ref
 from edgemoe.testing import synth
 
 _BUILT: dict[tuple, Path] = {}
@@ -75,13 +76,12 @@ def llama_cpp_logits(path: Path | str, ids: list[int], n_ctx: int = 256, kv_type
     import llama_cpp
 
     kv = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_type]
-    llm = llama_cpp.Llama(
-        model_path=str(path),
+    llm = llama_ref.llama(
+        path,
         n_ctx=n_ctx,
         n_batch=n_ctx,
         n_ubatch=n_ctx,
         logits_all=True,
-        verbose=False,
         n_threads=2,
         type_k=kv,
         type_v=kv,
@@ -96,10 +96,9 @@ def llama_cpp_logits(path: Path | str, ids: list[int], n_ctx: int = 256, kv_type
 def llama_cpp_greedy(path: Path | str, ids: list[int], n: int, n_ctx: int = 256) -> list[int]:
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        model_path=str(path),
+    llm = llama_ref.llama(
+        path,
         n_ctx=n_ctx,
-        verbose=False,
         n_threads=2,
         type_k=llama_cpp.GGML_TYPE_F32,
         type_v=llama_cpp.GGML_TYPE_F32,

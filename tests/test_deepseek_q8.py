@@ -27,6 +27,7 @@ from conftest import assert_matches_quantized, llama_cpp_logits, random_ids
 
 import edgemoe
 from edgemoe.quant import kernels
+from edgemoe.runtime import llama_ref
 from edgemoe.testing import synth
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -99,13 +100,12 @@ def llama_cpp_tensors(path, ids, names) -> tuple[np.ndarray, dict[str, np.ndarra
 
     with pytest.MonkeyPatch.context() as mp:  # as conftest.llama_cpp_logits, plus the callback
         mp.setattr(llama_cpp.llama_cpp, "llama_context_default_params", params)
-        llm = llama_cpp.Llama(
-            model_path=str(path),
+        llm = llama_ref.llama(
+            path,
             n_ctx=256,
             n_batch=256,
             n_ubatch=256,
             logits_all=True,
-            verbose=False,
             n_threads=2,
             type_k=llama_cpp.GGML_TYPE_F32,
             type_v=llama_cpp.GGML_TYPE_F32,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import load_tool
 
+from edgemoe.runtime import llama_ref
 from edgemoe.testing.synth import ARCHES, SynthSpec, build_vocab, quantize_model, tensor_types, write_model
 
 
@@ -22,8 +23,8 @@ TEXTS = [
 
 
 def _logits(path, tokens, n_ctx=64):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, n_threads_batch=2, verbose=False)
+    pytest.importorskip("llama_cpp")
+    llm = llama_ref.llama(path, logits_all=True, n_ctx=n_ctx, n_threads=2, n_threads_batch=2)
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float64), llm

@@ -68,8 +68,10 @@ def llama_stepper(model: str, n_ctx: int, threads: int | None):
     import llama_cpp
     import numpy as np
 
+    from edgemoe.runtime import llama_ref
+
     kw = {} if threads is None else dict(n_threads=threads, n_threads_batch=threads)
-    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, verbose=False, **kw)
+    llm = llama_ref.llama(model, n_ctx=n_ctx, **kw)
     n_vocab = llm.n_vocab()
 
     def step(tok: int) -> int:

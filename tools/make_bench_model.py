@@ -45,8 +45,9 @@ try:
 except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import edgemoe.testing.synth as synth
-
 import gguf
+
+from edgemoe.runtime import llama_ref
 
 Q = gguf.GGMLQuantizationType
 REQUANTIZED = ("Q4_K_M", "Q5_K_M", "Q6_K")  # written by llama.cpp's quantizer from the Q4_0 file
@@ -480,13 +481,10 @@ def write_bench_model(
 
 def check_llama_cpp(path: Path, n_threads: int = 2, n_gen: int = 16) -> dict:
     """Load with llama.cpp, prompt 32 tokens, greedy-decode n_gen; load time and tok/s."""
-    import llama_cpp
 
     t0 = time.time()
     # logits_all: llama-cpp-python 0.3.36 leaves llm.scores empty for the last token otherwise
-    llm = llama_cpp.Llama(
-        str(path), n_ctx=256, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True, verbose=False
-    )
+    llm = llama_ref.llama(path, n_ctx=256, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True)
     load_s = time.time() - t0
     prompt = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 4)[:32]
     t1 = time.time()

@@ -22,6 +22,7 @@ os.environ.setdefault("EDGEMOE_THREADS", "2")
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 
 import edgemoe  # noqa: E402 (after EDGEMOE_THREADS: the kernels read it at import)
+from edgemoe.runtime import llama_ref  # noqa: E402
 from edgemoe.testing import synth  # noqa: E402
 
 
@@ -29,8 +30,8 @@ def llama_cpp_logits(path: str, ids: list[int], kv: str) -> np.ndarray:
     import llama_cpp
 
     t = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv]
-    llm = llama_cpp.Llama(
-        model_path=path,
+    llm = llama_ref.llama(
+        path,
         n_ctx=256,
         n_batch=256,
         n_ubatch=256,

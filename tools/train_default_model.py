@@ -583,6 +583,8 @@ def stage_verify(args):
     from llama_cpp import Llama
     from transformers import Qwen3MoeForCausalLM
 
+    from edgemoe.runtime import llama_ref
+
     sys.path.insert(0, str(REPO / "tools"))
     from export_qwen3moe_gguf import dequantized_state, export
 
@@ -692,7 +694,7 @@ def stage_verify(args):
         type_v=0,
         seed=args.seed,
     )  # type 0 = GGML_TYPE_F32 KV cache
-    llm = Llama(model_path=str(gguf_path), **kw)
+    llm = llama_ref.llama(gguf_path, **kw)
     ll = llama_logits(llm, seq)
     ref = torch_logits(model, seq)
     file_type = int(llm.metadata.get("general.file_type", -1))
@@ -725,7 +727,7 @@ def stage_verify(args):
     # exporter exactness: an F32 export must match torch to float rounding
     f32_path = args.work_dir / "shakespeare-moe-f32.gguf"
     export(args.work_dir / "hf", f32_path, "f32", max_bytes=1 << 40)
-    llm32 = Llama(model_path=str(f32_path), **kw)
+    llm32 = llama_ref.llama(f32_path, **kw)
     res["logits"]["f32_export_vs_torch"] = agree(ref, llama_logits(llm32, seq))
     del llm32
     print(json.dumps(res["logits"], indent=1), flush=True)
@@ -750,7 +752,7 @@ def stage_verify(args):
     print(json.dumps(res["validation"], indent=1), flush=True)
 
     # 4. generation with llama.cpp
-    gen = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=args.threads, verbose=False, seed=args.seed)
+    gen = llama_ref.llama(gguf_path, n_ctx=512, n_threads=args.threads, seed=args.seed)
     samples = []
     for prompt in ("ROMEO.\n", "KING HENRY.\nNow, my lords,", "First Citizen.\n"):
         out = gen(prompt, max_tokens=80, temperature=0.8, top_k=40, top_p=0.95, seed=args.seed)

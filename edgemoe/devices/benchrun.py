@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from ..quant.threads import env_threads
-from ..runtime import memory
+from ..runtime import llama_ref, memory
 from ..runtime.stats import stats_to_dict
 
 # what a bench row keeps of the expert cache's figures (edgemoe.runtime.stats.CacheStats)
@@ -90,26 +90,15 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
 def run_llama_cpp(a: argparse.Namespace) -> dict:
     import llama_cpp
 
-    if not a.repack:  # llama.cpp's repacking copies weights into RAM: OOM-killed under a cap
-        import llama_cpp.llama_cpp as low  # what Llama() calls for its model parameters
-
-        default = low.llama_model_default_params
-
-        def no_repack():
-            p = default()
-            p.use_extra_bufts = False
-            return p
-
-        low.llama_model_default_params = no_repack
     base = memory.rss()
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(
-        model_path=a.model,
+    llm = llama_ref.llama(  # without --repack: llama.cpp's repacked copies are OOM-killed under a cap
+        a.model,
+        repack=a.repack,
         n_ctx=a.prompt_tokens + a.decode_tokens + 8,
         n_threads=a.threads,
         n_threads_batch=a.threads,
         n_batch=max(a.prompt_tokens, 8),
-        verbose=False,
     )
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()

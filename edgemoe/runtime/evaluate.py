@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EdgeMoEError
+from . import llama_ref
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,12 @@ def llama_cpp_logits_fn(
     """llama.cpp (llama-cpp-python) evaluating a window from a fresh context, all logits."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(
-        model_path=str(path),
+    llm = llama_ref.llama(
+        path,
         n_ctx=window,
         n_batch=window,
         n_ubatch=window,
         logits_all=True,
-        verbose=False,
         n_threads=threads,
         type_k=llama_cpp.GGML_TYPE_F32,
         type_v=llama_cpp.GGML_TYPE_F32,
