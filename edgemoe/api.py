@@ -226,6 +226,7 @@ class Model:
             self.logits([self._tok.bos if self._tok.bos >= 0 else 0])
             self._ctx_tokens = []  # the warm-up is not a prompt to reuse
             self._engine.reserve(self._kv, N_BATCH)
+            self._kv.reset()  # its pages back: the runtime is measured without them
         except EdgeMoEError:
             raise
         except (ValueError, TypeError, IndexError) as exc:
@@ -244,6 +245,9 @@ class Model:
             self._experts.onnx,
             self._onnx_pool,
         )
+        cache, kv = self._experts.cache, self._kv
+        kv.on_write = lambda: self._budget.lend(cache, self.config, kv)
+        kv.on_write()
 
     def set_budget(self, memory_budget: int | str) -> MemoryPlan:
         """Change the memory budget of a loaded model whose experts stream from a store: the expert

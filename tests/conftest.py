@@ -162,3 +162,11 @@ def edgemoe_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd=N
         env={**os.environ, **(env or {})},
         cwd=cwd,
     )
+
+
+def fixed_cache(m) -> None:
+    """The expert cache at the plan's capacity from now on: it no longer borrows what the KV cache
+    does not use yet (Budget.lend), so a test can set its capacity or budget and keep it."""
+    m._kv.on_write = None
+    m._budget.lent = 0
+    m._experts.cache.set_capacity(m.memory_plan.cache_capacity)

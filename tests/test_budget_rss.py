@@ -62,6 +62,46 @@ def test_peak_rss_stays_within_budget(big_store):
     assert r["misses"] > 0 and r["evictions"] > 0
 
 
+KV_WORKER = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")  # n_ctx beyond the training context
+import edgemoe
+base = edgemoe.BASELINE_RSS
+m = edgemoe.load(sys.argv[1], memory_budget=int(sys.argv[2]), n_ctx=int(sys.argv[3]), progress=False)
+lent_at_load = m._budget.lent
+out = m.generate("The", max_tokens=40, temperature=0.8, seed=1, ignore_eos=True)
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+p = m.memory_plan
+print(json.dumps(dict(base=base, hwm=hwm, kv=p.kv, scratch=p.scratch, lent_at_load=lent_at_load,
+                      lent=m._budget.lent, touched=m._kv.held_bytes(), capacity=m._experts.cache.capacity,
+                      plan_capacity=p.cache_capacity, misses=m.stats().cache.misses)))
+"""
+
+
+def test_the_expert_cache_holds_what_the_kv_cache_does_not_use(big_store):
+    """The KV cache and the attention scratch are reserved at n_ctx (128 + 32 MiB here at 8192
+    positions), but a short chat writes a few pages of them: the expert cache holds the rest and
+    gives it back before the context uses it, so under cache pressure peak RSS is 0.9-1.05x the
+    budget even where those reservations are a quarter of it."""
+    man = json.loads((big_store / "manifest.json").read_text())
+    per_expert = sum(sum(man["plane_bytes"][m]) for m in ("gate", "up", "down"))
+    budget = int(0.5 * per_expert * man["n_layer"] * man["n_expert"]) + (300 << 20)
+    p = subprocess.run(
+        [sys.executable, "-c", KV_WORKER, str(big_store), str(budget), "8192"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["kv"] >= budget // 5, r
+    assert r["lent_at_load"] >= r["kv"], "an empty context holds no KV page and runs nothing"
+    assert 0 < r["touched"] < r["kv"] // 2 and r["kv"] - r["touched"] < r["lent"] < r["lent_at_load"], r
+    assert r["capacity"] == r["plan_capacity"] + r["lent"] and r["misses"] > 0, r
+    used = r["hwm"] - r["base"]
+    assert 0.9 * budget <= used <= 1.05 * budget, f"peak {used / 2**20:.0f} MiB, budget {budget / 2**20:.0f} MiB: {r}"
+
+
 ONNX_WORKER = r"""
 import json, sys
 import edgemoe

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import random_ids
+from conftest import fixed_cache, random_ids
 
 import edgemoe
 from edgemoe.runtime import pipeline, policy
@@ -63,6 +63,7 @@ def test_max_quality_pipeline_equals_plain_cache(store16):
         plain_tokens = [r.token for r in m.stream(ids[:6], max_tokens=8, temperature=0, ignore_eos=True)]
     with edgemoe.load(store16, quality="max", kv_type="f32", prefetch=True) as m:
         np.testing.assert_array_equal(m.logits(ids), plain)
+        fixed_cache(m)
         m.set_budget(m.memory_plan.minimum_budget + m.memory_plan.min_cache)  # tight: evictions while piping
         np.testing.assert_array_equal(m.logits(ids), plain)
         assert [r.token for r in m.stream(ids[:6], max_tokens=8, temperature=0, ignore_eos=True)] == plain_tokens
@@ -124,6 +125,7 @@ def test_cache_accounting_stays_within_capacity_while_the_pipeline_runs(store16)
     is the sum of what the entries' buffers really hold. The process's RSS against the budget is
     tested in tests/test_budget_rss.py (VmHWM of a fresh process)."""
     with edgemoe.load(store16, kv_type="f32") as m:
+        fixed_cache(m)
         m.set_budget(m.memory_plan.minimum_budget + m.memory_plan.min_cache // 2)
         cache = m._experts.cache
         worst = [0]

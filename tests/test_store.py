@@ -8,7 +8,7 @@ import os
 import gguf
 import numpy as np
 import pytest
-from conftest import random_ids
+from conftest import fixed_cache, random_ids
 
 import edgemoe
 from edgemoe.models import gguf_file
@@ -46,6 +46,7 @@ def test_budget_changes_speed_not_results(tiny_store):
     ids = random_ids(24, 256, seed=4)
     with edgemoe.load(st, quality="max", kv_type="f32", n_ctx=128) as m:
         full = m.logits(ids)
+        fixed_cache(m)
         cache = m._experts.cache
         total = cache.capacity
         assert m.stats().cache.evictions == 0
@@ -314,6 +315,7 @@ def test_set_budget_on_a_loaded_model(tiny_store):
     ids = random_ids(16, 256, seed=12)
     with edgemoe.load(st, quality="max", kv_type="f32") as m:
         full = m.logits(ids)
+        fixed_cache(m)
         plan = m.memory_plan
         small = m.set_budget(plan.minimum_budget)
         assert small.cache_capacity == plan.min_cache and m.stats().cache.cache_bytes <= plan.min_cache

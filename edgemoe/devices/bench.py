@@ -77,6 +77,7 @@ def run_engine(engine: str, path: str, args, extra: list[str] | None = None, cgr
         str(args.decode_tokens),
         "--threads",
         str(args.threads),
+        *(["--ctx", str(args.ctx)] if getattr(args, "ctx", None) else []),
         *(extra or []),
     ]
     proc = cgroup.run_in(cgroups or [], cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -168,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("-n", "--decode-tokens", type=int, default=16, help="tokens to decode per run (default 16)")
+    ap.add_argument(
+        "--ctx",
+        type=int,
+        default=None,
+        help="context size of both engines (default: the prompt and decoded tokens + 8; a chat's is "
+        "4096, whose KV cache edgemoe's expert cache borrows until the context fills)",
+    )
     add_threads_option(ap, "threads for both engines")
     ap.add_argument("--engines", default="llama.cpp,edgemoe")
     ap.add_argument("--no-throttle", action="store_true", help="no read throttle (this machine's storage speed)")

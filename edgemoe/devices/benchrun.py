@@ -52,7 +52,7 @@ def run_edgemoe(a: argparse.Namespace) -> dict:
         a.model,
         memory_budget=a.budget,
         quality=a.quality,
-        n_ctx=a.prompt_tokens + a.decode_tokens + 8,
+        n_ctx=a.ctx or a.prompt_tokens + a.decode_tokens + 8,
         progress=False,
         prefetch=a.prefetch,
         threads=a.threads,
@@ -95,7 +95,7 @@ def run_llama_cpp(a: argparse.Namespace) -> dict:
     llm = llama_ref.llama(  # without --repack: llama.cpp's repacked copies are OOM-killed under a cap
         a.model,
         repack=a.repack,
-        n_ctx=a.prompt_tokens + a.decode_tokens + 8,
+        n_ctx=a.ctx or a.prompt_tokens + a.decode_tokens + 8,
         n_threads=a.threads,
         n_threads_batch=a.threads,
         n_batch=max(a.prompt_tokens, 8),
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", action="store_true", help="edgemoe: prefetch the next layer's experts")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=None, help="context size (default: prompt + decode + 8)")
     ap.add_argument("--threads", type=int, default=None, help="default: EDGEMOE_THREADS, else the physical cores")
     ap.add_argument("--repack", action="store_true", help="llama.cpp: keep its default weight repacking")
     a = ap.parse_args(argv)

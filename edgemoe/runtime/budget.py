@@ -23,6 +23,7 @@ from ..store.convert import resident_dense_bytes, source_expert_bytes
 from . import memory
 from .cache import ExpertCache
 from .engine import N_BATCH, N_SPAN
+from .kvcache import KVCache
 from .memory import BASELINE_RSS, format_size
 
 SAFETY_BYTES = 8 * 1024 * 1024
@@ -64,6 +65,7 @@ class Budget:
         self.bytes = asked
         self.given = asked is not None
         self.plan: MemoryPlan | None = None  # set for models that stream experts
+        self.lent = 0  # bytes reserved for the context (KV cache, attention scratch) the expert cache holds for now
         self._fixed = 0  # dense + KV + scratch of a streaming model
 
     def needs_store(self, path: Path, bits: int | None, quality_asked: str | None) -> bool:
@@ -202,11 +204,24 @@ class Budget:
                 plan.min_cache,
                 "dense weights, KV cache, scratch and the runtime",
             )
-        cache.set_capacity(capacity)
+        cache.set_capacity(capacity + self.lent)
         self.bytes = budget
         self.given = True
         self.plan = dataclasses.replace(plan, budget=budget, cache_capacity=capacity)
         return self.plan
+
+    def lend(self, cache: ExpertCache, args: ModelArgs, kv: KVCache) -> None:
+        """The plan reserves the KV cache and the attention scratch for n_ctx positions, but they
+        take memory only as the context fills: before each forward pass (the KV cache's high-water
+        mark counting its tokens) the expert cache holds what the context does not use yet, and
+        gives it back (evicting at once) before it is written."""
+        if self.plan is None:
+            return
+        free = kv.nbytes - kv.held_bytes() + scratch_bytes(args, kv.n_ctx) - scratch_bytes(args, kv.high)
+        free = max(int(free), 0)
+        if free != self.lent:
+            self.lent = free
+            cache.set_capacity(self.plan.cache_capacity + free)
 
 
 def fixed_bytes(args, n_ctx: int, dense: int, kv: int) -> int:

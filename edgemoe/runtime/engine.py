@@ -433,6 +433,7 @@ class Engine:
         if tokens.min() < 0 or tokens.max() >= a.n_vocab:
             raise EdgeMoEError(f"token id out of range 0..{a.n_vocab - 1}: {tokens.min()}..{tokens.max()}")
         pos = np.arange(cache.n_past, cache.n_past + T)
+        cache.will_write(T)
         if "token_embd.weight" in getattr(self.file, "on_disk", ()):  # read from the file a row at a time
             rows = self.file.read_rows("token_embd.weight", tokens)
             w = self.tok_embd
