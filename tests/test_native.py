@@ -52,6 +52,23 @@ def test_planes_give_back_the_source_blocks_bit_for_bit(ggml, nt):
     assert errs[0] < 0.7, errs  # two bits: coarse, not noise
 
 
+@pytest.mark.parametrize("nt", LAYOUTS, ids=[f"{nt.qtype.name}-{nt.n_planes}planes" for nt in LAYOUTS])
+def test_every_fast_merge_is_the_generic_merge_at_every_width(nt):
+    """The kernels written for one layout (4-bit nibbles, 32-weight blocks, Q6_K) give the bytes
+    of the generic kernel that follows the layout's program (NativeType.program), at every width,
+    on random bytes (every bit pattern of codes and metadata)."""
+    qk, bsize = nt.block
+    n_out, n_in = 16, 4 * qk if qk < 256 else 512
+    raw = np.random.default_rng(7).integers(0, 256, size=(n_out, n_in // qk * bsize), dtype=np.uint8)
+    planes = native.split_type(nt, raw, n_out, n_in)
+    n = n_out * n_in // qk
+    for k in range(1, nt.n_planes + 1):
+        views = [p.reshape(n, -1) for p in planes[:k]]
+        want = np.empty_like(raw)
+        native._merge(want.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program, k, *native._pad(views))
+        np.testing.assert_array_equal(native.merge_type(nt, planes[:k], n_out, n_in), want, err_msg=f"{k} planes")
+
+
 def test_a_lower_width_keeps_the_top_bits_and_fills_the_rest_without_bias(ggml):
     """Width 2 of a Q8_0 matrix: every code keeps its top two bits; the filled codes average the
     centres of their bins (no systematic shift of the weights)."""

@@ -324,7 +324,10 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
         fill = np.array(r.fills[k - 1] * (r.length // 2), np.uint8)
         v = _pad(views)
         m = nt.meta[1] - nt.meta[0]
-        _merge_nib4(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, r.length, v[0], m, v[1], v[2], fill, k)
+        if r.length == 16:  # 32-weight blocks (Q4_0, Q4_1, MXFP4): loops of constant length, unrolled
+            _merge_nib4_16(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, v[0], m, v[1], v[2], fill, k)
+        else:
+            _merge_nib4(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, r.length, v[0], m, v[1], v[2], fill, k)
     elif nt is TYPES[Q.Q6_K]:  # Q4_K_M's and Q5_K_M's down projections: ~3x the generic kernel
         v = _pad(views)
         _merge_q6_k(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(r.fills[k - 1][0]), k)
@@ -438,6 +441,38 @@ def _merge_nib4(out, m0, m1, s, length, p0, o0, p1, p2, fill, n_read):  # pragma
                         oq[j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
                     else:
                         oq[j] |= (x & np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(3))
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_nib4_16(out, m0, m1, s, p0, o0, p1, p2, fill, n_read):  # pragma: no cover - compiled
+    """_merge_nib4 for a code range of 16 bytes (32 weights), its loop lengths constants."""
+    for i in range(out.shape[0]):
+        for t in range(m1 - m0):
+            out[i, m0 + t] = p0[i, t]
+        for j in range(8):
+            a = p0[i, o0 + j]
+            lo = a & np.uint8(15)
+            hi = a >> np.uint8(4)
+            out[i, s + j] = fill[j] | ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4))
+            out[i, s + 8 + j] = fill[8 + j] | ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4))
+        if n_read == 3:  # both lower planes in one pass
+            for j in range(4):
+                b1, b2 = p1[i, j], p2[i, j]
+                for q in range(4):
+                    x = (b1 >> np.uint8(2 * q)) & np.uint8(3)
+                    y = (b2 >> np.uint8(2 * q)) & np.uint8(3)
+                    out[i, s + 4 * q + j] |= (
+                        ((x & np.uint8(1)) << np.uint8(1))
+                        | ((x & np.uint8(2)) << np.uint8(4))
+                        | (y & np.uint8(1))
+                        | ((y & np.uint8(2)) << np.uint8(3))
+                    )
+        elif n_read == 2:
+            for j in range(4):
+                b1 = p1[i, j]
+                for q in range(4):
+                    x = (b1 >> np.uint8(2 * q)) & np.uint8(3)
+                    out[i, s + 4 * q + j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
 
 
 @numba.njit(cache=True, nogil=True)
