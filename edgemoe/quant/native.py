@@ -324,7 +324,9 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
         fill = np.array(r.fills[k - 1] * (r.length // 2), np.uint8)
         v = _pad(views)
         m = nt.meta[1] - nt.meta[0]
-        if r.length == 16:  # 32-weight blocks (Q4_0, Q4_1, MXFP4): loops of constant length, unrolled
+        if nt.qtype == Q.Q4_K:  # the kernels below have constant loop lengths: the compiler vectorizes them
+            _merge_q4_k(out.reshape(n, bsize), v[0], v[1], v[2], fill, k)
+        elif r.length == 16:  # 32-weight blocks (Q4_0, Q4_1, MXFP4)
             _merge_nib4_16(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, v[0], m, v[1], v[2], fill, k)
         else:
             _merge_nib4(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, r.length, v[0], m, v[1], v[2], fill, k)
@@ -473,6 +475,38 @@ def _merge_nib4_16(out, m0, m1, s, p0, o0, p1, p2, fill, n_read):  # pragma: no 
                 for q in range(4):
                     x = (b1 >> np.uint8(2 * q)) & np.uint8(3)
                     out[i, s + 4 * q + j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
+
+
+@numba.njit(cache=True, nogil=True)
+def _merge_q4_k(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
+    """_merge_nib4 for Q4_K (metadata bytes 0-15, codes 16-143), its loop lengths constants."""
+    for i in range(out.shape[0]):
+        for t in range(16):
+            out[i, t] = p0[i, t]
+        for j in range(64):
+            a = p0[i, 16 + j]
+            lo = a & np.uint8(15)
+            hi = a >> np.uint8(4)
+            out[i, 16 + j] = fill[j] | ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4))
+            out[i, 80 + j] = fill[64 + j] | ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4))
+        if n_read == 3:  # both lower planes in one pass
+            for q in range(4):
+                sh = np.uint8(2 * q)
+                for j in range(32):
+                    x = (p1[i, j] >> sh) & np.uint8(3)
+                    y = (p2[i, j] >> sh) & np.uint8(3)
+                    out[i, 16 + 32 * q + j] |= (
+                        ((x & np.uint8(1)) << np.uint8(1))
+                        | ((x & np.uint8(2)) << np.uint8(4))
+                        | (y & np.uint8(1))
+                        | ((y & np.uint8(2)) << np.uint8(3))
+                    )
+        elif n_read == 2:
+            for q in range(4):
+                sh = np.uint8(2 * q)
+                for j in range(32):
+                    x = (p1[i, j] >> sh) & np.uint8(3)
+                    out[i, 16 + 32 * q + j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
 
 
 @numba.njit(cache=True, nogil=True)
