@@ -10,7 +10,7 @@ import pytest
 from conftest import random_ids
 
 import edgemoe
-from edgemoe.quant import native
+from edgemoe.quant import native, native_kernels
 from edgemoe.quant._ggml import GGMLLib
 from edgemoe.store.convert import convert
 from edgemoe.store.reader import StoreReader
@@ -65,7 +65,8 @@ def test_every_fast_merge_is_the_generic_merge_at_every_width(nt):
     for k in range(1, nt.n_planes + 1):
         views = [p.reshape(n, -1) for p in planes[:k]]
         want = np.empty_like(raw)
-        native._merge(want.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program, k, *native._pad(views))
+        args = (nt.meta[0], nt.meta[1], nt.program, k, *native_kernels.pad(views))
+        native_kernels.merge_program(want.reshape(n, bsize), *args)
         np.testing.assert_array_equal(native.merge_type(nt, planes[:k], n_out, n_in), want, err_msg=f"{k} planes")
 
 

@@ -33,10 +33,18 @@ import functools
 from dataclasses import dataclass
 
 import gguf
-import numba
 import numpy as np
 
 from .buffers import alloc
+from .native_kernels import (
+    merge_nib4,
+    merge_nib4_16,
+    merge_program,
+    merge_q4_k,
+    merge_q6_k,
+    pad,
+    split_blocks,
+)
 
 Q = gguf.GGMLQuantizationType
 
@@ -293,7 +301,7 @@ def split_type(nt: NativeType, raw: np.ndarray, n_out: int, n_in: int) -> list[n
     blocks = _blocks_of(raw, nt, n_out, n_in)
     pb = nt.block_plane_bytes()
     planes = [np.empty((len(blocks), b), np.uint8) for b in pb]
-    _split(blocks, nt.meta[0], nt.meta[1], nt.program, *_pad(planes))
+    split_blocks(blocks, nt.meta[0], nt.meta[1], nt.program, *pad(planes))
     return [p.reshape(-1) for p in planes]
 
 
@@ -322,19 +330,19 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
     r = nt.ranges[0]
     if len(nt.ranges) == 1 and r.masks == _NIB4[0]:  # Q4_K, MXFP4, Q4_0, Q4_1: 2.3-3.3x the generic kernel
         fill = np.array(r.fills[k - 1] * (r.length // 2), np.uint8)
-        v = _pad(views)
+        v = pad(views)
         m = nt.meta[1] - nt.meta[0]
         if nt.qtype == Q.Q4_K:  # the kernels below have constant loop lengths: the compiler vectorizes them
-            _merge_q4_k(out.reshape(n, bsize), v[0], v[1], v[2], fill, k)
+            merge_q4_k(out.reshape(n, bsize), v[0], v[1], v[2], fill, k)
         elif r.length == 16:  # 32-weight blocks (Q4_0, Q4_1, MXFP4)
-            _merge_nib4_16(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, v[0], m, v[1], v[2], fill, k)
+            merge_nib4_16(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, v[0], m, v[1], v[2], fill, k)
         else:
-            _merge_nib4(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, r.length, v[0], m, v[1], v[2], fill, k)
+            merge_nib4(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, r.length, v[0], m, v[1], v[2], fill, k)
     elif nt is TYPES[Q.Q6_K]:  # Q4_K_M's and Q5_K_M's down projections: ~3x the generic kernel
-        v = _pad(views)
-        _merge_q6_k(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(r.fills[k - 1][0]), k)
+        v = pad(views)
+        merge_q6_k(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(r.fills[k - 1][0]), k)
     else:
-        _merge(out.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program, k, *_pad(views))
+        merge_program(out.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program, k, *pad(views))
     return out
 
 
@@ -342,197 +350,3 @@ def dequantize(qtype, planes: list[np.ndarray], n_out: int, n_in: int) -> np.nda
     """float32 [n_out, n_in] at the width of the first len(planes) planes (tests, benchmarks)."""
     blocks = merge(qtype, planes, n_out, n_in)
     return gguf.quants.dequantize(blocks, Q(qtype)).reshape(n_out, n_in).astype(np.float32, copy=False)
-
-
-_EMPTY = np.zeros((0, 0), np.uint8)
-
-
-def _pad(planes: list[np.ndarray]) -> list[np.ndarray]:
-    return list(planes) + [_EMPTY] * (4 - len(planes))
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _pick(k, a, b, c, d):  # pragma: no cover - compiled
-    if k == 0:
-        return a
-    if k == 1:
-        return b
-    if k == 2:
-        return c
-    return d
-
-
-@numba.njit(cache=True, nogil=True)
-def _split(blocks, m0, m1, prog, a, b, c, d):  # pragma: no cover - compiled
-    for i in range(blocks.shape[0]):
-        a[i, : m1 - m0] = blocks[i, m0:m1]
-    for s in range(prog.shape[0]):
-        p, start, length, off, k, runs = prog[s, 0], prog[s, 1], prog[s, 2], prog[s, 3], prog[s, 4], prog[s, 5]
-        s1, k1, s2, k2 = runs & 255, (runs >> 8) & 255, (runs >> 16) & 255, (runs >> 24) & 255
-        slots = 8 // k
-        n = length // slots
-        dst = _pick(p, a, b, c, d)
-        for i in range(blocks.shape[0]):
-            for j in range(n):
-                o = 0
-                for q in range(slots):
-                    x = blocks[i, start + q * n + j]
-                    o |= (((x >> s1) & k1) | ((x >> s2) & k2)) << (q * k)
-                dst[i, off + j] = o
-
-
-@numba.njit(cache=True, nogil=True)
-def _merge(blocks, m0, m1, prog, n_read, a, b, c, d):  # pragma: no cover - compiled
-    nb, bsize = blocks.shape
-    for i in range(nb):
-        blocks[i, m0:m1] = a[i, : m1 - m0]
-    # start every code byte at its fill for this width, then OR in the planes read
-    for s in range(prog.shape[0]):
-        if prog[s, 7]:
-            start, length = prog[s, 1], prog[s, 2]
-            fe = np.uint8((prog[s, 6] >> (16 * (n_read - 1))) & 255)
-            fo = np.uint8((prog[s, 6] >> (16 * (n_read - 1) + 8)) & 255)
-            for i in range(nb):
-                for j in range(0, length, 2):
-                    blocks[i, start + j] = fe
-                    blocks[i, start + j + 1] = fo
-    for s in range(prog.shape[0]):
-        p, start, length, off, k, runs = prog[s, 0], prog[s, 1], prog[s, 2], prog[s, 3], prog[s, 4], prog[s, 5]
-        if p >= n_read:
-            continue
-        s1, k1 = np.uint8(runs & 255), np.uint8((runs >> 8) & 255)
-        s2, k2 = np.uint8((runs >> 16) & 255), np.uint8((runs >> 24) & 255)
-        slots = 8 // k
-        n = length // slots
-        src = _pick(p, a, b, c, d)
-        lo = np.uint8((1 << k) - 1)
-        for q in range(slots):
-            sh = np.uint8(q * k)
-            for i in range(nb):
-                row = src[i, off : off + n]
-                out = blocks[i, start + q * n : start + q * n + n]
-                for j in range(n):
-                    x = np.uint8(np.uint8(row[j] >> sh) & lo)
-                    out[j] |= np.uint8(np.uint8(np.uint8(x & k1) << s1) | np.uint8(np.uint8(x & k2) << s2))
-
-
-@numba.njit(cache=True, nogil=True)
-def _merge_nib4(out, m0, m1, s, length, p0, o0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """_merge for one code range of 4-bit nibbles split 0xCC | 0x22 | 0x11, the masks as constants
-    (so the loops vectorize); fill: the range's fill bytes for n_read planes."""
-    n0 = length // 2
-    n1 = length // 4
-    for i in range(out.shape[0]):
-        o = out[i, s : s + length]
-        for t in range(m1 - m0):
-            out[i, m0 + t] = p0[i, t]
-        a0 = p0[i, o0 : o0 + n0]
-        for j in range(n0):
-            lo = a0[j] & np.uint8(15)
-            hi = a0[j] >> np.uint8(4)
-            o[j] = fill[j] | ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4))
-            o[j + n0] = fill[j + n0] | ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4))
-        for p in range(1, n_read):
-            a = p1[i, :n1] if p == 1 else p2[i, :n1]
-            for q in range(4):
-                oq = o[q * n1 : (q + 1) * n1]
-                sh = np.uint8(2 * q)
-                for j in range(n1):
-                    x = (a[j] >> sh) & np.uint8(3)
-                    if p == 1:
-                        oq[j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
-                    else:
-                        oq[j] |= (x & np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(3))
-
-
-@numba.njit(cache=True, nogil=True)
-def _merge_nib4_16(out, m0, m1, s, p0, o0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """_merge_nib4 for a code range of 16 bytes (32 weights), its loop lengths constants."""
-    for i in range(out.shape[0]):
-        for t in range(m1 - m0):
-            out[i, m0 + t] = p0[i, t]
-        for j in range(8):
-            a = p0[i, o0 + j]
-            lo = a & np.uint8(15)
-            hi = a >> np.uint8(4)
-            out[i, s + j] = fill[j] | ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4))
-            out[i, s + 8 + j] = fill[8 + j] | ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4))
-        if n_read == 3:  # both lower planes in one pass
-            for j in range(4):
-                b1, b2 = p1[i, j], p2[i, j]
-                for q in range(4):
-                    x = (b1 >> np.uint8(2 * q)) & np.uint8(3)
-                    y = (b2 >> np.uint8(2 * q)) & np.uint8(3)
-                    out[i, s + 4 * q + j] |= (
-                        ((x & np.uint8(1)) << np.uint8(1))
-                        | ((x & np.uint8(2)) << np.uint8(4))
-                        | (y & np.uint8(1))
-                        | ((y & np.uint8(2)) << np.uint8(3))
-                    )
-        elif n_read == 2:
-            for j in range(4):
-                b1 = p1[i, j]
-                for q in range(4):
-                    x = (b1 >> np.uint8(2 * q)) & np.uint8(3)
-                    out[i, s + 4 * q + j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
-
-
-@numba.njit(cache=True, nogil=True)
-def _merge_q4_k(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """_merge_nib4 for Q4_K (metadata bytes 0-15, codes 16-143), its loop lengths constants."""
-    for i in range(out.shape[0]):
-        for t in range(16):
-            out[i, t] = p0[i, t]
-        for j in range(64):
-            a = p0[i, 16 + j]
-            lo = a & np.uint8(15)
-            hi = a >> np.uint8(4)
-            out[i, 16 + j] = fill[j] | ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4))
-            out[i, 80 + j] = fill[64 + j] | ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4))
-        if n_read == 3:  # both lower planes in one pass
-            for q in range(4):
-                sh = np.uint8(2 * q)
-                for j in range(32):
-                    x = (p1[i, j] >> sh) & np.uint8(3)
-                    y = (p2[i, j] >> sh) & np.uint8(3)
-                    out[i, 16 + 32 * q + j] |= (
-                        ((x & np.uint8(1)) << np.uint8(1))
-                        | ((x & np.uint8(2)) << np.uint8(4))
-                        | (y & np.uint8(1))
-                        | ((y & np.uint8(2)) << np.uint8(3))
-                    )
-        elif n_read == 2:
-            for q in range(4):
-                sh = np.uint8(2 * q)
-                for j in range(32):
-                    x = (p1[i, j] >> sh) & np.uint8(3)
-                    out[i, 16 + 32 * q + j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
-
-
-@numba.njit(cache=True, nogil=True)
-def _merge_q6_k(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """_merge for Q6_K split 2|2|2 (TYPES): plane 0 = scales and d (18 bytes), then qh (64) as it
-    is; ql's nibbles 0xCC in plane 1, 0x33 in plane 2 (two slots of 64 bytes each)."""
-    for i in range(out.shape[0]):
-        o = out[i]
-        a = p0[i]
-        for t in range(18):
-            o[192 + t] = a[t]
-        for t in range(64):
-            o[128 + t] = a[18 + t]
-        for j in range(128):
-            o[j] = fill
-        if n_read >= 2:
-            b = p1[i]
-            for j in range(64):
-                lo = b[j] & np.uint8(15)
-                hi = b[j] >> np.uint8(4)
-                o[j] = ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4)) | fill
-                o[j + 64] = ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4)) | fill
-        if n_read >= 3:
-            c = p2[i]
-            for j in range(64):
-                lo = c[j] & np.uint8(15)
-                hi = c[j] >> np.uint8(4)
-                o[j] |= (lo & np.uint8(3)) | ((lo & np.uint8(12)) << np.uint8(2))
-                o[j + 64] |= (hi & np.uint8(3)) | ((hi & np.uint8(12)) << np.uint8(2))
