@@ -42,6 +42,7 @@ from .native_kernels import (
     merge_program,
     merge_q4_k,
     merge_q6_k,
+    merge_q8_0,
     pad,
     split_blocks,
 )
@@ -338,6 +339,10 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
             merge_nib4_16(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, v[0], m, v[1], v[2], fill, k)
         else:
             merge_nib4(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, r.length, v[0], m, v[1], v[2], fill, k)
+    elif nt is TYPES[Q.Q8_0]:
+        v = pad(views)
+        fe, fo = r.fills[k - 1]
+        merge_q8_0(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(fe), np.uint8(fo), k)
     elif nt is TYPES[Q.Q6_K]:  # Q4_K_M's and Q5_K_M's down projections: ~3x the generic kernel
         v = pad(views)
         merge_q6_k(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(r.fills[k - 1][0]), k)

@@ -1,6 +1,6 @@
 """The compiled kernels of edgemoe.quant.native: split a matrix's blocks into planes and merge the
 first k planes back, generically (driven by a layout's program, NativeType.program) and for the
-common layouts with constant loop lengths (4-bit nibbles, Q4_K, 32-weight blocks, Q6_K), which
+common layouts with constant loop lengths (4-bit nibbles, Q4_K, 32-weight blocks, Q6_K, Q8_0), which
 the compiler vectorizes; tests check every one against the generic merge at every width."""
 
 from __future__ import annotations
@@ -200,3 +200,29 @@ def merge_q6_k(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
                 hi = c[j] >> np.uint8(4)
                 o[j] |= (lo & np.uint8(3)) | ((lo & np.uint8(12)) << np.uint8(2))
                 o[j + 64] |= (hi & np.uint8(3)) | ((hi & np.uint8(12)) << np.uint8(2))
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_q8_0(out, p0, p1, p2, fe, fo, n_read):  # pragma: no cover - compiled
+    """merge_program for Q8_0 split 2|2|4 (native.TYPES): plane 0 = d (2 bytes), then the codes'
+    bits 0xC0 four to a byte (8 bytes); plane 1 their bits 0x30 (8 bytes); plane 2 their low
+    nibbles two to a byte (16 bytes); fe / fo: the fill of even / odd codes for n_read planes."""
+    for i in range(out.shape[0]):
+        out[i, 0] = p0[i, 0]
+        out[i, 1] = p0[i, 1]
+        for q in range(4):
+            sh = np.uint8(2 * q)
+            for j in range(8):
+                v = ((p0[i, 2 + j] >> sh) & np.uint8(3)) << np.uint8(6)
+                if n_read >= 2:
+                    v |= ((p1[i, j] >> sh) & np.uint8(3)) << np.uint8(4)
+                out[i, 2 + 8 * q + j] = v
+        if n_read == 3:
+            for q in range(2):
+                sh = np.uint8(4 * q)
+                for j in range(16):
+                    out[i, 2 + 16 * q + j] |= (p2[i, j] >> sh) & np.uint8(15)
+        else:
+            for c in range(0, 32, 2):
+                out[i, 2 + c] |= fe
+                out[i, 3 + c] |= fo
