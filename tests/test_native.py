@@ -54,7 +54,7 @@ def test_planes_give_back_the_source_blocks_bit_for_bit(ggml, nt):
 
 @pytest.mark.parametrize("nt", LAYOUTS, ids=[f"{nt.qtype.name}-{nt.n_planes}planes" for nt in LAYOUTS])
 def test_every_fast_merge_is_the_generic_merge_at_every_width(nt):
-    """The kernels written for one layout (4-bit nibbles, 32-weight blocks, Q6_K) give the bytes
+    """The kernels written for one layout (Q4_K, 32-weight nibble blocks, Q6_K, Q8_0) give the bytes
     of the generic kernel that follows the layout's program (NativeType.program), at every width,
     on random bytes (every bit pattern of codes and metadata)."""
     qk, bsize = nt.block

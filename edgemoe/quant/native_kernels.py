@@ -1,6 +1,6 @@
 """The compiled kernels of edgemoe.quant.native: split a matrix's blocks into planes and merge the
 first k planes back, generically (driven by a layout's program, NativeType.program) and for the
-common layouts with constant loop lengths (4-bit nibbles, Q4_K, 32-weight blocks, Q6_K, Q8_0), which
+common layouts with constant loop lengths (Q4_K, 32-weight nibble blocks, Q6_K, Q8_0), which
 the compiler vectorizes; tests check every one against the generic merge at every width."""
 
 from __future__ import annotations
@@ -81,37 +81,9 @@ def merge_program(blocks, m0, m1, prog, n_read, a, b, c, d):  # pragma: no cover
 
 
 @numba.njit(cache=True, nogil=True)
-def merge_nib4(out, m0, m1, s, length, p0, o0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """merge_program for one code range of 4-bit nibbles split 0xCC | 0x22 | 0x11, the masks as constants
-    (so the loops vectorize); fill: the range's fill bytes for n_read planes."""
-    n0 = length // 2
-    n1 = length // 4
-    for i in range(out.shape[0]):
-        o = out[i, s : s + length]
-        for t in range(m1 - m0):
-            out[i, m0 + t] = p0[i, t]
-        a0 = p0[i, o0 : o0 + n0]
-        for j in range(n0):
-            lo = a0[j] & np.uint8(15)
-            hi = a0[j] >> np.uint8(4)
-            o[j] = fill[j] | ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4))
-            o[j + n0] = fill[j + n0] | ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4))
-        for p in range(1, n_read):
-            a = p1[i, :n1] if p == 1 else p2[i, :n1]
-            for q in range(4):
-                oq = o[q * n1 : (q + 1) * n1]
-                sh = np.uint8(2 * q)
-                for j in range(n1):
-                    x = (a[j] >> sh) & np.uint8(3)
-                    if p == 1:
-                        oq[j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
-                    else:
-                        oq[j] |= (x & np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(3))
-
-
-@numba.njit(cache=True, nogil=True)
 def merge_nib4_16(out, m0, m1, s, p0, o0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """merge_nib4 for a code range of 16 bytes (32 weights), its loop lengths constants."""
+    """merge_program for one code range of 16 bytes (32 weights) of 4-bit nibbles split 0xCC | 0x22 |
+    0x11 (Q4_0, Q4_1, MXFP4), its loop lengths constants; fill: the range's fill bytes for n_read planes."""
     for i in range(out.shape[0]):
         for t in range(m1 - m0):
             out[i, m0 + t] = p0[i, t]
@@ -143,7 +115,7 @@ def merge_nib4_16(out, m0, m1, s, p0, o0, p1, p2, fill, n_read):  # pragma: no c
 
 @numba.njit(cache=True, nogil=True)
 def merge_q4_k(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """merge_nib4 for Q4_K (metadata bytes 0-15, codes 16-143), its loop lengths constants."""
+    """merge_nib4_16 for Q4_K (metadata bytes 0-15, codes 16-143)."""
     for i in range(out.shape[0]):
         for t in range(16):
             out[i, t] = p0[i, t]
