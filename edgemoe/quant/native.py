@@ -40,6 +40,7 @@ from .native_kernels import (
     merge_nib4_16,
     merge_program,
     merge_q4_k,
+    merge_q5_k,
     merge_q6_k,
     merge_q8_0,
     pad,
@@ -338,6 +339,9 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
         else:
             m = nt.meta[1] - nt.meta[0]
             merge_nib4_16(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, v[0], m, v[1], v[2], fill, k)
+    elif nt is TYPES[Q.Q5_K]:
+        v = pad(views)
+        merge_q5_k(out.reshape(n, bsize), v[0], v[1], v[2], v[3], np.uint8(nt.ranges[1].fills[k - 1][0]), k)
     elif nt is TYPES[Q.Q8_0]:
         v = pad(views)
         fe, fo = r.fills[k - 1]

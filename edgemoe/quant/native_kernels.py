@@ -1,6 +1,6 @@
 """The compiled kernels of edgemoe.quant.native: split a matrix's blocks into planes and merge the
 first k planes back, generically (driven by a layout's program, NativeType.program) and for the
-common layouts with constant loop lengths (Q4_K, 32-weight nibble blocks, Q6_K, Q8_0), which
+common layouts with constant loop lengths (Q4_K, Q5_K, 32-weight nibble blocks, Q6_K, Q8_0), which
 the compiler vectorizes; tests check every one against the generic merge at every width."""
 
 from __future__ import annotations
@@ -198,3 +198,29 @@ def merge_q8_0(out, p0, p1, p2, fe, fo, n_read):  # pragma: no cover - compiled
             for c in range(0, 32, 2):
                 out[i, 2 + c] |= fe
                 out[i, 3 + c] |= fo
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_q5_k(out, p0, p1, p2, p3, fill, n_read):  # pragma: no cover - compiled
+    """merge_program for Q5_K split 2|1|1|1 (native.TYPES): plane 0 = d, dmin and scales (16
+    bytes), the fifth bits qh as they are (32), then the low nibbles' bits 0x88 four to a byte
+    (32); planes 1-3 their bits 0x44, 0x22, 0x11 (32 bytes each); fill: the low nibbles' fill for
+    n_read planes."""
+    for i in range(out.shape[0]):
+        for t in range(48):
+            out[i, t] = p0[i, t]
+        for q in range(4):
+            sh = np.uint8(2 * q)
+            for j in range(32):
+                x = (p0[i, 48 + j] >> sh) & np.uint8(3)
+                v = fill | ((x & np.uint8(1)) << np.uint8(3)) | ((x & np.uint8(2)) << np.uint8(6))
+                if n_read >= 2:
+                    x = (p1[i, j] >> sh) & np.uint8(3)
+                    v |= ((x & np.uint8(1)) << np.uint8(2)) | ((x & np.uint8(2)) << np.uint8(5))
+                if n_read >= 3:
+                    x = (p2[i, j] >> sh) & np.uint8(3)
+                    v |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
+                if n_read >= 4:
+                    x = (p3[i, j] >> sh) & np.uint8(3)
+                    v |= (x & np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(3))
+                out[i, 48 + 32 * q + j] = v
