@@ -1,6 +1,6 @@
-"""numpy arrays as C code wants them: the data's address, 64-byte alignment, lazily backed zeros;
-anonymous-mmap buffers (alloc) whose memory goes back to the OS when they are dropped; and
-paged zeros (paged) whose memory is taken a page at a time as they are written and can be given back.
+"""numpy arrays as C code wants them: the data's address, 64-byte alignment; anonymous-mmap
+buffers (alloc) whose memory goes back to the OS when they are dropped; and paged zeros (paged)
+whose memory is taken a page at a time as they are written and can be given back.
 (ggml's CPU buffers must start on a 32-byte boundary; ggml aborts the process otherwise.)"""
 
 from __future__ import annotations
@@ -26,16 +26,6 @@ def aligned(a: np.ndarray, align: int = 64) -> np.ndarray:
     out = buf[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
-
-
-def zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """np.zeros whose data is 64-byte aligned (and, like np.zeros, lazily backed: untouched pages
-    cost no memory), so that slices of its leading axes can be bound to graphs without a copy."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
-    buf = np.zeros(n + 64, dtype=np.uint8)
-    off = -addr(buf) % 64
-    return buf[off : off + n].view(dtype).reshape(shape)
 
 
 def alloc(nbytes: int) -> np.ndarray:

@@ -34,6 +34,10 @@ class KVCache:
         self.k, self._k_map = buffers.paged((args.n_layer, rows, n_kv, dk), npdt)
         # V transposed, as llama.cpp stores it without flash attention: [layer, head, dim, cell]
         self.v, self._v_map = buffers.paged((args.n_layer, n_kv, dv, rows), npdt)
+        # where each K layer and each V row (layer, head, dim) starts: position n's bytes follow
+        self._k_rows = buffers.addr(self.k) + np.arange(self.k.shape[0], dtype=np.int64) * self.k.strides[0]
+        n_v_rows = self.v.size // self.v.shape[-1]
+        self._v_rows = buffers.addr(self.v) + np.arange(n_v_rows, dtype=np.int64) * self.v.strides[-2]
         self.n_past = 0
         self.high = 0  # positions written since the pages were last given back
         self._held = (0, 0)  # (high, held_bytes) last computed
@@ -47,10 +51,8 @@ class KVCache:
         """Bytes of the pages that positions [0, n) occupy."""
         if n <= 0:
             return 0
-        k0, v0 = buffers.addr(self.k), buffers.addr(self.v)
-        k_rows = k0 + np.arange(self.k.shape[0], dtype=np.int64) * self.k[0].nbytes
-        v_rows = v0 + np.arange(self.v.size // self.v.shape[-1], dtype=np.int64) * self.v.strides[-2]
-        pages = buffers.pages_of(k_rows, n * self.k.strides[1]) + buffers.pages_of(v_rows, n * self.v.itemsize)
+        k_pages = buffers.pages_of(self._k_rows, n * self.k.strides[1])
+        pages = k_pages + buffers.pages_of(self._v_rows, n * self.v.itemsize)
         return pages * mmap.PAGESIZE
 
     def held_bytes(self) -> int:
