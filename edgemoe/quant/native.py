@@ -37,8 +37,10 @@ import numpy as np
 
 from .buffers import alloc
 from .native_kernels import (
-    merge_nib4_16,
+    merge_mxfp4,
     merge_program,
+    merge_q4_0,
+    merge_q4_1,
     merge_q4_k,
     merge_q5_k,
     merge_q6_k,
@@ -313,6 +315,16 @@ def merge(qtype, planes: list[np.ndarray], n_out: int, n_in: int, out: np.ndarra
     return merge_type(TYPES[Q(qtype)], planes, n_out, n_in, out)
 
 
+_NIB4_32 = {Q.Q4_0: merge_q4_0, Q.Q4_1: merge_q4_1, Q.MXFP4: merge_mxfp4}  # 32-weight nibble blocks
+
+
+def _fill_word(r: CodeRange, k: int) -> np.uint64:
+    """A range's fill for k planes as a little-endian word of eight code bytes (even, odd, even ...
+    from the range's start)."""
+    ev, od = r.fills[k - 1]
+    return np.uint64(int.from_bytes(bytes([ev, od] * 4), "little"))
+
+
 def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, out: np.ndarray | None = None):
     k = len(planes)
     want = nt.plane_nbytes(n_out, n_in)
@@ -331,21 +343,18 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
     r = nt.ranges[0]
     # the common layouts have kernels with constant loop lengths, which the compiler vectorizes
     # (3-6x the generic kernel, which follows the layout's program)
-    if len(nt.ranges) == 1 and r.masks == _NIB4[0] and r.length in (16, 128):  # Q4_0, Q4_1, MXFP4; Q4_K
-        fill = np.array(r.fills[k - 1] * (r.length // 2), np.uint8)
+    if nt.qtype in _NIB4_32 and nt is TYPES[nt.qtype]:  # Q4_0, Q4_1, MXFP4
+        v = [x.reshape(-1) for x in pad(views)]
+        _NIB4_32[nt.qtype](out.reshape(-1), v[0], v[1], v[2], _fill_word(r, k), k)
+    elif nt is TYPES[Q.Q4_K]:
         v = pad(views)
-        if r.length == 128:
-            merge_q4_k(out.reshape(n, bsize), v[0], v[1], v[2], fill, k)
-        else:
-            m = nt.meta[1] - nt.meta[0]
-            merge_nib4_16(out.reshape(n, bsize), nt.meta[0], nt.meta[1], r.start, v[0], m, v[1], v[2], fill, k)
+        merge_q4_k(out.reshape(n, bsize), v[0], v[1], v[2], np.array(r.fills[k - 1] * (r.length // 2), np.uint8), k)
     elif nt is TYPES[Q.Q5_K]:
         v = pad(views)
         merge_q5_k(out.reshape(n, bsize), v[0], v[1], v[2], v[3], np.uint8(nt.ranges[1].fills[k - 1][0]), k)
     elif nt is TYPES[Q.Q8_0]:
-        v = pad(views)
-        fe, fo = r.fills[k - 1]
-        merge_q8_0(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(fe), np.uint8(fo), k)
+        v = [x.reshape(-1) for x in pad(views)]
+        merge_q8_0(out.reshape(-1), v[0], v[1], v[2], _fill_word(r, k), k)
     elif nt is TYPES[Q.Q6_K]:  # Q4_K_M's and Q5_K_M's down projections: ~3x the generic kernel
         v = pad(views)
         merge_q6_k(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(r.fills[k - 1][0]), k)

@@ -1,7 +1,8 @@
 """The compiled kernels of edgemoe.quant.native: split a matrix's blocks into planes and merge the
 first k planes back, generically (driven by a layout's program, NativeType.program) and for the
-common layouts with constant loop lengths (Q4_K, Q5_K, 32-weight nibble blocks, Q6_K, Q8_0), which
-the compiler vectorizes; tests check every one against the generic merge at every width."""
+common layouts with constant loop lengths (Q4_K, Q5_K, Q6_K) or eight bytes to a 64-bit word
+(32-weight nibble blocks, Q8_0), which the compiler vectorizes or keeps in registers; tests check
+every one against the generic merge at every width."""
 
 from __future__ import annotations
 
@@ -80,42 +81,80 @@ def merge_program(blocks, m0, m1, prog, n_read, a, b, c, d):  # pragma: no cover
                     out[j] |= np.uint8(np.uint8(np.uint8(x & k1) << s1) | np.uint8(np.uint8(x & k2) << s2))
 
 
+_U = np.uint64
+_C01, _C02, _C03 = _U(0x0101010101010101), _U(0x0202020202020202), _U(0x0303030303030303)
+_C0C, _C0F, _C30, _CC0 = _U(0x0C0C0C0C0C0C0C0C), _U(0x0F0F0F0F0F0F0F0F), _U(0x3030303030303030), _U(0xC0C0C0C0C0C0C0C0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _ld8(a, o):  # pragma: no cover - compiled
+    """Bytes a[o:o + 8] as one little-endian word (the compiler makes it one load)."""
+    w = _U(0)
+    for b in range(8):
+        w |= _U(a[o + b]) << _U(8 * b)
+    return w
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _ld4x2(a, o):  # pragma: no cover - compiled
+    """Bytes a[o:o + 4] as two words: their 2-bit fields 0 and 1 in the low and high half of the
+    first, fields 2 and 3 in the second (one field per byte)."""
+    b = _U(0)
+    for t in range(4):
+        b |= _U(a[o + t]) << _U(8 * t)
+    m = _U(0x03030303)
+    return (b & m) | (((b >> _U(2)) & m) << _U(32)), ((b >> _U(4)) & m) | (((b >> _U(6)) & m) << _U(32))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _st8(a, o, w):  # pragma: no cover - compiled
+    for b in range(8):
+        a[o + b] = np.uint8((w >> _U(8 * b)) & _U(255))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _nib4_32(out, p0, p1, p2, fill, n_read, M):  # pragma: no cover - compiled
+    """merge_program for 32-weight blocks of M metadata bytes then 16 nibble bytes split 0xCC | 0x22 |
+    0x11 (Q4_0, Q4_1, MXFP4), on flat arrays, eight bytes to a word; fill: the word of the code
+    bytes' fill for n_read planes (even bytes, odd bytes alternating). Inlined with M a constant."""
+    S0 = M + 8
+    for i in range(out.shape[0] // (M + 16)):
+        ob, ab = i * (M + 16), i * S0
+        for t in range(M):
+            out[ob + t] = p0[ab + t]
+        w = _ld8(p0, ab + M)
+        lo = ((w & _C03) << _U(2)) | ((w & _C0C) << _U(4)) | fill
+        hi = ((w & _C30) >> _U(2)) | (w & _CC0) | fill
+        if n_read >= 2:
+            x, y = _ld4x2(p1, 4 * i)
+            lo |= ((x & _C01) << _U(1)) | ((x & _C02) << _U(4))
+            hi |= ((y & _C01) << _U(1)) | ((y & _C02) << _U(4))
+        if n_read >= 3:
+            x, y = _ld4x2(p2, 4 * i)
+            lo |= (x & _C01) | ((x & _C02) << _U(3))
+            hi |= (y & _C01) | ((y & _C02) << _U(3))
+        _st8(out, ob + M, lo)
+        _st8(out, ob + M + 8, hi)
+
+
 @numba.njit(cache=True, nogil=True)
-def merge_nib4_16(out, m0, m1, s, p0, o0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """merge_program for one code range of 16 bytes (32 weights) of 4-bit nibbles split 0xCC | 0x22 |
-    0x11 (Q4_0, Q4_1, MXFP4), its loop lengths constants; fill: the range's fill bytes for n_read planes."""
-    for i in range(out.shape[0]):
-        for t in range(m1 - m0):
-            out[i, m0 + t] = p0[i, t]
-        for j in range(8):
-            a = p0[i, o0 + j]
-            lo = a & np.uint8(15)
-            hi = a >> np.uint8(4)
-            out[i, s + j] = fill[j] | ((lo & np.uint8(3)) << np.uint8(2)) | ((lo & np.uint8(12)) << np.uint8(4))
-            out[i, s + 8 + j] = fill[8 + j] | ((hi & np.uint8(3)) << np.uint8(2)) | ((hi & np.uint8(12)) << np.uint8(4))
-        if n_read == 3:  # both lower planes in one pass
-            for j in range(4):
-                b1, b2 = p1[i, j], p2[i, j]
-                for q in range(4):
-                    x = (b1 >> np.uint8(2 * q)) & np.uint8(3)
-                    y = (b2 >> np.uint8(2 * q)) & np.uint8(3)
-                    out[i, s + 4 * q + j] |= (
-                        ((x & np.uint8(1)) << np.uint8(1))
-                        | ((x & np.uint8(2)) << np.uint8(4))
-                        | (y & np.uint8(1))
-                        | ((y & np.uint8(2)) << np.uint8(3))
-                    )
-        elif n_read == 2:
-            for j in range(4):
-                b1 = p1[i, j]
-                for q in range(4):
-                    x = (b1 >> np.uint8(2 * q)) & np.uint8(3)
-                    out[i, s + 4 * q + j] |= ((x & np.uint8(1)) << np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(4))
+def merge_q4_0(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
+    _nib4_32(out, p0, p1, p2, fill, n_read, 2)
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_q4_1(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
+    _nib4_32(out, p0, p1, p2, fill, n_read, 4)
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_mxfp4(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
+    _nib4_32(out, p0, p1, p2, fill, n_read, 1)
 
 
 @numba.njit(cache=True, nogil=True)
 def merge_q4_k(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
-    """merge_nib4_16 for Q4_K (metadata bytes 0-15, codes 16-143)."""
+    """merge_program for Q4_K (metadata bytes 0-15, codes 16-143 split 0xCC | 0x22 | 0x11)."""
     for i in range(out.shape[0]):
         for t in range(16):
             out[i, t] = p0[i, t]
@@ -175,29 +214,26 @@ def merge_q6_k(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def merge_q8_0(out, p0, p1, p2, fe, fo, n_read):  # pragma: no cover - compiled
-    """merge_program for Q8_0 split 2|2|4 (native.TYPES): plane 0 = d (2 bytes), then the codes'
-    bits 0xC0 four to a byte (8 bytes); plane 1 their bits 0x30 (8 bytes); plane 2 their low
-    nibbles two to a byte (16 bytes); fe / fo: the fill of even / odd codes for n_read planes."""
-    for i in range(out.shape[0]):
-        out[i, 0] = p0[i, 0]
-        out[i, 1] = p0[i, 1]
-        for q in range(4):
-            sh = np.uint8(2 * q)
-            for j in range(8):
-                v = ((p0[i, 2 + j] >> sh) & np.uint8(3)) << np.uint8(6)
-                if n_read >= 2:
-                    v |= ((p1[i, j] >> sh) & np.uint8(3)) << np.uint8(4)
-                out[i, 2 + 8 * q + j] = v
-        if n_read == 3:
-            for q in range(2):
-                sh = np.uint8(4 * q)
-                for j in range(16):
-                    out[i, 2 + 16 * q + j] |= (p2[i, j] >> sh) & np.uint8(15)
+def merge_q8_0(out, p0, p1, p2, fill, n_read):  # pragma: no cover - compiled
+    """merge_program for Q8_0 split 2|2|4 (native.TYPES), on flat arrays, eight bytes to a word:
+    plane 0 = d (2 bytes), then the codes' bits 0xC0 four to a byte (8 bytes); plane 1 their bits
+    0x30 (8 bytes); plane 2 their low nibbles two to a byte (16 bytes); fill: the word of the
+    codes' fill for n_read planes (even bytes, odd bytes alternating)."""
+    for i in range(out.shape[0] // 34):
+        ob, ab = 34 * i, 10 * i
+        out[ob] = p0[ab]
+        out[ob + 1] = p0[ab + 1]
+        a = _ld8(p0, ab + 2)
+        b = _ld8(p1, 8 * i) if n_read >= 2 else _U(0)
+        if n_read >= 3:
+            c0, c1 = _ld8(p2, 16 * i), _ld8(p2, 16 * i + 8)
+            low = (c0 & _C0F, c1 & _C0F, (c0 >> _U(4)) & _C0F, (c1 >> _U(4)) & _C0F)
         else:
-            for c in range(0, 32, 2):
-                out[i, 2 + c] |= fe
-                out[i, 3 + c] |= fo
+            low = (fill, fill, fill, fill)
+        for q in range(4):
+            sh = _U(2 * q)
+            v = (((a >> sh) & _C03) << _U(6)) | (((b >> sh) & _C03) << _U(4))
+            _st8(out, ob + 2 + 8 * q, v | low[q])
 
 
 @numba.njit(cache=True, nogil=True)
