@@ -176,3 +176,30 @@ def test_an_expert_held_at_full_width_serves_a_lower_width_request(build_model, 
         # and the stats say what ran: every computation at the full width, none at 2 or 3 bits
         assert set(m.stats().cache.uses_by_bits) == {4}
         assert m.stats().cache.skipped > 0 and full.shape[0] == len(ids)
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+def test_a_lower_width_runs_on_the_merge_of_its_planes(build_model, tmp_path, rows):
+    """A lower width is merged for one use into a buffer the experts keep (gate, up and down side by
+    side; repacked only for a batch of rows): the expert's output is that of its planes merged
+    into buffers of their own and run by the plain expert FFN, for every expert used twice."""
+    from edgemoe.runtime.experts import expert_ffn
+
+    src = build_model("qwen3moe", "Q4_K_M")  # Q4_K gate/up, Q4_K or Q6_K down: both repackable and not
+    st = convert(src, tmp_path / "n.edgemoe", scheme="native", progress=False)
+    with edgemoe.load(st, kv_type="f32", n_ctx=64, bits=2) as m:
+        ex = m.streamed_experts
+        reader, rng = ex.reader, np.random.default_rng(rows)
+        for layer, e in [(0, 0), (0, 1), (1, 0), (0, 0)]:  # the buffer reused, across layers and types
+            sch = reader.schemes[layer]
+            bufs = [np.empty(reader.plane_sizes(layer)[0], np.uint8)]
+            reader.read_planes(layer, e, 0, bufs)
+            x = rng.standard_normal((rows, reader.n_embd)).astype(np.float32)
+            got = ex.ffn(layer, e, bufs, x)
+            w = {
+                mat: edgemoe.quant.kernels.QWeight(
+                    sch.blocks(mat, per, *ex.shapes[mat]), sch.types[mat], ex.shapes[mat][1]
+                )
+                for mat, per in reader.matrix_planes(bufs, layer).items()
+            }
+            np.testing.assert_allclose(got, expert_ffn(ex.args, w["gate"], w["up"], w["down"], x), rtol=1e-5, atol=1e-6)

@@ -273,14 +273,21 @@ class NativeScheme:
         )
         return planes + [np.empty(0, np.uint8)] * (self.n_planes - len(planes))
 
-    def blocks(self, matrix: str, planes: list[np.ndarray], n_out: int, n_in: int) -> np.ndarray:
-        """The first k planes of one matrix -> blocks of its source type (merge(); exact with all)."""
+    def blocks_nbytes(self, matrix: str, n_out: int, n_in: int) -> int:
+        qk, bsize = gguf.GGML_QUANT_SIZES[self.types[matrix]]
+        return n_out * n_in // qk * bsize
+
+    def blocks(
+        self, matrix: str, planes: list[np.ndarray], n_out: int, n_in: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The first k planes of one matrix -> blocks of its source type (merge(); exact with all),
+        in `out` (blocks_nbytes bytes, 32-byte aligned) or a buffer of their own."""
         nt = self.layouts[matrix]
         if nt is None:
             return np.asarray(planes[0]).view(np.uint8).reshape(n_out, -1)
-        qk, bsize = nt.block
-        out = alloc(n_out * n_in // qk * bsize).reshape(n_out, -1)
-        return merge_type(nt, planes[: nt.n_planes], n_out, n_in, out)
+        if out is None:
+            out = alloc(self.blocks_nbytes(matrix, n_out, n_in))
+        return merge_type(nt, planes[: nt.n_planes], n_out, n_in, out.reshape(n_out, -1))
 
 
 # ---- kernels ----------------------------------------------------------------------------------

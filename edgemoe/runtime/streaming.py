@@ -4,12 +4,15 @@ compute (ggml's kernels on transcoded experts, nested planes otherwise), combine
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..errors import EdgeMoEError
 from ..models.config import ModelArgs
 from ..models.gguf_file import GGUFFile
 from ..quant import kernels
+from ..quant.buffers import alloc
 from ..quant.transcode import fast_weight, transcodes
 from ..store.reader import StoreReader, expert_shapes
 from . import policy
@@ -18,6 +21,8 @@ from .experts import expert_act, expert_biases, sum_slots
 from .pipeline import Pipeline
 from .policy import PRESETS, Calibration, Quality
 from .stats import CacheStats, LayerCacheStats
+
+PACK_ROWS = 32  # a lower width merged for one use is repacked (kernels.pack) for this many rows or more
 
 
 class StoreExperts:
@@ -62,6 +67,7 @@ class StoreExperts:
         self.onnx = None  # an onnx_experts.OnnxExperts: experts run by onnxruntime (Model(onnx_experts=True))
         self.backend_rows = {"edgemoe": 0, "ggml": 0, "onnxruntime": 0}  # token rows computed by each
         self.q41 = not self.native and transcodes(self.scheme) and self.n_planes == self.scheme.n_planes
+        self._scratch = threading.local()  # _merge_scratch
 
     def _ran_at(self, n_planes: int) -> None:
         """Count one expert computation at the width of n_planes (the width it ran at: an expert
@@ -129,21 +135,38 @@ class StoreExperts:
         width is merged for this use only, every code's missing bits filled from its bin."""
         sch = self.reader.schemes[i]
 
-        def build(planes: list[np.ndarray]) -> tuple[dict, int]:
-            out = {}
+        def build(planes: list[np.ndarray], scratch: np.ndarray | None = None) -> tuple[dict, int]:
+            out, off = {}, 0
             for m, per in self.reader.matrix_planes(planes, i).items():
                 n_out, n_in = self.shapes[m]
-                w = kernels.QWeight(sch.blocks(m, per, n_out, n_in), sch.types[m], n_in, f"blk.{i}.exp.{e}.{m}")
-                out[m] = kernels.pack(w)  # Q4_0: ggml's repacked layout, as the GGUF in place gets
+                size = sch.blocks_nbytes(m, n_out, n_in)
+                buf = None if scratch is None else scratch[off : off + size]
+                off += -(-size // 64) * 64
+                w = kernels.QWeight(sch.blocks(m, per, n_out, n_in, buf), sch.types[m], n_in, f"blk.{i}.exp.{e}.{m}")
+                # Q4_0, Q4_K: ggml's repacked layout, as the GGUF in place gets, for a form held
+                # for many uses or a batch of rows; rewriting the blocks costs more than one
+                # decode step's product gains from it (tools/bench_kernels.py --native)
+                out[m] = kernels.pack(w) if scratch is None or x.shape[0] >= PACK_ROWS else w
             return out, sum(w.nbytes for w in out.values())
 
         # held at full width already (then its planes are gone): that form, whatever width was asked
         weights = self.cache.fast_form(i, e, build)
         self._ran_at(self.reader.n_planes if weights is not None else len(planes))
-        if weights is None:
-            weights, _ = build(planes)
+        if weights is None:  # a lower width, merged for this use into a buffer kept for that
+            weights, _ = build(planes, self._merge_scratch(i))
         self.backend_rows["ggml"] += x.shape[0]
         return self._swiglu(i, e, _ggml_matmul, weights, x)
+
+    def _merge_scratch(self, i: int) -> np.ndarray:
+        """The buffer a lower width of layer i's experts is merged into for one use (one expert's
+        blocks at full size, the largest layer's; per thread): fresh pages for every use cost as
+        much as the merge itself. The same bytes as the transient buffer it replaces."""
+        sch = self.reader.schemes[i]
+        need = sum(-(-sch.blocks_nbytes(m, *self.shapes[m]) // 64) * 64 for m in sch.types)
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.size < need:
+            buf = self._scratch.buf = alloc(need)
+        return buf
 
     def _widths(self, i: int, top: np.ndarray, w: np.ndarray, skip: np.ndarray) -> dict[int, tuple[int, float]]:
         """{expert: (planes to use, hotness)} for the kept experts of one layer."""
