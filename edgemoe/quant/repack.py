@@ -58,39 +58,20 @@ def q4_Kx8_funcs(lib) -> tuple[int, int, int, int] | None:
 
 
 @njit(cache=True, nogil=True)
-def _scale_min(blk, o, j, sc, mn, r):
-    # sub-block j's 6-bit scale and min of the Q4_K block whose scales start at blk[o]
-    # (ggml's get_scale_min_k4) into sc[r], mn[r]
-    if j < 4:
-        sc[r] = blk[o + j] & 63
-        mn[r] = blk[o + j + 4] & 63
-    else:
-        sc[r] = (blk[o + j + 4] & 15) | ((blk[o + j - 4] >> 6) << 4)
-        mn[r] = (blk[o + j + 4] >> 4) | ((blk[o + j] >> 6) << 4)
-
-
-@njit(cache=True, nogil=True)
-def _put_scales(out, o, sc, mn):
-    # 8 six-bit scales and mins -> 12 bytes at out[o], as a Q4_K block holds its sub-blocks'
-    for k in range(4):
-        out[o + k] = (sc[k] & 63) | ((sc[k + 4] >> 4) << 6)
-        out[o + 4 + k] = (mn[k] & 63) | ((mn[k + 4] >> 4) << 6)
-        out[o + 8 + k] = (sc[k + 4] & 15) | ((mn[k + 4] & 15) << 4)
-
-
-@njit(cache=True, nogil=True)
 def repack_q4_Kx8(flat, n_out, row_bytes, tmp):
     # flat: uint8 [n_out * row_bytes], rows of Q4_K blocks, n_out a multiple of 8; rewritten in
     # place, 8 rows at a time, into block_q4_Kx8 (module docstring). tmp: uint8 [8 * row_bytes].
-    # The codes move in 8-byte words (every offset below is a multiple of 8: 144 = 8 * 18).
+    # The codes move in 8-byte words (every offset below is a multiple of 8: 144 = 8 * 18);
+    # sc / mn [sub-block j * 8 + row r]: the rows' 6-bit scales and mins (ggml's get_scale_min_k4),
+    # then each sub-block's word packs the 8 rows' values as one block packs its 8 sub-blocks'.
     nb = row_bytes // 144
-    sc = np.empty(8, np.uint8)
-    mn = np.empty(8, np.uint8)
+    sc = np.empty(64, np.uint8)
+    mn = np.empty(64, np.uint8)
     f64 = flat.view(np.uint64)
     t64 = tmp.view(np.uint64)
     for g in range(0, n_out, 8):
         base = g * row_bytes
-        tmp[:] = flat[base : base + 8 * row_bytes]
+        t64[:] = f64[base // 8 : (base + 8 * row_bytes) // 8]
         for b in range(nb):
             o = base + b * 1152
             for r in range(8):
@@ -99,16 +80,26 @@ def repack_q4_Kx8(flat, n_out, row_bytes, tmp):
                 flat[o + 2 * r + 1] = tmp[src + 1]
                 flat[o + 16 + 2 * r] = tmp[src + 2]
                 flat[o + 17 + 2 * r] = tmp[src + 3]
+                s = src + 4
+                for j in range(4):
+                    sc[8 * j + r] = tmp[s + j] & 63
+                    mn[8 * j + r] = tmp[s + j + 4] & 63
+                    sc[8 * (j + 4) + r] = (tmp[s + j + 8] & 15) | ((tmp[s + j] >> 6) << 4)
+                    mn[8 * (j + 4) + r] = (tmp[s + j + 8] >> 4) | ((tmp[s + j + 4] >> 6) << 4)
             for j in range(8):
-                for r in range(8):
-                    _scale_min(tmp, r * row_bytes + b * 144 + 4, j, sc, mn, r)
-                _put_scales(flat, o + 32 + 12 * j, sc, mn)
+                q = o + 32 + 12 * j
+                for k in range(4):
+                    a, c = sc[8 * j + k], sc[8 * j + k + 4]
+                    m, n = mn[8 * j + k], mn[8 * j + k + 4]
+                    flat[q + k] = (a & 63) | ((c >> 4) << 6)
+                    flat[q + 4 + k] = (m & 63) | ((n >> 4) << 6)
+                    flat[q + 8 + k] = (c & 15) | ((n & 15) << 4)
             for i in range(128):  # piece i: row i % 8, its bytes (i // 8) * 8 .. + 8
                 f64[(o + 128) // 8 + i] = t64[((i % 8) * row_bytes + b * 144 + 16) // 8 + i // 8]
 
 
 def _decode12(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., 12] packed words -> (scales, mins) [..., 8] (the inverse of _put_scales)."""
+    """[..., 12] packed words -> (scales, mins) [..., 8] (the inverse of the packing in repack_q4_Kx8)."""
     w = words.astype(np.uint8)
     lo, hi, mix = w[..., 0:4], w[..., 4:8], w[..., 8:12]
     sc = np.concatenate([lo & 63, (mix & 15) | ((lo >> 6) << 4)], axis=-1)
