@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
-"""Write a large synthetic OLMoE-shaped GGUF for benchmarks (fast, memory-lean).
+"""Write a large synthetic MoE GGUF (OLMoE- or gpt-oss-shaped) for benchmarks (fast, memory-lean).
 
     python tools/make_bench_model.py --shape olmoe-1b-7b --type Q4_0 --out PATH   # ~4.0 GB
     python tools/make_bench_model.py --shape olmoe-small                          # ~1.2 GB
     python tools/make_bench_model.py --shape olmoe-small --check                  # + llama.cpp run
     python tools/make_bench_model.py --shape olmoe-1b-7b --type Q4_K_M            # ~4.2 GB, from Q4_0
+    python tools/make_bench_model.py --shape gpt-oss-20b --type MXFP4             # ~12.1 GB
+    python tools/make_bench_model.py --shape gpt-oss-20b --layers 2 --vocab 4096  # ~0.9 GB, same layers
 
 Quantized blocks are generated directly (random codes + fp16 scales), never as floats, and
 tensors are written one layer at a time, so a 4 GB file needs a few hundred MB of RAM and one or
-two minutes of CPU. Experts and attention use --type (Q4_0 or Q8_0), token_embd/output Q8_0,
-norms and routers F32 (as llama.cpp keeps them).
+two minutes of CPU. OLMoE shapes: experts and attention use --type (Q4_0 or Q8_0; the K-quant types
+are that Q4_0 file requantized by llama.cpp), token_embd/output Q8_0, norms and routers F32 (as
+llama.cpp keeps them).
+
+gpt-oss-20b (tools/bench_gpt_oss.py; --type MXFP4 only, and MXFP4 only with it): the architecture
+llama.cpp reads as "gpt-oss" with gpt-oss-20b's shape (24 layers, hidden 2880, 64 query / 8 KV heads
+of 64, 32 experts of 2880, top-4, sliding window 128 on every other layer, attention sinks, biases,
+yarn rope, vocab 201088). Experts MXFP4 (random FP4 codes and E8M0 exponents), attention and
+token_embd/output Q8_0, norms, biases, sinks and routers F32: 12.1 GB, written in 5 to 6 minutes
+on 2 cores (4 of them calibrating) with a peak RSS of 1.2 GB.
 
 Routing calibrated to a trained MoE's: the bundled model (top-8 of 64 experts, trained with a
 load-balancing loss; its per-layer routing measured on its test split, models/data/verify.json).
@@ -21,7 +31,7 @@ forward pass over CAL_SEQS sequences of CAL_POS random tokens, what the bench fe
 layer by layer, three knobs to three targets (routing_targets: the trained model's figures over
 relative depth, mapped to the shape's top-k of E as excess over independent, uniform picks):
 a per-expert term along the hidden states' common direction in the router rows (a bias, in
-effect) to the popularity entropy; the attention output's
+effect; gpt-oss: its router bias itself) to the popularity entropy; the attention output's
 gain to the reuse of consecutive tokens' experts; the router's scale to the first expert's share
 of the top-k gate mass (the concentration that sets how much `fast` skips). The targets, the
 knobs chosen and what they reached are stored in the file (edgemoe.devices.bench.*) and printed
@@ -31,10 +41,13 @@ by `edgemoe bench`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +79,9 @@ class BenchShape:
     n_expert: int = 64
     n_expert_used: int = 8
     n_ff_exp: int = 1024
-    vocab: int = 50304
+    vocab: int = 50304  # normal tokens; the file has synth.N_SPECIAL control tokens more
     n_ctx_train: int = 4096
+    arch: str = "olmoe"  # "gpt-oss": bench_gpt_oss.GptOssShape
 
 
 SHAPES = {
@@ -221,7 +235,12 @@ def scale_blocks(data: np.ndarray, qt: Q, g: float) -> np.ndarray:
 
 class Calibration:
     """A float numpy forward pass of the model being written (as llama.cpp's olmoe graph computes
-    it, up to quantization noise) on CAL_SEQS sequences of CAL_POS random tokens."""
+    it, up to quantization noise) on CAL_SEQS sequences of CAL_POS random tokens.
+
+    A router is what `logits` takes: here the F32 rows (E, D); subclasses (bench_gpt_oss) may
+    use another form and override the hooks below the attention."""
+
+    FFN_NORM = "ffn_norm.weight"  # the norm before the router and experts
 
     def __init__(self, shape: BenchShape, seed: int, targets: RoutingTargets | None = None):
         n_vocab = shape.vocab
@@ -271,7 +290,7 @@ class Calibration:
 
         def reuse_at(g):
             x = _rms(self.h + g * att, ffn_norm)
-            tried[g] = reuse(np.argsort(-(x @ router.T), -1)[..., :k])
+            tried[g] = reuse(np.argsort(-self.logits(x, router), -1)[..., :k])
             return tried[g]
 
         lo, hi = GAIN_RANGE
@@ -290,7 +309,7 @@ class Calibration:
         mass meets its target (scaling changes no pick)."""
         E, k = self.shape.n_expert, self.shape.n_expert_used
         z = skew_vector(self.seed, layer, E)
-        row = float(np.linalg.norm(router, axis=1).mean())
+        row = self.row_norm(router)
         r = router
         for _ in range(4):  # the gain moves popularity and the skew moves reuse: alternate
             gain = self.choose_gain(att, ffn_norm, r, layer)
@@ -299,46 +318,85 @@ class Calibration:
             u /= np.linalg.norm(u)
 
             def skewed(skew, u=u):
-                return router + (skew * row) * z[:, None] * u[None, :]
+                return self.skewed(router, skew * row, z, u)
 
             def entropy_at(skew, x=x, skewed=skewed):
-                return popularity(np.argsort(-(x @ skewed(skew).T), -1)[..., :k], E)[0]
+                return popularity(np.argsort(-self.logits(x, skewed(skew)), -1)[..., :k], E)[0]
 
             skew = bisect(entropy_at, 0.0, SKEW_MAX, self.targets.entropy[layer])
             r = skewed(skew)
         gain = self.choose_gain(att, ffn_norm, r, layer)  # reuse, the cache's figure, is met last
-        logits = _rms(self.h + gain * att, ffn_norm) @ r.T
+        logits = self.logits(_rms(self.h + gain * att, ffn_norm), r)
         scale = bisect(lambda c: top1_share(c * logits, k), *SCALE_RANGE, self.targets.top1[layer], geometric=True)
         self.skews.append(float(skew))
         self.scales.append(float(scale))
-        return gain, (scale * r).astype(np.float32)
+        return gain, self.scaled(r, scale)
+
+    # ---- the router's form (overridden by bench_gpt_oss) ----
+
+    def router_of(self, t: dict[str, np.ndarray], p: str):
+        """The layer's router as generated (its tensors in t)."""
+        return t[p + "ffn_gate_inp.weight"]
+
+    def router_tensors(self, p: str, router) -> dict[str, np.ndarray]:
+        """The file's tensors of a calibrated router."""
+        return {p + "ffn_gate_inp.weight": router}
+
+    @staticmethod
+    def logits(x: np.ndarray, router) -> np.ndarray:
+        return x @ router.T
+
+    @staticmethod
+    def row_norm(router) -> float:
+        """Mean norm of the router rows (~ the logits' std on a unit-RMS hidden state)."""
+        return float(np.linalg.norm(router, axis=1).mean())
+
+    @staticmethod
+    def skewed(router, amount: float, z: np.ndarray, u: np.ndarray):
+        """The router with amount * z_e along u added to each row e (see choose_routing)."""
+        return router + amount * z[:, None] * u[None, :]
+
+    @staticmethod
+    def scaled(router, scale: float):
+        return (scale * router).astype(np.float32)
 
     def moe(self, t: dict[str, np.ndarray], p: str, wtype: Q, gain: float, att: np.ndarray) -> None:
         """Advance the hidden states through the layer: attention (with its gain), then the experts
-        the router picks (softmax over all experts, top-k weights not renormalised: olmoe)."""
-        E, k = self.shape.n_expert, self.shape.n_expert_used
+        the router picks, weighted by gate_weights."""
+        k = self.shape.n_expert_used
         self.h = self.h + gain * att
-        x = _rms(self.h, t[p + "ffn_norm.weight"])
-        logits = x @ t[p + "ffn_gate_inp.weight"].T
+        x = _rms(self.h, t[p + self.FFN_NORM])
+        logits = self.logits(x, self.router_of(t, p))
         top = np.argsort(-logits, -1)[..., :k]
-        self.gains.append(gain)
-        self.reached.append(reuse(top))
-        ent, busiest = popularity(top, E)
-        self.entropy.append(ent)
-        self.busiest.append(busiest)
-        self.top1.append(top1_share(logits, k))
-        pz = np.exp(logits - logits.max(-1, keepdims=True))
-        pz /= pz.sum(-1, keepdims=True)
+        self.record(gain, top, logits)
         xf, tf = x.reshape(-1, x.shape[-1]), top.reshape(-1, k)
-        wf = np.take_along_axis(pz.reshape(-1, E), tf, 1)
+        wf = self.gate_weights(logits, top).reshape(-1, k)
         out = np.zeros_like(xf)
         for e in np.unique(tf):
             rows, slot = np.nonzero(tf == e)
-            a = xf[rows] @ dequant(t[p + "ffn_gate_exps.weight"][e], wtype).T
-            b = xf[rows] @ dequant(t[p + "ffn_up_exps.weight"][e], wtype).T
-            y = (a / (1 + np.exp(-a)) * b) @ dequant(t[p + "ffn_down_exps.weight"][e], wtype).T
-            out[rows] += wf[rows, slot][:, None] * y
+            out[rows] += wf[rows, slot][:, None] * self.expert(t, p, e, xf[rows], wtype)
         self.h = (self.h + out.reshape(self.h.shape)).astype(np.float32)
+
+    def record(self, gain: float, top: np.ndarray, logits: np.ndarray) -> None:
+        """The layer's figures: its gain, reuse, popularity and first expert's share."""
+        self.gains.append(gain)
+        self.reached.append(reuse(top))
+        ent, busiest = popularity(top, self.shape.n_expert)
+        self.entropy.append(ent)
+        self.busiest.append(busiest)
+        self.top1.append(top1_share(logits, self.shape.n_expert_used))
+
+    def gate_weights(self, logits: np.ndarray, top: np.ndarray) -> np.ndarray:
+        """The picked experts' weights: softmax over all experts, top-k not renormalised (olmoe)."""
+        pz = np.exp(logits - logits.max(-1, keepdims=True))
+        pz /= pz.sum(-1, keepdims=True)
+        return np.take_along_axis(pz, top, -1)
+
+    def expert(self, t: dict[str, np.ndarray], p: str, e: int, x: np.ndarray, wtype: Q) -> np.ndarray:
+        """Expert e's SwiGLU FFN on rows x."""
+        a = x @ dequant(t[p + "ffn_gate_exps.weight"][e], wtype).T
+        b = x @ dequant(t[p + "ffn_up_exps.weight"][e], wtype).T
+        return (a / (1 + np.exp(-a)) * b) @ dequant(t[p + "ffn_down_exps.weight"][e], wtype).T
 
 
 def tensor_plan(shape: BenchShape, wtype: Q):
@@ -365,6 +423,70 @@ def tensor_plan(shape: BenchShape, wtype: Q):
     return plan
 
 
+def weight_std(name: str, shp: tuple[int, ...], n_embd: int) -> float:
+    """Element std of a quantized weight: token rows 1, output logits ~3, the rest 1/sqrt(fan-in)."""
+    if name == "token_embd.weight":
+        return 1.0
+    if name == "output.weight":
+        return 3.0 / np.sqrt(n_embd)
+    return 1.0 / np.sqrt(shp[-1])
+
+
+def make_tensor(rng: np.random.Generator, name: str, shp: tuple[int, ...], qt: Q, shape: BenchShape) -> np.ndarray:
+    """One tensor of the olmoe plan, drawn from rng: norms 1 +- 0.2, routers, quantized blocks."""
+    if qt == Q.F32:
+        if name.endswith("ffn_gate_inp.weight"):
+            return make_router(rng, shape.n_embd, shape.n_expert)
+        return (1.0 + 0.2 * rng.standard_normal(shp)).astype(np.float32)
+    return quant_blocks(rng, shp, weight_std(name, shp, shape.n_embd), qt)
+
+
+def add_hparams(w: gguf.GGUFWriter, shape: BenchShape, wtype: Q) -> None:
+    """olmoe's model metadata."""
+    w.add_name(f"edgemoe-bench-olmoe-{shape.n_layer}L")
+    w.add_file_type(2 if wtype == Q.Q4_0 else 7)
+    w.add_context_length(shape.n_ctx_train)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff_exp)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_expert_count(shape.n_expert)
+    w.add_expert_used_count(shape.n_expert_used)
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What write_bench_model needs of an architecture (olmoe here, gpt-oss in bench_gpt_oss)."""
+
+    tensor_plan: Callable  # (shape, wtype) -> [(name, numpy shape, type)] in file order
+    make_tensor: Callable  # (rng, name, numpy shape, type, shape) -> float32 or quantized uint8 data
+    calibration: type  # Calibration or a subclass
+    add_hparams: Callable  # (writer, shape, wtype): the model's metadata
+
+
+OLMOE = ModelKind(tensor_plan, make_tensor, Calibration, add_hparams)
+
+
+def _gpt_oss():
+    """tools/bench_gpt_oss.py, loaded on first use: it builds on this module, which it imports as
+    make_bench_model (so this file registers itself under that name when it runs as a script)."""
+    sys.modules.setdefault("make_bench_model", sys.modules[__name__])
+    if "bench_gpt_oss" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_gpt_oss", Path(__file__).with_name("bench_gpt_oss.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["bench_gpt_oss"] = mod  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_gpt_oss"]
+
+
+def model_kind(shape: BenchShape) -> ModelKind:
+    return _gpt_oss().KIND if shape.arch == "gpt-oss" else OLMOE
+
+
 def _nbytes(shp, qt: Q) -> int:
     blk, bsize = gguf.GGML_QUANT_SIZES[qt]
     return int(np.prod(shp)) // blk * bsize
@@ -374,40 +496,56 @@ def write_bench_model(
     shape: BenchShape, out: Path, wtype: Q = Q.Q4_0, seed: int = 0, log=print, calibrate: bool = True
 ) -> Path:
     """Write the model: first a calibration pass (generate each layer, run the calibration tokens
-    through it, choose its attention gain), then the file, every tensor generated again from its own
-    seed (its index in the file) so both passes see the same weights. calibrate=False: no
-    calibration pass (attention gains 1, routing as the random weights give it; for tests that need
-    a large file fast, not for benchmark figures)."""
-    D, H = shape.n_embd, shape.n_head
-    plan = tensor_plan(shape, wtype)
+    through it, choose its attention gain and router), then the file, every tensor generated again
+    from its own seed (its index in the file) so both passes see the same weights. calibrate=False:
+    no calibration pass (attention gains 1, routing as the random weights give it; for tests that
+    need a large file fast, not for benchmark figures). wtype: the experts' type (and olmoe's
+    attention's)."""
+    kind = model_kind(shape)
+    plan = kind.tensor_plan(shape, wtype)
     index = {name: i for i, (name, _, _) in enumerate(plan)}
 
     def make(name, shp, qt):
-        rng = np.random.default_rng([seed, index[name]])
-        if qt == Q.F32:
-            if name.endswith("ffn_gate_inp.weight"):
-                return make_router(rng, D, shape.n_expert)
-            return (1.0 + 0.2 * rng.standard_normal(shp)).astype(np.float32)
-        std = 1.0 / np.sqrt(shp[-1])
-        if name == "token_embd.weight":
-            std = 1.0
-        elif name == "output.weight":
-            std = 3.0 / np.sqrt(D)
-        return quant_blocks(rng, shp, std, qt)
+        return kind.make_tensor(np.random.default_rng([seed, index[name]]), name, shp, qt, shape)
 
     t0 = time.time()
-    cal = Calibration(shape, seed)
+    cal = kind.calibration(shape, seed)
     if calibrate:
-        cal.embed(make(*plan[0]))
+        routers = calibrate_layers(cal, plan, make, wtype, log, t0)
     else:
-        cal.gains = [1.0] * shape.n_layer
-    routers: list[np.ndarray | None] = [None] * shape.n_layer  # the calibrated routers
-    for i in range(shape.n_layer if calibrate else 0):
+        cal.gains, routers = [1.0] * shape.n_layer, {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, shape.arch)
+        kind.add_hparams(w, shape, wtype)
+        if calibrate:
+            add_calibration(w, cal)
+        synth.add_tokenizer(w, shape.vocab)
+        _write_tensors(w, plan, make, cal.gains, routers, log, t0)
+        w.close()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def calibrate_layers(cal: Calibration, plan, make, wtype: Q, log, t0: float) -> dict[str, np.ndarray]:
+    """The calibration pass, one layer in memory at a time; returns the calibrated routers' tensors
+    ({name: data}; the attention gains are in cal.gains)."""
+    cal.embed(make(*plan[0]))
+    routers: dict[str, np.ndarray] = {}
+    for i in range(cal.shape.n_layer):
         p = f"blk.{i}."
         t = {name: make(name, shp, qt) for name, shp, qt in plan if name.startswith(p)}
         att = cal.attention(t, p, wtype)
-        gain, routers[i] = cal.choose_routing(att, t[p + "ffn_norm.weight"], t[p + "ffn_gate_inp.weight"], i)
-        t[p + "ffn_gate_inp.weight"] = routers[i]
+        gain, router = cal.choose_routing(att, t[p + cal.FFN_NORM], cal.router_of(t, p), i)
+        new = cal.router_tensors(p, router)
+        t.update(new)
+        routers.update(new)
         cal.moe(t, p, wtype, gain, att)
         tg = cal.targets
         log(
@@ -417,66 +555,50 @@ def write_bench_model(
             f"{cal.scales[-1]:.2f}, first expert's share {cal.top1[-1]:.3f} (target {tg.top1[i]:.3f}); "
             f"{time.time() - t0:.0f} s"
         )
+    return routers
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, "olmoe")
-        w.add_name(f"edgemoe-bench-olmoe-{shape.n_layer}L")
-        w.add_file_type(2 if wtype == Q.Q4_0 else 7)
-        w.add_context_length(shape.n_ctx_train)
-        w.add_embedding_length(D)
-        w.add_block_count(shape.n_layer)
-        w.add_feed_forward_length(shape.n_ff_exp)
-        w.add_head_count(H)
-        w.add_head_count_kv(H)
-        w.add_rope_freq_base(10000.0)
-        w.add_rope_dimension_count(D // H)
-        w.add_layer_norm_rms_eps(1e-5)
-        w.add_expert_count(shape.n_expert)
-        w.add_expert_used_count(shape.n_expert_used)
-        if calibrate:
-            tg = cal.targets
-            w.add_string("edgemoe.devices.bench.routing_source", tg.source)
-            for key, target, reached in (
-                ("reuse", tg.reuse, cal.reached),
-                ("entropy", tg.entropy, cal.entropy),
-                ("top1", tg.top1, cal.top1),
-            ):
-                w.add_array(f"edgemoe.devices.bench.{key}_target", [float(x) for x in target])
-                w.add_array(f"edgemoe.devices.bench.{key}_calibrated", [float(x) for x in reached])
-            w.add_array("edgemoe.devices.bench.attn_gain", cal.gains)
-            w.add_array("edgemoe.devices.bench.router_skew", cal.skews)
-            w.add_array("edgemoe.devices.bench.router_scale", cal.scales)
-        synth.add_tokenizer(w, shape.vocab)
-        for name, shp, qt in plan:
-            if qt == Q.F32:
-                w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
-            else:
-                byte_shape = (*shp[:-1], _nbytes((shp[-1],), qt))
-                w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), _nbytes(shp, qt), raw_dtype=qt)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        done, total = 0, sum(_nbytes(s, q) if q != Q.F32 else 4 * int(np.prod(s)) for _, s, q in plan)
-        for name, shp, qt in plan:
+
+def add_calibration(w: gguf.GGUFWriter, cal: Calibration) -> None:
+    """The routing targets, the knobs chosen and what they reached (edgemoe.devices.bench.*, which
+    `edgemoe bench` reads)."""
+    tg = cal.targets
+    w.add_string("edgemoe.devices.bench.routing_source", tg.source)
+    for key, target, reached in (
+        ("reuse", tg.reuse, cal.reached),
+        ("entropy", tg.entropy, cal.entropy),
+        ("top1", tg.top1, cal.top1),
+    ):
+        w.add_array(f"edgemoe.devices.bench.{key}_target", [float(x) for x in target])
+        w.add_array(f"edgemoe.devices.bench.{key}_calibrated", [float(x) for x in reached])
+    w.add_array("edgemoe.devices.bench.attn_gain", cal.gains)
+    w.add_array("edgemoe.devices.bench.router_skew", cal.skews)
+    w.add_array("edgemoe.devices.bench.router_scale", cal.scales)
+
+
+def _write_tensors(w: gguf.GGUFWriter, plan, make, gains: list[float], routers: dict, log, t0: float) -> None:
+    """Tensor infos, then each tensor generated again (one at a time), with its layer's attention
+    gain on the attention output (weight and bias) and the calibrated routers in place."""
+    for name, shp, qt in plan:
+        if qt == Q.F32:
+            w.add_tensor_info(name, shp, np.dtype(np.float32), int(np.prod(shp)) * 4)
+        else:
+            byte_shape = (*shp[:-1], _nbytes((shp[-1],), qt))
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), _nbytes(shp, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    done, total = 0, sum(_nbytes(s, q) if q != Q.F32 else 4 * int(np.prod(s)) for _, s, q in plan)
+    for name, shp, qt in plan:
+        data = routers.get(name)
+        if data is None:
             data = make(name, shp, qt)
-            if name.endswith("attn_output.weight"):
-                scale_blocks(data, qt, cal.gains[int(name.split(".")[1])])
-            elif name.endswith("ffn_gate_inp.weight") and routers[int(name.split(".")[1])] is not None:
-                data = routers[int(name.split(".")[1])]
-            w.write_tensor_data(data)
-            done += data.nbytes
-            if name.endswith("ffn_down_exps.weight"):
-                log(f"  {name}: {done / 1e9:.2f}/{total / 1e9:.2f} GB, {time.time() - t0:.1f} s")
-        w.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+        if ".attn_output." in name:
+            g = gains[int(name.split(".")[1])]
+            data = (data * np.float32(g)).astype(np.float32) if qt == Q.F32 else scale_blocks(data, qt, g)
+        w.write_tensor_data(data)
+        done += data.nbytes
+        if name.endswith("ffn_down_exps.weight"):
+            log(f"  {name}: {done / 1e9:.2f}/{total / 1e9:.2f} GB, {time.time() - t0:.1f} s")
 
 
 def check_llama_cpp(path: Path, n_threads: int = 2, n_gen: int = 16) -> dict:
@@ -523,18 +645,20 @@ def _neox_rope(x: np.ndarray, pos: np.ndarray, base: float = 10000.0) -> np.ndar
 
 
 def main(argv: list[str] | None = None) -> int:
+    shapes = {**SHAPES, **_gpt_oss().SHAPES}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="olmoe-small")
+    ap.add_argument("--shape", choices=sorted(shapes), default="olmoe-small")
     ap.add_argument(
         "--type",
-        choices=["Q4_0", "Q8_0", *REQUANTIZED],
-        default="Q4_0",
-        help="Q4_0/Q8_0: written directly; Q4_K_M, Q5_K_M, Q6_K: the Q4_0 file (written first if missing) "
-        "requantized by llama.cpp's own quantizer (llama_model_quantize), with its per-tensor type choices",
+        choices=["Q4_0", "Q8_0", *REQUANTIZED, "MXFP4"],
+        default=None,
+        help="olmoe shapes: Q4_0 (the default) or Q8_0, written directly; Q4_K_M, Q5_K_M, Q6_K: the Q4_0 file "
+        "(written first if missing) requantized by llama.cpp's own quantizer (llama_model_quantize), with its "
+        "per-tensor type choices. gpt-oss-20b: MXFP4 (the default and only type; experts MXFP4, the rest Q8_0/F32)",
     )
     ap.add_argument("--out", type=Path, default=None, help=f"output file (default {DEFAULT_DIR}/<shape>-<type>.gguf)")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count")
-    ap.add_argument("--vocab", type=int, default=None, help="override the vocab size")
+    ap.add_argument("--vocab", type=int, default=None, help="override the vocab size (normal tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="overwrite an existing file")
     ap.add_argument("--check", action="store_true", help="load in llama.cpp, time decode")
@@ -548,14 +672,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    shape = SHAPES[args.shape]
+    shape = shapes[args.shape]
+    gpt_oss = shape.arch == "gpt-oss"
+    args.type = args.type or ("MXFP4" if gpt_oss else "Q4_0")
+    if gpt_oss != (args.type == "MXFP4"):
+        ap.error(
+            f"--type {args.type} does not go with --shape {args.shape}: "
+            + ("gpt-oss-20b is written with MXFP4 experts only" if gpt_oss else "MXFP4 is for --shape gpt-oss-20b")
+        )
     kw = {}
     if args.layers:
         kw["n_layer"] = args.layers
     if args.vocab:
         kw["vocab"] = args.vocab
-    if kw:
-        shape = BenchShape(**{**shape.__dict__, **kw})
+    shape = dataclasses.replace(shape, **kw)
     out = args.out or DEFAULT_DIR / f"{args.shape}-{args.type}.gguf"
     if out.exists() and not args.force:
         print(f"{out} exists (use --force to rewrite)")
