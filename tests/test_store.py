@@ -252,8 +252,9 @@ class FakeReader:
     def plane_sizes(self, layer):
         return [100 * (p + 1) for p in range(self.n_planes)]
 
-    def read_planes(self, layer, expert, first, bufs):
-        self.reads.append((layer, expert, first, len(bufs)))
+    def read_new(self, layer, expert, first, n):
+        self.reads.append((layer, expert, first, n))
+        return [np.empty(self.plane_sizes(layer)[p], np.uint8) for p in range(first, first + n)]
 
 
 def test_cache_lru_upgrade_downgrade():
@@ -376,3 +377,55 @@ def test_full_width_q4_experts_run_on_ggml_blocks(build_model, tmp_path):
         before = sum(s.downgrades for s in cache.state().layers)
         cache.set_capacity(cache.nbytes - 1)
         assert sum(s.downgrades for s in cache.state().layers) == before  # fast entries go whole
+
+
+def test_direct_reads_give_the_planes_buffered_reads_give(build_model, tmp_path, monkeypatch):
+    """With every plane read by O_DIRECT (DIRECT_MIN 0; the whole pages around each plane, most
+    planes starting mid-page), read_new gives the bytes read_planes gives, for every run of
+    planes; where O_DIRECT is refused (EINVAL) it reads buffered from then on; a damaged plane is
+    still an error naming it."""
+    import errno
+    import os
+
+    from edgemoe.store import reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "DIRECT_MIN", 0)
+    src = build_model("qwen3moe", "Q4_K_M", n_embd=256, n_ff_exp=256)
+    st = convert(src, tmp_path / "d.edgemoe", progress=False)
+    r = reader_mod.StoreReader(st)
+    if r._direct_fd(0) is None:
+        pytest.skip(f"{tmp_path}: this filesystem does not take O_DIRECT")
+    for layer, e in [(0, 0), (1, r.n_expert // 2), (1, r.n_expert - 1)]:
+        sizes = r.plane_sizes(layer)
+        want = [np.empty(n, np.uint8) for n in sizes]
+        r.read_planes(layer, e, 0, want)
+        for first in range(r.n_planes):
+            for n in range(1, r.n_planes - first + 1):
+                got = r.read_new(layer, e, first, n)
+                assert [g.tobytes() for g in got] == [w.tobytes() for w in want[first : first + n]]
+    assert None not in r._direct_fds.values()  # read directly throughout
+    real = os.preadv
+
+    def refuse(fd, bufs, off):
+        if fd in r._direct_fds.values():
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(os, "preadv", refuse)
+    got = r.read_new(0, 1, 0, r.n_planes)
+    assert r._direct_fds[0] is None
+    monkeypatch.setattr(os, "preadv", real)
+    want = [np.empty(n, np.uint8) for n in r.plane_sizes(0)]
+    r.read_planes(0, 1, 0, want)
+    assert [g.tobytes() for g in got] == [w.tobytes() for w in want]
+    r.close()
+    loc = reader_mod.StoreReader(st).locations[1][2]
+    with open(st / reader_mod.shard_name(1), "r+b") as f:  # damage plane 1 of layer 1, expert 2
+        f.seek(loc.offset + loc.plane_offsets[1] + 3)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = reader_mod.StoreReader(st)
+    with pytest.raises(edgemoe.EdgeMoEError, match="checksum mismatch in layer 1 expert 2 plane 1"):
+        r.read_new(1, 2, 0, r.n_planes)
+    r.close()

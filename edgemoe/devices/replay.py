@@ -8,12 +8,12 @@ equal-sized items, the yardstick for the others.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
 from ..runtime.cache import POLICIES, ExpertCache
 from ..runtime.policy import Quality, plan_widths, renormalise, skip_mask
+
+_NOTHING = np.zeros(0, dtype=np.uint8)  # a plane a replay does not hold
 
 
 class PlaneCounter:
@@ -31,22 +31,10 @@ class PlaneCounter:
     def plane_sizes(self, layer: int) -> list[int]:
         return self.sizes[layer]
 
-    def read_planes(self, layer, expert, first, bufs) -> None:
+    def read_new(self, layer, expert, first, n) -> list[np.ndarray]:
         self.reads += 1
-        self.bytes += sum(self.sizes[layer][first : first + len(bufs)])
-
-
-@contextmanager
-def _counting_only():
-    """The cache allocates no memory for its entries meanwhile (a replay only counts)."""
-    from ..runtime import cache as cache_mod
-
-    real = cache_mod.alloc
-    cache_mod.alloc = lambda n: np.empty(0, dtype=np.uint8)
-    try:
-        yield
-    finally:
-        cache_mod.alloc = real
+        self.bytes += sum(self.sizes[layer][first : first + n])
+        return [_NOTHING] * n
 
 
 def requests(trace: np.ndarray) -> list[tuple[int, int, bool]]:
@@ -63,11 +51,10 @@ def requests(trace: np.ndarray) -> list[tuple[int, int, bool]]:
 
 def replay_policy(reqs, n_layer: int, expert_bytes: int, slots: int, policy: str) -> int:
     cache = ExpertCache(PlaneCounter(n_layer, [expert_bytes]), slots * expert_bytes, policy)
-    with _counting_only():
-        for layer, e, first in reqs:
-            if first:
-                cache.visit(layer)
-            cache.get(layer, e, 1)
+    for layer, e, first in reqs:
+        if first:
+            cache.visit(layer)
+        cache.get(layer, e, 1)
     return cache.state().misses
 
 
@@ -96,29 +83,28 @@ def replay_run(
     n_planes = counter.n_planes
     used = 0
     steps = ([slice(0, prompt)] if prompt else []) + [slice(t, t + 1) for t in range(prompt, T)]
-    with _counting_only():
-        for step in steps:
-            if step.start == prompt:
-                start = (counter.bytes, counter.reads)
-            for layer in range(L):
-                top, w = trace[step, layer], weights[step, layer].astype(np.float64)
-                if (top < 0).all():
-                    continue
-                beta = betas[layer] if betas else None
-                skip = skip_mask(w, quality, beta) if quality.name != "max" else np.zeros(top.shape, dtype=bool)
-                if skip.any():
-                    w = renormalise(w, skip)
+    for step in steps:
+        if step.start == prompt:
+            start = (counter.bytes, counter.reads)
+        for layer in range(L):
+            top, w = trace[step, layer], weights[step, layer].astype(np.float64)
+            if (top < 0).all():
+                continue
+            beta = betas[layer] if betas else None
+            skip = skip_mask(w, quality, beta) if quality.name != "max" else np.zeros(top.shape, dtype=bool)
+            if skip.any():
+                w = renormalise(w, skip)
 
-                wants = plan_widths(
-                    top, w, skip, quality, n_planes, low_planes, lambda e, layer=layer: cache.resident(layer, e)
-                )
-                cache.visit(layer)
-                for e in sorted(wants, key=lambda e: (-wants[e][1], e)):
-                    cache.get(layer, e, wants[e][0])
-                    if full_bytes:  # transcoded at full width, as StoreExperts._fast_form does
-                        cache.fast_form(layer, e, lambda planes: ({}, full_bytes))
-                if step.start >= prompt:
-                    used += sum(sum(counter.plane_sizes(layer)[:n]) for n, _ in wants.values())
+            wants = plan_widths(
+                top, w, skip, quality, n_planes, low_planes, lambda e, layer=layer: cache.resident(layer, e)
+            )
+            cache.visit(layer)
+            for e in sorted(wants, key=lambda e: (-wants[e][1], e)):
+                cache.get(layer, e, wants[e][0])
+                if full_bytes:  # transcoded at full width, as StoreExperts._fast_form does
+                    cache.fast_form(layer, e, lambda planes: ({}, full_bytes))
+            if step.start >= prompt:
+                used += sum(sum(counter.plane_sizes(layer)[:n]) for n, _ in wants.values())
     return dict(
         tokens=T - prompt, read_bytes=counter.bytes - start[0], reads=counter.reads - start[1], expert_bytes_used=used
     )

@@ -8,9 +8,9 @@ Its interface is narrow, and nothing outside this module touches its entries or 
 - capacity (set_capacity shrinks at once), clear, reset_counters, state (the counters and what is
   held, copied under the lock).
 Eviction is by policy, with downgrades (dropping an entry's highest planes) before evictions.
-Buffers are anonymous mmaps (quant.buffers.alloc), so an evicted plane's memory goes back to the
-OS at once. Every method takes the cache's own
-lock; the pipeline keeps its queues under a condition of its own and calls these methods.
+Buffers are the reader's (StoreReader.read_new: anonymous mmaps), so an evicted plane's memory
+goes back to the OS at once. Every method takes the cache's own lock; the pipeline keeps its
+queues under a condition of its own and calls these methods.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import EdgeMoEError
-from ..quant.buffers import alloc
 from ..store.reader import StoreReader
 
 POLICIES = ("lru", "lfu", "score")
@@ -241,10 +240,9 @@ class ExpertCache:
             if have < n_planes:
                 self.make_room(need, layer, pinned | {key})
         if have < n_planes:
-            bufs = [alloc(self._sizes[layer][p]) for p in range(have, n_planes)]
             t0 = time.perf_counter()
             try:
-                self.reader.read_planes(layer, expert, have, bufs)
+                bufs = self.reader.read_new(layer, expert, have, n_planes - have)
             finally:
                 self.release(need)  # the reservation becomes the planes' own bytes below
             self.add_stall(layer, time.perf_counter() - t0)

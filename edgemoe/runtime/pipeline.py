@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import ExpertCache, alloc
+from .cache import ExpertCache
 
 
 @dataclass
@@ -174,12 +174,11 @@ class Pipeline:
                     continue
                 cache.reserve(size)  # while the read is in flight
                 self.reading.add(key)
-            buf = alloc(size)
             t0 = time.perf_counter()
             try:
                 if self.read_delay_s:
                     time.sleep(self.read_delay_s)
-                cache.reader.read_planes(r.layer, r.expert, plane, [buf])
+                (buf,) = cache.reader.read_new(r.layer, r.expert, plane, 1)
             except BaseException as exc:  # a damaged shard: the caller raises it
                 with self.cond:
                     cache.release(size)
