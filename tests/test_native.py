@@ -10,7 +10,7 @@ import pytest
 from conftest import random_ids
 
 import edgemoe
-from edgemoe.quant import native, native_kernels
+from edgemoe.quant import native, native_kernels, repack
 from edgemoe.quant._ggml import GGMLLib
 from edgemoe.store.convert import convert
 from edgemoe.store.reader import StoreReader
@@ -68,6 +68,11 @@ def test_every_fast_merge_is_the_generic_merge_at_every_width(nt):
         args = (nt.meta[0], nt.meta[1], nt.program, k, *native_kernels.pad(views))
         native_kernels.merge_program(want.reshape(n, bsize), *args)
         np.testing.assert_array_equal(native.merge_type(nt, planes[:k], n_out, n_in), want, err_msg=f"{k} planes")
+        if nt is native.TYPES[gguf.GGMLQuantizationType.Q4_K]:  # merged straight into block_q4_Kx8
+            flat = want.reshape(-1).copy()
+            repack.repack_q4_Kx8(flat, n_out, want.shape[1], np.empty(8 * want.shape[1], np.uint8))
+            got = native.merge_q4_kx8_type(nt, planes[:k], n_out, n_in, np.empty_like(raw))
+            np.testing.assert_array_equal(got.reshape(-1), flat, err_msg=f"{k} planes, repacked")
 
 
 def test_a_lower_width_keeps_the_top_bits_and_fills_the_rest_without_bias(ggml):

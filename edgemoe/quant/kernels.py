@@ -238,11 +238,14 @@ class QWeight:
             self._dot = (vec_dot, from_float, _lib.row_size(vdt, n_in), to_float)
 
     @classmethod
-    def packed_q4_0(cls, data: np.ndarray, n_in: int, name: str = "") -> QWeight:
-        """A Q4_0 weight whose bytes are already in the block_q4_0x8 layout `pack` writes."""
-        w = cls(data, QT.Q4_0, n_in, name)
-        if not can_pack_shape(QT.Q4_0, w.shape[0]):
-            raise EdgeMoEError(f"tensor {name}: repacked Q4_0 needs ggml's repacked kernels and rows in multiples of 8")
+    def prepacked(cls, data: np.ndarray, qtype, n_in: int, name: str = "") -> QWeight:
+        """A Q4_0 or Q4_K weight whose bytes are already in the layout `pack` writes (block_q4_0x8,
+        block_q4_Kx8)."""
+        w = cls(data, qtype, n_in, name)
+        if not can_pack_shape(w.qtype, w.shape[0]):
+            raise EdgeMoEError(
+                f"tensor {name}: repacked {w.qtype.name} needs ggml's repacked kernels and rows in multiples of 8"
+            )
         w.packed = True
         return w
 

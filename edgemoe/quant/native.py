@@ -42,6 +42,7 @@ from .native_kernels import (
     merge_q4_0,
     merge_q4_1,
     merge_q4_k,
+    merge_q4_kx8,
     merge_q5_k,
     merge_q6_k,
     merge_q8_0,
@@ -277,16 +278,29 @@ class NativeScheme:
         qk, bsize = gguf.GGML_QUANT_SIZES[self.types[matrix]]
         return n_out * n_in // qk * bsize
 
+    def merges_packed(self, matrix: str) -> bool:
+        """Whether blocks(..., packed=True) writes this matrix in ggml's repacked layout (Q4_K)."""
+        return self.layouts[matrix] is TYPES[Q.Q4_K]
+
     def blocks(
-        self, matrix: str, planes: list[np.ndarray], n_out: int, n_in: int, out: np.ndarray | None = None
+        self,
+        matrix: str,
+        planes: list[np.ndarray],
+        n_out: int,
+        n_in: int,
+        out: np.ndarray | None = None,
+        packed: bool = False,
     ) -> np.ndarray:
         """The first k planes of one matrix -> blocks of its source type (merge(); exact with all),
-        in `out` (blocks_nbytes bytes, 32-byte aligned) or a buffer of their own."""
+        in `out` (blocks_nbytes bytes, 32-byte aligned) or a buffer of their own; packed (where
+        merges_packed, n_out a multiple of 8): in ggml's block_q4_Kx8 layout, in the same pass."""
         nt = self.layouts[matrix]
         if nt is None:
             return np.asarray(planes[0]).view(np.uint8).reshape(n_out, -1)
         if out is None:
             out = alloc(self.blocks_nbytes(matrix, n_out, n_in))
+        if packed:
+            return merge_q4_kx8_type(nt, planes[: nt.n_planes], n_out, n_in, out.reshape(n_out, -1))
         return merge_type(nt, planes[: nt.n_planes], n_out, n_in, out.reshape(n_out, -1))
 
 
@@ -367,6 +381,24 @@ def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, 
         merge_q6_k(out.reshape(n, bsize), v[0], v[1], v[2], np.uint8(r.fills[k - 1][0]), k)
     else:
         merge_program(out.reshape(n, bsize), nt.meta[0], nt.meta[1], nt.program, k, *pad(views))
+    return out
+
+
+def merge_q4_kx8_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, out: np.ndarray) -> np.ndarray:
+    """merge_type for Q4_K into ggml's block_q4_Kx8 (quant/repack.py) in one pass: the bytes
+    repack.repack_q4_Kx8 makes of merge_type's. n_out a multiple of 8; planes 8-byte aligned."""
+    k = len(planes)
+    want = nt.plane_nbytes(n_out, n_in)
+    if nt is not TYPES[Q.Q4_K] or n_out % 8 or not 1 <= k <= nt.n_planes:
+        raise ValueError(f"{nt.qtype.name} [{n_out}, {n_in}], {k} planes: no repacked merge")
+    flat = []
+    for p in range(k):
+        pl = np.ascontiguousarray(planes[p]).view(np.uint8).reshape(-1)
+        if pl.size != want[p]:
+            raise ValueError(f"{nt.qtype.name}: plane {p} has {pl.size} bytes, expected {want[p]}")
+        flat.append(pl if pl.ctypes.data % 8 == 0 else pl.copy())
+    v = [x.reshape(-1) for x in pad(flat)]
+    merge_q4_kx8(out.reshape(-1), v[0], v[1], v[2], _fill_word(nt.ranges[0], k), k, n_out, n_in // nt.block[0])
     return out
 
 

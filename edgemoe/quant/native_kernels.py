@@ -260,3 +260,56 @@ def merge_q5_k(out, p0, p1, p2, p3, fill, n_read):  # pragma: no cover - compile
                     x = (p3[i, j] >> sh) & np.uint8(3)
                     v |= (x & np.uint8(1)) | ((x & np.uint8(2)) << np.uint8(3))
                 out[i, 48 + 32 * q + j] = v
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_q4_kx8(out, p0, p1, p2, fill, n_read, n_out, nb):  # pragma: no cover - compiled
+    """merge_q4_k straight into ggml's block_q4_Kx8 (quant/repack.py: 8 rows interleaved, the
+    layout repack.repack_q4_Kx8 writes) in one pass: out flat [n_out * nb * 144], n_out a multiple
+    of 8, nb blocks per row; planes flat, their blocks' pieces (80, 32, 32 bytes) in row-major
+    block order; fill: the word of the code bytes' fill for n_read planes. Each 8-byte piece of
+    codes is merged in a register and stored where the interleave puts it."""
+    sc = np.empty(64, np.uint8)  # [sub-block j * 8 + row r]: 6-bit scales and mins
+    mn = np.empty(64, np.uint8)
+    o64, w0, w1, w2 = out.view(np.uint64), p0.view(np.uint64), p1.view(np.uint64), p2.view(np.uint64)
+    for g in range(0, n_out, 8):
+        for b in range(nb):
+            o = g * nb * 144 + b * 1152
+            for r in range(8):
+                a = ((g + r) * nb + b) * 80
+                out[o + 2 * r] = p0[a]
+                out[o + 2 * r + 1] = p0[a + 1]
+                out[o + 16 + 2 * r] = p0[a + 2]
+                out[o + 17 + 2 * r] = p0[a + 3]
+                for j in range(4):
+                    sc[8 * j + r] = p0[a + 4 + j] & 63
+                    mn[8 * j + r] = p0[a + 8 + j] & 63
+                    sc[8 * (j + 4) + r] = (p0[a + 12 + j] & 15) | ((p0[a + 4 + j] >> 6) << 4)
+                    mn[8 * (j + 4) + r] = (p0[a + 12 + j] >> 4) | ((p0[a + 8 + j] >> 6) << 4)
+            for j in range(8):
+                q = o + 32 + 12 * j
+                for k in range(4):
+                    s0, s4 = sc[8 * j + k], sc[8 * j + k + 4]
+                    m0, m4 = mn[8 * j + k], mn[8 * j + k + 4]
+                    out[q + k] = (s0 & 63) | ((s4 >> 4) << 6)
+                    out[q + 4 + k] = (m0 & 63) | ((m4 >> 4) << 6)
+                    out[q + 8 + k] = (s4 & 15) | ((m4 & 15) << 4)
+            base = (o + 128) // 8
+            for r in range(8):
+                blk = (g + r) * nb + b
+                for c in range(8):  # code bytes 8c .. 8c + 7 (low nibbles) and 64 + 8c .. (high)
+                    w = w0[blk * 10 + 2 + c]
+                    lo = ((w & _C03) << _U(2)) | ((w & _C0C) << _U(4)) | fill
+                    hi = ((w & _C30) >> _U(2)) | (w & _CC0) | fill
+                    if n_read >= 2:  # bytes 8c.. take bits 2(c // 4).. of plane 1's bytes 8(c % 4)..
+                        x = w1[blk * 4 + c % 4]
+                        xl, xh = (x >> _U(2 * (c // 4))) & _C03, (x >> _U(2 * (c // 4) + 4)) & _C03
+                        lo |= ((xl & _C01) << _U(1)) | ((xl & _C02) << _U(4))
+                        hi |= ((xh & _C01) << _U(1)) | ((xh & _C02) << _U(4))
+                    if n_read >= 3:
+                        x = w2[blk * 4 + c % 4]
+                        xl, xh = (x >> _U(2 * (c // 4))) & _C03, (x >> _U(2 * (c // 4) + 4)) & _C03
+                        lo |= (xl & _C01) | ((xl & _C02) << _U(3))
+                        hi |= (xh & _C01) | ((xh & _C02) << _U(3))
+                    o64[base + 8 * c + r] = lo  # piece 8c + r: row r's code bytes 8c ..
+                    o64[base + 8 * (c + 8) + r] = hi

@@ -62,7 +62,7 @@ def fast_weight(scheme, planes: list[np.ndarray], n_out: int, n_in: int, name: s
         if np.array_equal(m.astype(np.float32), np.float32(-8) * d.astype(np.float32)):
             out = alloc(n_out * n_in // 32 * 18)
             _q4_211(c0, c1, c2, d.view(np.uint16), m.view(np.uint16), n_out, n_in, out, True)
-            return kernels.QWeight.packed_q4_0(out.reshape(n_out, n_in // 32 * 18), n_in, name)
+            return kernels.QWeight.prepacked(out.reshape(n_out, n_in // 32 * 18), QT.Q4_0, n_in, name)
     return kernels.QWeight(q41_blocks(scheme, planes, n_out, n_in), QT.Q4_1, n_in, name)
 
 

@@ -142,11 +142,18 @@ class StoreExperts:
                 size = sch.blocks_nbytes(m, n_out, n_in)
                 buf = None if scratch is None else scratch[off : off + size]
                 off += -(-size // 64) * 64
-                w = kernels.QWeight(sch.blocks(m, per, n_out, n_in, buf), sch.types[m], n_in, f"blk.{i}.exp.{e}.{m}")
+                name = f"blk.{i}.exp.{e}.{m}"
                 # Q4_0, Q4_K: ggml's repacked layout, as the GGUF in place gets, for a form held
                 # for many uses or a batch of rows; rewriting the blocks costs more than one
-                # decode step's product gains from it (tools/bench_kernels.py --native)
-                out[m] = kernels.pack(w) if scratch is None or x.shape[0] >= PACK_ROWS else w
+                # decode step's product gains from it (tools/bench_kernels.py --native). Q4_K is
+                # merged into that layout in the same pass.
+                pack = scratch is None or x.shape[0] >= PACK_ROWS
+                if pack and sch.merges_packed(m) and kernels.can_pack_shape(sch.types[m], n_out):
+                    blocks = sch.blocks(m, per, n_out, n_in, buf, packed=True)
+                    out[m] = kernels.QWeight.prepacked(blocks, sch.types[m], n_in, name)
+                    continue
+                w = kernels.QWeight(sch.blocks(m, per, n_out, n_in, buf), sch.types[m], n_in, name)
+                out[m] = kernels.pack(w) if pack else w
             return out, sum(w.nbytes for w in out.values())
 
         # held at full width already (then its planes are gone): that form, whatever width was asked
