@@ -229,10 +229,11 @@ def _native_rows(lib, qtype: QT, n_out: int, n_in: int, threads: list[int], budg
     # (pages mapped by alloc), then repacked where ggml repacks the type; and the merge alone,
     # into a buffer already mapped
 
-    def miss():
-        return kernels.pack(
-            kernels.QWeight(native.merge(qtype, planes, n_out, n_in, alloc(full).reshape(n_out, -1)), qtype, n_in)
-        )
+    def miss():  # as StoreExperts._native_ffn builds it
+        buf = alloc(full).reshape(n_out, -1)
+        if nt is native.TYPES[QT.Q4_K] and kernels.can_pack_shape(qtype, n_out):  # one pass into block_q4_Kx8
+            return kernels.QWeight.prepacked(native.merge_q4_kx8_type(nt, planes, n_out, n_in, buf), qtype, n_in)
+        return kernels.pack(kernels.QWeight(native.merge(qtype, planes, n_out, n_in, buf), qtype, n_in))
 
     m, _ = timeit(miss, budget)
     m0, _ = timeit(lambda: native.merge(qtype, planes, n_out, n_in, scratch), budget)
