@@ -214,3 +214,35 @@ def test_bench_writer_calibration_matches_the_engine(tmp_path):
         traces = [m.routing_trace(list(seq)) for seq in ids]
     engine = locality(traces, shape.n_expert)["reuse_per_layer"]
     assert np.allclose(engine, reached, atol=0.02), (engine, reached)
+
+
+def test_bench_writer_gpt_oss_shape_runs_in_both_engines_as_calibrated(tmp_path):
+    """A small gpt-oss bench file (MXFP4 experts written as blocks, sinks, biases, yarn): llama.cpp
+    reads it and gives finite, spread logits; edgemoe in place gives llama.cpp's next tokens; and
+    the engine routes the calibration tokens with the reuse the writer's gpt-oss forward pass
+    reached (so the gpt-oss calibration computes what the file holds)."""
+    import edgemoe
+    from edgemoe.devices.replay import locality
+
+    mb = _bench_module()
+    go = mb._gpt_oss()
+    shape = go.GptOssShape(
+        n_layer=3, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_expert=32, n_expert_used=4, n_ff_exp=256, vocab=400
+    )
+    p = mb.write_bench_model(shape, tmp_path / "g.gguf", mb.Q.MXFP4, seed=2, log=lambda *_: None)
+    types = tensor_types(p)
+    assert types["blk.0.ffn_up_exps.weight"] == "MXFP4" and types["blk.0.attn_q.weight"] == "Q8_0"
+    tokens = [400] + list(range(20, 44))
+    scores, _ = _logits(p, tokens)
+    assert np.isfinite(scores).all() and (scores.std(axis=1) > 0.5).all()
+    with edgemoe.load(p, kv_type="f32", n_ctx=64) as m:
+        ours = m.logits(tokens)
+        assert (ours.argmax(-1) == scores.argmax(-1)).mean() >= 0.9
+        r = gguf.GGUFReader(str(p))
+        reached = [
+            float(r.fields["edgemoe.devices.bench.reuse_calibrated"].parts[i][0])
+            for i in r.fields["edgemoe.devices.bench.reuse_calibrated"].data
+        ]
+        traces = [m.routing_trace(list(seq)) for seq in mb.Calibration(shape, seed=2).ids]
+    engine = locality(traces, shape.n_expert)["reuse_per_layer"]
+    assert np.allclose(engine, reached, atol=0.03), (engine, reached)
