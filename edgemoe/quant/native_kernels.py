@@ -9,6 +9,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .repack import x8_meta
+
 EMPTY = np.zeros((0, 0), np.uint8)
 
 
@@ -269,31 +271,13 @@ def merge_q4_kx8(out, p0, p1, p2, fill, n_read, n_out, nb):  # pragma: no cover 
     of 8, nb blocks per row; planes flat, their blocks' pieces (80, 32, 32 bytes) in row-major
     block order; fill: the word of the code bytes' fill for n_read planes. Each 8-byte piece of
     codes is merged in a register and stored where the interleave puts it."""
-    sc = np.empty(64, np.uint8)  # [sub-block j * 8 + row r]: 6-bit scales and mins
+    sc = np.empty(64, np.uint8)  # repack.x8_meta's scratch
     mn = np.empty(64, np.uint8)
     o64, w0, w1, w2 = out.view(np.uint64), p0.view(np.uint64), p1.view(np.uint64), p2.view(np.uint64)
     for g in range(0, n_out, 8):
         for b in range(nb):
             o = g * nb * 144 + b * 1152
-            for r in range(8):
-                a = ((g + r) * nb + b) * 80
-                out[o + 2 * r] = p0[a]
-                out[o + 2 * r + 1] = p0[a + 1]
-                out[o + 16 + 2 * r] = p0[a + 2]
-                out[o + 17 + 2 * r] = p0[a + 3]
-                for j in range(4):
-                    sc[8 * j + r] = p0[a + 4 + j] & 63
-                    mn[8 * j + r] = p0[a + 8 + j] & 63
-                    sc[8 * (j + 4) + r] = (p0[a + 12 + j] & 15) | ((p0[a + 4 + j] >> 6) << 4)
-                    mn[8 * (j + 4) + r] = (p0[a + 12 + j] >> 4) | ((p0[a + 8 + j] >> 6) << 4)
-            for j in range(8):
-                q = o + 32 + 12 * j
-                for k in range(4):
-                    s0, s4 = sc[8 * j + k], sc[8 * j + k + 4]
-                    m0, m4 = mn[8 * j + k], mn[8 * j + k + 4]
-                    out[q + k] = (s0 & 63) | ((s4 >> 4) << 6)
-                    out[q + 4 + k] = (m0 & 63) | ((m4 >> 4) << 6)
-                    out[q + 8 + k] = (s4 & 15) | ((m4 & 15) << 4)
+            x8_meta(out, o, p0, (g * nb + b) * 80, nb * 80, sc, mn)
             base = (o + 128) // 8
             for r in range(8):
                 blk = (g + r) * nb + b

@@ -57,13 +57,38 @@ def q4_Kx8_funcs(lib) -> tuple[int, int, int, int] | None:
     return (*fns, int(ff)) if all(fns) and ff else None
 
 
+@njit(cache=True, nogil=True, inline="always")
+def x8_meta(out, o, src, s0, stride, sc, mn):  # pragma: no cover - compiled
+    # the metadata of one block_q4_Kx8 at out[o:o + 128] from 8 Q4_K blocks' first 16 bytes (d,
+    # dmin, 12 bytes of 6-bit scales and mins), row r's at src[s0 + r * stride]; sc / mn: uint8
+    # [64] scratch, [sub-block j * 8 + row r] (ggml's get_scale_min_k4), then each sub-block's
+    # word packs the 8 rows' values as one block packs its 8 sub-blocks'
+    for r in range(8):
+        a = s0 + r * stride
+        out[o + 2 * r] = src[a]
+        out[o + 2 * r + 1] = src[a + 1]
+        out[o + 16 + 2 * r] = src[a + 2]
+        out[o + 17 + 2 * r] = src[a + 3]
+        for j in range(4):
+            sc[8 * j + r] = src[a + 4 + j] & 63
+            mn[8 * j + r] = src[a + 8 + j] & 63
+            sc[8 * (j + 4) + r] = (src[a + 12 + j] & 15) | ((src[a + 4 + j] >> 6) << 4)
+            mn[8 * (j + 4) + r] = (src[a + 12 + j] >> 4) | ((src[a + 8 + j] >> 6) << 4)
+    for j in range(8):
+        q = o + 32 + 12 * j
+        for k in range(4):
+            s_lo, s_hi = sc[8 * j + k], sc[8 * j + k + 4]
+            m_lo, m_hi = mn[8 * j + k], mn[8 * j + k + 4]
+            out[q + k] = (s_lo & 63) | ((s_hi >> 4) << 6)
+            out[q + 4 + k] = (m_lo & 63) | ((m_hi >> 4) << 6)
+            out[q + 8 + k] = (s_hi & 15) | ((m_hi & 15) << 4)
+
+
 @njit(cache=True, nogil=True)
-def repack_q4_Kx8(flat, n_out, row_bytes, tmp):
+def repack_q4_Kx8(flat, n_out, row_bytes, tmp):  # pragma: no cover - compiled
     # flat: uint8 [n_out * row_bytes], rows of Q4_K blocks, n_out a multiple of 8; rewritten in
     # place, 8 rows at a time, into block_q4_Kx8 (module docstring). tmp: uint8 [8 * row_bytes].
-    # The codes move in 8-byte words (every offset below is a multiple of 8: 144 = 8 * 18);
-    # sc / mn [sub-block j * 8 + row r]: the rows' 6-bit scales and mins (ggml's get_scale_min_k4),
-    # then each sub-block's word packs the 8 rows' values as one block packs its 8 sub-blocks'.
+    # The codes move in 8-byte words (every offset below is a multiple of 8: 144 = 8 * 18).
     nb = row_bytes // 144
     sc = np.empty(64, np.uint8)
     mn = np.empty(64, np.uint8)
@@ -74,26 +99,7 @@ def repack_q4_Kx8(flat, n_out, row_bytes, tmp):
         t64[:] = f64[base // 8 : (base + 8 * row_bytes) // 8]
         for b in range(nb):
             o = base + b * 1152
-            for r in range(8):
-                src = r * row_bytes + b * 144
-                flat[o + 2 * r] = tmp[src]
-                flat[o + 2 * r + 1] = tmp[src + 1]
-                flat[o + 16 + 2 * r] = tmp[src + 2]
-                flat[o + 17 + 2 * r] = tmp[src + 3]
-                s = src + 4
-                for j in range(4):
-                    sc[8 * j + r] = tmp[s + j] & 63
-                    mn[8 * j + r] = tmp[s + j + 4] & 63
-                    sc[8 * (j + 4) + r] = (tmp[s + j + 8] & 15) | ((tmp[s + j] >> 6) << 4)
-                    mn[8 * (j + 4) + r] = (tmp[s + j + 8] >> 4) | ((tmp[s + j + 4] >> 6) << 4)
-            for j in range(8):
-                q = o + 32 + 12 * j
-                for k in range(4):
-                    a, c = sc[8 * j + k], sc[8 * j + k + 4]
-                    m, n = mn[8 * j + k], mn[8 * j + k + 4]
-                    flat[q + k] = (a & 63) | ((c >> 4) << 6)
-                    flat[q + 4 + k] = (m & 63) | ((n >> 4) << 6)
-                    flat[q + 8 + k] = (c & 15) | ((n & 15) << 4)
+            x8_meta(flat, o, tmp, b * 144, row_bytes, sc, mn)
             for i in range(128):  # piece i: row i % 8, its bytes (i // 8) * 8 .. + 8
                 f64[(o + 128) // 8 + i] = t64[((i % 8) * row_bytes + b * 144 + 16) // 8 + i // 8]
 
