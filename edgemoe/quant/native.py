@@ -346,24 +346,30 @@ def _fill_word(r: CodeRange, k: int) -> np.uint64:
     return np.uint64(int.from_bytes(bytes([ev, od] * 4), "little"))
 
 
-def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, out: np.ndarray | None = None):
-    k = len(planes)
+def _checked_planes(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int) -> list[np.ndarray]:
+    """The first k planes of a matrix as flat contiguous uint8, each checked against its size."""
     want = nt.plane_nbytes(n_out, n_in)
-    if not 1 <= k <= nt.n_planes:
-        raise ValueError(f"{nt.qtype.name}: {k} planes, have 1..{nt.n_planes}")
-    qk, bsize = nt.block
-    n = n_out * n_in // qk
-    views = []
-    for p in range(k):
-        pl = np.ascontiguousarray(planes[p]).view(np.uint8).reshape(-1)
+    if not 1 <= len(planes) <= nt.n_planes:
+        raise ValueError(f"{nt.qtype.name}: {len(planes)} planes, have 1..{nt.n_planes}")
+    flat = []
+    for p, plane in enumerate(planes):
+        pl = np.ascontiguousarray(plane).view(np.uint8).reshape(-1)
         if pl.size != want[p]:
             raise ValueError(f"{nt.qtype.name}: plane {p} has {pl.size} bytes, expected {want[p]}")
-        views.append(pl.reshape(n, -1))
+        flat.append(pl)
+    return flat
+
+
+def merge_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in: int, out: np.ndarray | None = None):
+    k = len(planes)
+    qk, bsize = nt.block
+    n = n_out * n_in // qk
+    views = [pl.reshape(n, -1) for pl in _checked_planes(nt, planes, n_out, n_in)]
     if out is None:
         out = np.empty((n_out, n_in // qk * bsize), np.uint8)
     r = nt.ranges[0]
-    # the common layouts have kernels with constant loop lengths, which the compiler vectorizes
-    # (3-6x the generic kernel, which follows the layout's program)
+    # the common layouts have kernels of their own (constant loop lengths, or eight bytes to a
+    # word): 3-6x the generic kernel, which follows the layout's program
     if nt.qtype in _NIB4_32 and nt is TYPES[nt.qtype]:  # Q4_0, Q4_1, MXFP4
         v = [x.reshape(-1) for x in pad(views)]
         _NIB4_32[nt.qtype](out.reshape(-1), v[0], v[1], v[2], _fill_word(r, k), k)
@@ -388,15 +394,9 @@ def merge_q4_kx8_type(nt: NativeType, planes: list[np.ndarray], n_out: int, n_in
     """merge_type for Q4_K into ggml's block_q4_Kx8 (quant/repack.py) in one pass: the bytes
     repack.repack_q4_Kx8 makes of merge_type's. n_out a multiple of 8; planes 8-byte aligned."""
     k = len(planes)
-    want = nt.plane_nbytes(n_out, n_in)
-    if nt is not TYPES[Q.Q4_K] or n_out % 8 or not 1 <= k <= nt.n_planes:
-        raise ValueError(f"{nt.qtype.name} [{n_out}, {n_in}], {k} planes: no repacked merge")
-    flat = []
-    for p in range(k):
-        pl = np.ascontiguousarray(planes[p]).view(np.uint8).reshape(-1)
-        if pl.size != want[p]:
-            raise ValueError(f"{nt.qtype.name}: plane {p} has {pl.size} bytes, expected {want[p]}")
-        flat.append(pl if pl.ctypes.data % 8 == 0 else pl.copy())
+    if nt is not TYPES[Q.Q4_K] or n_out % 8:
+        raise ValueError(f"{nt.qtype.name} [{n_out}, {n_in}]: no repacked merge")
+    flat = [pl if pl.ctypes.data % 8 == 0 else pl.copy() for pl in _checked_planes(nt, planes, n_out, n_in)]
     v = [x.reshape(-1) for x in pad(flat)]
     merge_q4_kx8(out.reshape(-1), v[0], v[1], v[2], _fill_word(nt.ranges[0], k), k, n_out, n_in // nt.block[0])
     return out
