@@ -176,11 +176,13 @@ class StoreReader:
 
     def _direct_fd(self, layer: int) -> int | None:
         if layer not in self._direct_fds:
-            try:
-                fd = os.open(self.root / shard_name(layer), os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-            except OSError:
-                fd = None
-            self._direct_fds[layer] = fd if hasattr(os, "O_DIRECT") else None
+            fd = None
+            if hasattr(os, "O_DIRECT"):  # Linux
+                try:
+                    fd = os.open(self.root / shard_name(layer), os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    fd = None
+            self._direct_fds[layer] = fd
         return self._direct_fds[layer]
 
     def read_new(self, layer: int, expert: int, first: int, n: int) -> list[np.ndarray]:
