@@ -32,10 +32,11 @@ except ImportError:  # loaded by file path, tools/ not on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import make_bench_model as mb
 
+from edgemoe.runtime.experts import swiglu_oai  # noqa: E402 (the engine's gpt-oss activation)
+
 Q = mb.Q
 ATTN_TYPE = Q.Q8_0  # attention weights (token_embd and output: Q8_0 too, as the olmoe writer)
 BIAS_STD = 0.1  # q/k/v/o and expert biases (the router's starts at 0: calibration sets it)
-SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # llama.cpp's ggml_swiglu_oai for gpt-oss
 FILE_TYPE = {Q.MXFP4: 38, Q.Q8_0: 7, Q.Q4_0: 2}  # llama_ftype (38: MOSTLY_MXFP4_MOE)
 CHUNK_ROWS = 16384  # token_embd and output (201088 rows) are generated this many rows at a time
 
@@ -180,13 +181,6 @@ def yarn_cos_sin(shape: GptOssShape, pos: np.ndarray) -> tuple[np.ndarray, np.nd
     theta = extrap * fs * (1 - ramp) + extrap * ramp
     mscale = 1.0 + 0.1 * np.log(1.0 / fs)
     return np.cos(theta) * mscale, np.sin(theta) * mscale
-
-
-def swiglu_oai(g: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """gpt-oss's expert activation: x = min(g, limit), y = clip(u, -limit, limit), x sigmoid(alpha x) (y + 1)."""
-    x = np.minimum(g, SWIGLU_LIMIT)
-    y = np.clip(u, -SWIGLU_LIMIT, SWIGLU_LIMIT)
-    return x / (1 + np.exp(-SWIGLU_ALPHA * x)) * (y + 1)
 
 
 class GptOssCalibration(mb.Calibration):

@@ -22,12 +22,17 @@ def expert_act(args: ModelArgs, g: np.ndarray, u: np.ndarray) -> np.ndarray:
     with alpha 1.702 and limit 7 (hard-coded in llama.cpp): x = min(g, 7), y = clip(u, -7, 7),
     x * sigmoid(1.702 x) * (y + 1)."""
     if args.expert_act == "swiglu_oai":
-        x = np.minimum(g, np.float32(_OAI_LIMIT))
-        y = np.clip(u, np.float32(-_OAI_LIMIT), np.float32(_OAI_LIMIT))
-        return (x / (np.float32(1.0) + np.exp(np.float32(-_OAI_ALPHA) * x)) * (y + np.float32(1.0))).astype(
-            np.float32, copy=False
-        )
+        return swiglu_oai(g, u)
     return swiglu(g, u)
+
+
+def swiglu_oai(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """gpt-oss's ggml_swiglu_oai [T, F] float32: x = min(g, 7), y = clip(u, -7, 7), x * sigmoid(1.702 x) * (y + 1)."""
+    x = np.minimum(g, np.float32(_OAI_LIMIT))
+    y = np.clip(u, np.float32(-_OAI_LIMIT), np.float32(_OAI_LIMIT))
+    return (x / (np.float32(1.0) + np.exp(np.float32(-_OAI_ALPHA) * x)) * (y + np.float32(1.0))).astype(
+        np.float32, copy=False
+    )
 
 
 def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
